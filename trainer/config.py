@@ -1,0 +1,215 @@
+"""Typed configuration: dataclasses registered in Hydra's ConfigStore and validated before anything starts.
+
+YAML files under ``conf/`` only select and override. Groups whose implementation a user may swap
+(``model``, ``data``, ``optim``) are ``_target_`` nodes: the built-in choices are typed by the schemas
+below, a user's own class is passed its node's keys as keyword arguments by ``hydra.utils.instantiate``.
+
+:func:`validate` turns a composed ``DictConfig`` into a :class:`Config` and raises :class:`ConfigError`
+naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import II, MISSING, DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from trainer.errors import ConfigError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+RESUME_MODES = ("latest", "none")
+
+
+def _require(key: str, value: Any, ok: bool, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed; allowed: {allowed}")
+
+
+@dataclass
+class DeviceConfig:
+    family: str = "auto"
+    precision: str = "fp32"
+    #: torch intra-op threads per worker; 0 = this host's cores divided by the workers on it.
+    num_threads: int = 0
+
+    def __post_init__(self) -> None:
+        from trainer.devices import family_names
+
+        _require("device.family", self.family, self.family in family_names(), ", ".join(family_names()))
+        _require("device.precision", self.precision, self.precision in PRECISIONS, ", ".join(PRECISIONS))
+        _require("device.num_threads", self.num_threads, self.num_threads >= 0, "an integer >= 0")
+
+
+@dataclass
+class GPTConfig:
+    _target_: str = "trainer.model.GPT"
+    vocab_size: int = 256
+    seq_len: int = 64
+    n_layer: int = 2
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        for key in ("vocab_size", "seq_len", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, key)
+            _require(f"model.{key}", value, value >= 1, "an integer >= 1")
+        _require(
+            "model.n_embd", self.n_embd, self.n_embd % self.n_head == 0, f"a multiple of model.n_head={self.n_head}"
+        )
+        _require("model.dropout", self.dropout, 0.0 <= self.dropout < 1.0, "a float in [0, 1)")
+
+
+@dataclass
+class SyntheticDataConfig:
+    _target_: str = "trainer.data.SyntheticCorpus"
+    seed: int = 0
+    vocab_size: int = II("model.vocab_size")
+    seq_len: int = II("model.seq_len")
+    noise: float = 0.1
+
+    def __post_init__(self) -> None:
+        _require("data.noise", self.noise, 0.0 <= self.noise <= 1.0, "a float in [0, 1]")
+        _require("data.vocab_size", self.vocab_size, self.vocab_size >= 2, "an integer >= 2")
+
+
+@dataclass
+class AdamWConfig:
+    _target_: str = "torch.optim.AdamW"
+    _partial_: bool = True
+    lr: float = 3e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    foreach: bool | None = None
+    fused: bool | None = None
+
+    def __post_init__(self) -> None:
+        _require("optim.lr", self.lr, self.lr > 0, "a float > 0")
+        _require("optim.weight_decay", self.weight_decay, self.weight_decay >= 0, "a float >= 0")
+        _require(
+            "optim.betas",
+            self.betas,
+            len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
+            "two floats in [0, 1)",
+        )
+
+
+@dataclass
+class SGDConfig:
+    _target_: str = "torch.optim.SGD"
+    _partial_: bool = True
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    foreach: bool | None = None
+
+    def __post_init__(self) -> None:
+        _require("optim.lr", self.lr, self.lr > 0, "a float > 0")
+        _require("optim.momentum", self.momentum, 0.0 <= self.momentum < 1.0, "a float in [0, 1)")
+
+
+@dataclass
+class CheckpointConfig:
+    #: Directory of committed checkpoints; relative paths are inside the run directory.
+    dir: str = "checkpoints"
+    #: Save every N steps (0: only at the end of the run).
+    interval_steps: int = 50
+    #: Committed checkpoints kept; older ones are deleted after a newer one commits.
+    keep_last: int = 3
+    #: ``latest``: resume from the newest good checkpoint in ``dir`` if any; ``none``: start fresh
+    #: (refused when ``dir`` already holds checkpoints, so nothing is overwritten).
+    resume: str = "latest"
+
+    def __post_init__(self) -> None:
+        _require("checkpoint.dir", self.dir, bool(self.dir), "a non-empty path")
+        _require("checkpoint.interval_steps", self.interval_steps, self.interval_steps >= 0, "an integer >= 0")
+        _require("checkpoint.keep_last", self.keep_last, self.keep_last >= 1, "an integer >= 1")
+        _require("checkpoint.resume", self.resume, self.resume in RESUME_MODES, ", ".join(RESUME_MODES))
+
+
+@dataclass
+class TrainConfig:
+    #: Total optimizer steps of the run (a resumed run stops at the same step).
+    steps: int = 200
+    global_batch_size: int = 16
+    seed: int = 1234
+    #: Max gradient norm; 0 disables clipping.
+    grad_clip: float = 1.0
+    log_interval: int = 10
+    #: Held-out samples used for the evaluation loss reported at checkpoints and the end of the run.
+    eval_samples: int = 16
+
+    def __post_init__(self) -> None:
+        _require("train.steps", self.steps, self.steps >= 1, "an integer >= 1")
+        _require("train.global_batch_size", self.global_batch_size, self.global_batch_size >= 1, "an integer >= 1")
+        _require("train.grad_clip", self.grad_clip, self.grad_clip >= 0, "a float >= 0 (0 disables clipping)")
+        _require("train.log_interval", self.log_interval, self.log_interval >= 1, "an integer >= 1")
+        _require("train.eval_samples", self.eval_samples, self.eval_samples >= 0, "an integer >= 0")
+
+
+@dataclass
+class Config:
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    model: Any = MISSING
+    data: Any = MISSING
+    optim: Any = MISSING
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    #: Name of the experiment preset applied (``experiment=<name>``), for journals and metrics.
+    name: str = "default"
+
+
+def register_configs() -> None:
+    """Register the schemas with Hydra. Idempotent; called on import of this module."""
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    cs.store(group="model", name="gpt_schema", node=GPTConfig)
+    cs.store(group="data", name="synthetic_schema", node=SyntheticDataConfig)
+    cs.store(group="optim", name="adamw_schema", node=AdamWConfig)
+    cs.store(group="optim", name="sgd_schema", node=SGDConfig)
+
+
+register_configs()
+
+
+def _plugin_node(group: str, node: Any) -> Any:
+    """A ``_target_`` group (model/data/optim): typed schemas were validated already; check the target."""
+    if isinstance(node, dict):
+        target = node.get("_target_")
+        if not isinstance(target, str) or not target:
+            raise ConfigError(f"{group}._target_ is missing; allowed: a dotted path to a class or function")
+    return node
+
+
+def validate(cfg: DictConfig | Config) -> Config:
+    """The typed, validated form of ``cfg``. Raises :class:`ConfigError` on any bad or missing value."""
+    if isinstance(cfg, Config):
+        return cfg
+    try:
+        typed = OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as exc:
+        key = exc.full_key or "?"
+        raise ConfigError(f"{key} is missing (value '???'); set it, e.g. python -m trainer {key}=<value>") from None
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as exc:
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise ConfigError(f"invalid configuration: {exc}") from None
+    if not isinstance(typed, Config):
+        raise ConfigError("the configuration does not follow trainer.config.Config (is config_schema in defaults?)")
+    for group in ("model", "data", "optim"):
+        _plugin_node(group, getattr(typed, group))
+    return typed
+
+
+def to_container(cfg: Config) -> dict[str, Any]:
+    """Plain JSON-serialisable form of a validated config (for manifests and journals)."""
+    container = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    assert isinstance(container, dict)
+    return {str(k): v for k, v in container.items()}

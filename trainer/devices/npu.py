@@ -1,0 +1,54 @@
+"""Huawei Ascend NPUs through torch_npu (CANN) and HCCL.
+
+``torch_npu`` is imported lazily, on the first call that needs it, and never at module import: installed
+without the CANN toolkit it makes ``import torch_npu`` raise (a RuntimeError or OSError from loading the
+CANN libraries, not only ImportError), and with torch's device-backend autoload it can even break
+``import torch``. Every such failure turns into "unavailable, because …".
+
+What is tested here: the wiring against torch_npu's API surface (``torch.npu`` device module, the ``hccl``
+backend, ``ASCEND_RT_VISIBLE_DEVICES``), using a stand-in ``torch_npu`` module in a subprocess. CANN, HCCL
+and Ascend hardware themselves are not exercised by this project's tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from trainer.devices.accelerator import AcceleratorAdapter
+
+
+class NpuAdapter(AcceleratorAdapter):
+    name = "npu"
+
+    def _load_module(self) -> ModuleType:
+        # Importing torch_npu registers the "npu" device type, torch.npu and the "hccl" backend.
+        importlib.import_module("torch_npu")
+        return torch.get_device_module("npu")
+
+    def torch_device_type(self) -> str:
+        return "npu"
+
+    def distributed_backend(self) -> str:
+        return "hccl"
+
+    def ray_resource(self) -> str:
+        return "NPU"
+
+    def visible_devices_env(self) -> str | None:
+        return "ASCEND_RT_VISIBLE_DEVICES"
+
+    def supported_dtypes(self) -> frozenset[torch.dtype]:
+        # Ascend's cube units compute fp16/bf16/fp32; fp64 falls back to slow or missing kernels.
+        return frozenset({torch.float32, torch.float16, torch.bfloat16})
+
+    def describe(self) -> dict[str, Any]:
+        facts = super().describe()
+        with contextlib.suppress(ImportError, RuntimeError, OSError, AttributeError):
+            torch_npu = importlib.import_module("torch_npu")
+            facts["torch_npu"] = str(getattr(torch_npu, "__version__", "unknown"))
+        return facts
