@@ -1,0 +1,25 @@
+"""``python -m trainer <overrides>``: compose the Hydra config and call :func:`trainer.job.run`."""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from trainer.errors import ConfigError, ExitCode
+from trainer.job import run
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        code = run(cfg)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        code = ExitCode.CONFIG_ERROR
+    sys.exit(int(code))
+
+
+if __name__ == "__main__":
+    main()

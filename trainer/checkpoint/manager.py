@@ -1,0 +1,216 @@
+"""Save and restore device-neutral checkpoints: DCP tensors, JSON manifest, per-rank RNG, atomic commit.
+
+:meth:`CheckpointManager.save` blocks until the checkpoint is committed. :meth:`CheckpointManager.restore`
+walks the committed checkpoints newest first, skips (with a warning naming the file) any whose manifest or
+files do not check out, and restores the first good one; a checkpoint that is intact but does not fit the
+model is a hard error, since an older one of the same run would not fit either.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
+
+from trainer.checkpoint import rng as rng_io
+from trainer.checkpoint import state as portable
+from trainer.checkpoint.manifest import Manifest, checksum_files
+from trainer.checkpoint.safe_dcp import SafeFileSystemReader, TensorOnlyLoadPlanner
+from trainer.checkpoint.store import CheckpointStore
+from trainer.devices import DeviceAdapter
+from trainer.errors import CheckpointCorruptError, NoCheckpointError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingProgress:
+    """Where the run is, as recorded in a manifest."""
+
+    step: int
+    samples_seen: int
+    world_size: int
+    seed: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Restored:
+    path: Path
+    manifest: Manifest
+    #: True when RNG state continued bit for bit; False when it was re-derived from (seed, step, rank).
+    rng_restored: bool
+    #: ``(path, reason)`` of newer checkpoints that were damaged and skipped.
+    skipped: list[tuple[Path, str]]
+    #: History of the restored state including this restore's family change, if any.
+    history: list[dict[str, Any]]
+
+
+class CheckpointManager:
+    def __init__(self, root: Path, keep_last: int = 3) -> None:
+        self.store = CheckpointStore(root, keep_last)
+
+    @property
+    def root(self) -> Path:
+        return self.store.root
+
+    def save(
+        self,
+        state: portable.PortableState,
+        rng_states: dict[str, torch.Tensor],
+        adapter: DeviceAdapter,
+        progress: TrainingProgress,
+        config: dict[str, Any],
+    ) -> Path:
+        """Write and commit one checkpoint (single process); returns its final directory."""
+        tmp = self.store.begin(progress.step)
+        try:
+            cpu_tensors = {k: t.detach().to("cpu") for k, t in state.tensors.items()}
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.save(cpu_tensors, storage_writer=FileSystemWriter(tmp))
+            rng_io.write_rng(tmp, 0, adapter.rng_key(), rng_states)
+            manifest = self._manifest(tmp, state, adapter, progress, config)
+            return self.store.commit(tmp, manifest)
+        except BaseException:
+            self.store.abandon(tmp)
+            raise
+
+    def _manifest(
+        self,
+        directory: Path,
+        state: portable.PortableState,
+        adapter: DeviceAdapter,
+        progress: TrainingProgress,
+        config: dict[str, Any],
+    ) -> Manifest:
+        return Manifest(
+            step=progress.step,
+            samples_seen=progress.samples_seen,
+            world_size=progress.world_size,
+            family=adapter.name,
+            rng_key=adapter.rng_key(),
+            torch_version=torch.__version__,
+            adapter=adapter.describe(),
+            tensors={
+                k: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+                for k, t in state.tensors.items()
+            },
+            optimizer=state.optimizer,
+            scaler=state.scaler,
+            config=config,
+            files=checksum_files(directory),
+            history=list(progress.history),
+            metrics=dict(progress.metrics),
+            created_at=time.time(),
+        )
+
+    def has_checkpoints(self) -> bool:
+        return bool(self.store.committed())
+
+    def restore(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+        adapter: DeviceAdapter,
+        device: torch.device,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+    ) -> Restored | None:
+        """Restore the newest good checkpoint into the live objects; None when the directory has none."""
+        self.store.remove_partial()
+        candidates = self.store.candidates()
+        if not candidates:
+            return None
+        expected = portable.template(model, optimizer)
+        skipped: list[tuple[Path, str]] = []
+        for path in candidates:
+            try:
+                manifest = self.store.verify(path)
+                portable.check_compatible(expected, manifest.tensors, str(path))
+                loaded = {k: torch.empty_like(t) for k, t in expected.items()}
+                self._load_tensors(path, loaded)
+            except CheckpointCorruptError as exc:
+                log.warning("skipping damaged checkpoint %s: %s", path, exc)
+                skipped.append((path, str(exc)))
+                continue
+            portable.apply(loaded, manifest.optimizer, manifest.scaler, model, optimizer, scaler)
+            rng_restored, history = self._restore_rng(path, manifest, adapter, device, rank, world_size, seed)
+            return Restored(path, manifest, rng_restored, skipped, history)
+        raise NoCheckpointError(
+            f"no loadable checkpoint in {self.root}; every candidate is damaged: "
+            + "; ".join(f"{p.name}: {why}" for p, why in skipped)
+        )
+
+    @staticmethod
+    def _load_tensors(path: Path, into: dict[str, torch.Tensor]) -> None:
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load(into, storage_reader=SafeFileSystemReader(path), planner=TensorOnlyLoadPlanner())
+        except CheckpointCorruptError:
+            raise
+        except CheckpointException as exc:
+            # DCP wraps errors raised while reading; an unsafe or unreadable item surfaces here.
+            inner = [e for e in _exceptions(exc) if isinstance(e, CheckpointCorruptError)]
+            if inner:
+                raise inner[0] from None
+            raise CheckpointCorruptError(f"{path}: DCP could not read the tensors ({exc})") from None
+        except (RuntimeError, ValueError, OSError, EOFError, AssertionError) as exc:
+            # DCP reports a failed metadata read (including a refused unpickle) as an AssertionError.
+            raise CheckpointCorruptError(f"{path}: DCP could not read the tensors ({exc})") from None
+
+    @staticmethod
+    def _restore_rng(
+        path: Path,
+        manifest: Manifest,
+        adapter: DeviceAdapter,
+        device: torch.device,
+        rank: int,
+        world_size: int,
+        seed: int,
+    ) -> tuple[bool, list[dict[str, Any]]]:
+        history = list(manifest.history)
+        saved = rng_io.read_rng(path, rank) if manifest.world_size == world_size else None
+        if saved is not None and saved[0] == adapter.rng_key():
+            adapter.set_rng_state(saved[1], device)
+            return True, history
+        adapter.seed(rng_io.derive_seed(seed, manifest.step, rank), device)
+        if rank == 0:
+            history.append(
+                {
+                    "step": manifest.step,
+                    "event": "resumed_elsewhere",
+                    "from_family": manifest.family,
+                    "to_family": adapter.name,
+                    "from_world_size": manifest.world_size,
+                    "to_world_size": world_size,
+                    "rng": "rederived from (seed, step, rank)",
+                    "time": time.time(),
+                }
+            )
+        return False, history
+
+
+def _exceptions(exc: CheckpointException) -> list[BaseException]:
+    failures = getattr(exc, "failures", {}) or {}
+    out: list[BaseException] = []
+    for value in failures.values():
+        if isinstance(value, BaseException):
+            out.append(value)
+        # DCP wraps per-rank errors as (exception, traceback) pairs in some versions.
+        elif isinstance(value, tuple) and value and isinstance(value[0], BaseException):
+            out.append(value[0])
+    return out

@@ -1,0 +1,131 @@
+"""The JSON manifest committed with every checkpoint: what it holds and how to check that it is intact.
+
+The manifest is the only file read before a checkpoint is trusted. It carries a checksum of itself
+(``manifest_sha256``, over the canonical JSON without that key) and a SHA-256 and size for every other
+file in the checkpoint directory, so a flipped byte or a truncated file anywhere is found before a single
+tensor is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from trainer.errors import CheckpointCorruptError
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+_CHUNK = 8 << 20
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checksum_files(directory: Path) -> dict[str, dict[str, Any]]:
+    """``{relative path: {"sha256", "bytes"}}`` for every regular file under ``directory`` but the manifest."""
+    out: dict[str, dict[str, Any]] = {}
+    for path in sorted(directory.rglob("*")):
+        if path.is_file() and path.name != MANIFEST_NAME:
+            out[path.relative_to(directory).as_posix()] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
+    return out
+
+
+@dataclass
+class Manifest:
+    step: int
+    samples_seen: int
+    world_size: int
+    family: str
+    rng_key: str
+    torch_version: str
+    adapter: dict[str, Any]
+    #: ``{state key: {"dtype": "float32", "shape": [..]}}`` for every tensor in the DCP files.
+    tensors: dict[str, dict[str, Any]]
+    #: Optimizer class and hyper-parameters per group (device-specific flags removed).
+    optimizer: dict[str, Any]
+    #: GradScaler state (empty when no scaler was in use).
+    scaler: dict[str, Any]
+    #: The resolved job configuration.
+    config: dict[str, Any]
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Family changes and RNG re-derivations this run's state went through, oldest first.
+    history: list[dict[str, Any]] = field(default_factory=list)
+    #: Figures recorded at save time (loss, eval loss) for parity checks and reports.
+    metrics: dict[str, float] = field(default_factory=dict)
+    created_at: float = 0.0
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        body = asdict(self)
+        body["manifest_sha256"] = _self_digest(body)
+        return json.dumps(body, indent=2, sort_keys=True)
+
+    def write(self, directory: Path) -> None:
+        """Write ``manifest.json`` into ``directory`` and fsync it."""
+        path = directory / MANIFEST_NAME
+        with open(path, "w") as f:
+            f.write(self.to_json())
+            f.flush()
+            os.fsync(f.fileno())
+
+    @classmethod
+    def read(cls, directory: Path) -> Manifest:
+        """Parse and self-check ``directory/manifest.json``; raise CheckpointCorruptError naming the file."""
+        path = directory / MANIFEST_NAME
+        try:
+            body = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise CheckpointCorruptError(f"{path}: manifest missing") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointCorruptError(f"{path}: manifest unreadable ({exc})") from None
+        if not isinstance(body, dict):
+            raise CheckpointCorruptError(f"{path}: manifest is not a JSON object")
+        claimed = body.pop("manifest_sha256", None)
+        if claimed != _self_digest(body):
+            raise CheckpointCorruptError(f"{path}: manifest checksum mismatch (edited or damaged)")
+        if body.get("format_version") != FORMAT_VERSION:
+            raise CheckpointCorruptError(
+                f"{path}: format_version={body.get('format_version')!r}; this version reads {FORMAT_VERSION}"
+            )
+        names = {f.name for f in fields(cls)}
+        if set(body) != names:
+            raise CheckpointCorruptError(f"{path}: unexpected manifest keys {sorted(set(body) ^ names)}")
+        try:
+            return cls(**body)
+        except TypeError as exc:
+            raise CheckpointCorruptError(f"{path}: {exc}") from None
+
+    def verify_files(self, directory: Path) -> None:
+        """Check every listed file's size and SHA-256, and that no unlisted file appeared."""
+        present = {
+            p.relative_to(directory).as_posix()
+            for p in directory.rglob("*")
+            if p.is_file() and p.name != MANIFEST_NAME
+        }
+        missing = sorted(set(self.files) - present)
+        if missing:
+            raise CheckpointCorruptError(f"{directory}: files listed in the manifest are missing: {missing}")
+        extra = sorted(present - set(self.files))
+        if extra:
+            raise CheckpointCorruptError(f"{directory}: files not listed in the manifest: {extra}")
+        for rel, expected in self.files.items():
+            path = directory / rel
+            size = path.stat().st_size
+            if size != expected.get("bytes"):
+                raise CheckpointCorruptError(f"{path}: {size} bytes, manifest says {expected.get('bytes')} (truncated?)")
+            if file_sha256(path) != expected.get("sha256"):
+                raise CheckpointCorruptError(f"{path}: SHA-256 does not match the manifest (damaged)")
+
+
+def _self_digest(body: dict[str, Any]) -> str:
+    canonical = json.dumps({k: v for k, v in body.items() if k != "manifest_sha256"}, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()

@@ -1,0 +1,143 @@
+"""Device-neutral training state: what a checkpoint holds, independent of the family that wrote it.
+
+Tensors (model parameters and buffers, optimizer state) go to DCP as CPU tensors under flat keys
+``model/<fqn>`` and ``optim/<fqn>/<name>``. Everything else — optimizer hyper-parameters, GradScaler
+state — is plain JSON for the manifest. Flags that only describe how a family runs the optimizer
+(``fused``, ``foreach``, ``capturable``, ``differentiable``) are not saved: on load the restoring family's
+own flags are kept, so a checkpoint from a fused CUDA AdamW loads into a CPU AdamW and back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from trainer.errors import CheckpointIncompatibleError
+
+#: Optimizer param-group keys that depend on the device family, not on the training trajectory.
+DEVICE_FLAGS = ("fused", "foreach", "capturable", "differentiable")
+_MODEL = "model/"
+_OPTIM = "optim/"
+
+
+@dataclass
+class PortableState:
+    """One rank's view of the training state, ready to be written."""
+
+    tensors: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scaler: dict[str, Any]
+
+
+def _json_value(value: Any, where: str) -> Any:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if isinstance(value, tuple):
+        return [_json_value(v, where) for v in value]
+    if value is None or isinstance(value, bool | int | float | str | list):
+        return value
+    raise CheckpointIncompatibleError(f"{where}: {type(value).__name__} values cannot be stored portably")
+
+
+def capture(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> PortableState:
+    """The current state with tensors *not yet copied* (they may alias live parameters).
+
+    Callers that keep training while the state is written must copy the tensors first (see the async
+    writer); a synchronous save can write them directly.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    for fqn, t in get_model_state_dict(model).items():
+        tensors[_MODEL + fqn] = t.detach()
+    osd = get_optimizer_state_dict(model, optimizer)
+    for fqn, per_param in osd["state"].items():
+        for name, value in per_param.items():
+            if not isinstance(value, torch.Tensor):
+                raise CheckpointIncompatibleError(
+                    f"optimizer state {fqn}.{name} is a {type(value).__name__}; only tensors are supported"
+                )
+            tensors[f"{_OPTIM}{fqn}/{name}"] = value.detach()
+    groups = []
+    for i, group in enumerate(osd["param_groups"]):
+        groups.append(
+            {
+                k: (list(v) if k == "params" else _json_value(v, f"optimizer param_groups[{i}].{k}"))
+                for k, v in group.items()
+                if k not in DEVICE_FLAGS
+            }
+        )
+    return PortableState(
+        tensors=tensors,
+        optimizer={"class": type(optimizer).__name__, "param_groups": groups},
+        scaler={k: _json_value(v, f"scaler.{k}") for k, v in scaler.state_dict().items()},
+    )
+
+
+def template(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Empty CPU tensors of the shapes and dtypes :func:`capture` would produce, for loading into."""
+    live = capture(model, optimizer, torch.amp.GradScaler("cpu", enabled=False)).tensors
+    return {k: torch.empty(t.shape, dtype=t.dtype, device="cpu") for k, t in live.items()}
+
+
+def check_compatible(expected: dict[str, torch.Tensor], saved: dict[str, dict[str, Any]], origin: str) -> None:
+    """Raise naming every missing, unexpected or reshaped key between the live state and a checkpoint."""
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    reshaped = sorted(
+        f"{k}: checkpoint {saved[k].get('shape')} vs model {list(expected[k].shape)}"
+        for k in set(expected) & set(saved)
+        if list(saved[k].get("shape", [])) != list(expected[k].shape)
+    )
+    if missing or unexpected or reshaped:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", reshaped)):
+            if keys:
+                shown = ", ".join(keys[:8]) + (f", … ({len(keys)} in all)" if len(keys) > 8 else "")
+                parts.append(f"{label}: {shown}")
+        raise CheckpointIncompatibleError(f"{origin} does not fit this model/optimizer — " + "; ".join(parts))
+
+
+def apply(
+    loaded: dict[str, torch.Tensor],
+    optimizer_meta: dict[str, Any],
+    scaler_state: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+) -> None:
+    """Put loaded CPU tensors and JSON state into the live model, optimizer and scaler."""
+    model_sd = {k.removeprefix(_MODEL): v for k, v in loaded.items() if k.startswith(_MODEL)}
+    set_model_state_dict(model, model_sd)
+
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in loaded.items():
+        if key.startswith(_OPTIM):
+            fqn, name = key.removeprefix(_OPTIM).rsplit("/", 1)
+            state.setdefault(fqn, {})[name] = value
+    live_groups = get_optimizer_state_dict(model, optimizer)["param_groups"]
+    saved_groups = optimizer_meta.get("param_groups", [])
+    if len(saved_groups) != len(live_groups):
+        raise CheckpointIncompatibleError(
+            f"checkpoint has {len(saved_groups)} optimizer param groups, the optimizer has {len(live_groups)}"
+        )
+    groups = []
+    for live, saved in zip(live_groups, saved_groups, strict=True):
+        if list(saved["params"]) != list(live["params"]):
+            raise CheckpointIncompatibleError("optimizer param groups hold different parameters than the checkpoint")
+        merged = dict(live)
+        for k, v in saved.items():
+            if k != "params" and k in live:
+                merged[k] = tuple(v) if isinstance(live[k], tuple) else v
+        groups.append(merged)
+    set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups})  # type: ignore[typeddict-item]
+
+    if scaler.is_enabled() and scaler_state:
+        scaler.load_state_dict(scaler_state)

@@ -1,0 +1,100 @@
+"""``run(cfg)``: the whole job, callable from Hydra's entry point or directly from tests.
+
+Single-process for now: one worker in this process trains, checkpoints every ``checkpoint.interval_steps``
+and at the end, and resumes from the newest good checkpoint when the run directory already has one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from trainer.checkpoint import CheckpointManager
+from trainer.config import Config, validate
+from trainer.errors import ConfigError, ExitCode
+from trainer.journal import Journal
+from trainer.worker import Worker
+
+log = logging.getLogger("trainer")
+
+
+def resolve_run_dir(run_dir: str | Path | None) -> Path:
+    """The run's home: the argument, else Hydra's output directory, else the working directory."""
+    if run_dir is not None:
+        return Path(run_dir).resolve()
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir).resolve()
+    return Path.cwd().resolve()
+
+
+def checkpoint_dir(config: Config, run_dir: Path) -> Path:
+    path = Path(config.checkpoint.dir)
+    return path if path.is_absolute() else run_dir / path
+
+
+def run(cfg: DictConfig | Config, run_dir: str | Path | None = None) -> ExitCode:
+    """Train to ``train.steps`` and return how the run ended. Raises ConfigError on a bad configuration."""
+    config = validate(cfg)
+    home = resolve_run_dir(run_dir)
+    home.mkdir(parents=True, exist_ok=True)
+    journal = Journal(home / "journal.jsonl")
+    manager = CheckpointManager(checkpoint_dir(config, home), keep_last=config.checkpoint.keep_last)
+    if config.checkpoint.resume == "none" and manager.has_checkpoints():
+        raise ConfigError(
+            f"checkpoint.resume='none' but {manager.root} already holds checkpoints, which would be mixed with "
+            "a new run's; allowed: checkpoint.resume=latest, or another hydra.run.dir / checkpoint.dir"
+        )
+
+    worker = Worker(config)
+    worker.setup()
+    journal.record("run_started", run_dir=str(home), family=worker.adapter.name, world_size=1, name=config.name)
+    print(f"run directory: {home}")
+    print(f"device family: {worker.adapter.name} ({worker.device}), checkpoints: {manager.root}")
+
+    restored = worker.restore(manager) if config.checkpoint.resume == "latest" else None
+    if restored is not None:
+        for path, why in restored.skipped:
+            journal.record("checkpoint_skipped", path=str(path), reason=why)
+            print(f"warning: skipped damaged checkpoint {path}: {why}")
+        journal.record(
+            "resumed",
+            path=str(restored.path),
+            step=worker.step,
+            from_family=restored.manifest.family,
+            family=worker.adapter.name,
+            rng_restored=restored.rng_restored,
+        )
+        rng = "restored" if restored.rng_restored else "re-derived from (seed, step, rank)"
+        print(f"resumed from {restored.path} at step {worker.step} (saved on {restored.manifest.family}; RNG {rng})")
+
+    steps, interval = config.train.steps, config.checkpoint.interval_steps
+    last_saved = worker.step if restored is not None else -1
+    started = time.perf_counter()
+    while worker.step < steps:
+        result = worker.train_step()
+        if result.step % config.train.log_interval == 0 or result.step == steps:
+            rate = result.samples / result.step_time_s if result.step_time_s > 0 else math.inf
+            print(f"step {result.step}/{steps}  loss {result.loss:.4f}  {rate:.0f} samples/s")
+        if interval and result.step % interval == 0 and result.step < steps:
+            path = worker.save(manager)
+            last_saved = result.step
+            journal.record("checkpoint_saved", step=result.step, path=str(path), loss=result.loss)
+
+    eval_loss = worker.evaluate()
+    if last_saved != worker.step:
+        path = worker.save(manager, {"eval_loss": eval_loss})
+        journal.record("checkpoint_saved", step=worker.step, path=str(path), loss=worker.last_loss)
+    elapsed = time.perf_counter() - started
+    journal.record(
+        "run_finished", step=worker.step, loss=worker.last_loss, eval_loss=eval_loss, train_seconds=elapsed
+    )
+    print(f"finished at step {worker.step}: loss {worker.last_loss:.4f}, held-out loss {eval_loss:.4f}")
+    print(f"the run lives in {home} (journal.jsonl, {manager.root.name}/)")
+    log.debug("run finished in %.1f s", elapsed)
+    return ExitCode.FINISHED

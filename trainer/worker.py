@@ -1,0 +1,155 @@
+"""One rank of a training job: its device, model, optimizer, data position and train step.
+
+The same class runs in the driver process for single-process jobs and inside a Ray actor for each rank of
+a worker group. It never decides anything about failures; it trains, saves and restores when told to.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from trainer.checkpoint import CheckpointManager, Restored, TrainingProgress
+from trainer.checkpoint import state as portable
+from trainer.checkpoint.rng import derive_seed
+from trainer.config import Config, to_container
+from trainer.data import GlobalBatchSampler
+from trainer.devices import DeviceAdapter, get_adapter
+from trainer.errors import ConfigError
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class StepResult:
+    step: int
+    loss: float
+    step_time_s: float
+    samples: int
+
+
+def _instantiate(node: Any, **kwargs: Any) -> Any:
+    return instantiate(OmegaConf.structured(node) if not isinstance(node, dict) else node, **kwargs)
+
+
+class Worker:
+    def __init__(
+        self, config: Config, *, rank: int = 0, world_size: int = 1, local_rank: int = 0, local_world_size: int = 1
+    ) -> None:
+        self.config = config
+        self.rank, self.world_size = rank, world_size
+        self.local_rank, self.local_world_size = local_rank, local_world_size
+        self.step = 0
+        self.samples_seen = 0
+        self.history: list[dict[str, Any]] = []
+        self.last_loss = float("nan")
+
+    # --- set-up --------------------------------------------------------------------------------------
+    def setup(self, adapter: DeviceAdapter | None = None) -> None:
+        """Bind the device and build model, optimizer, scaler and data. Call once, before anything else."""
+        cfg = self.config
+        threads = cfg.device.num_threads or max(1, (os.cpu_count() or 1) // self.local_world_size)
+        torch.set_num_threads(threads)
+        self.adapter = adapter or get_adapter(cfg.device.family)
+        self.device = self.adapter.bind(self.local_rank)
+        self.dtype = _DTYPES[cfg.device.precision]
+        if self.dtype not in self.adapter.supported_dtypes():
+            raise ConfigError(
+                f"device.precision={cfg.device.precision!r} is not supported on family {self.adapter.name!r}; "
+                f"allowed there: {sorted(str(d) for d in self.adapter.supported_dtypes())}"
+            )
+        # Same seed on every rank and family: the initial model is identical everywhere.
+        torch.manual_seed(cfg.train.seed)
+        self.model = _instantiate(cfg.model).to(self.device)
+        self.optimizer = _instantiate(cfg.optim)(self.model.parameters())
+        self.scaler = self.adapter.grad_scaler(enabled=self.dtype == torch.float16)
+        self.data = _instantiate(cfg.data)
+        self.sampler = GlobalBatchSampler(cfg.train.global_batch_size, self.rank, self.world_size)
+        self.adapter.seed(derive_seed(cfg.train.seed, 0, self.rank), self.device)
+
+    # --- training ------------------------------------------------------------------------------------
+    def _batch(self, indices: list[int]) -> torch.Tensor:
+        if hasattr(self.data, "batch"):
+            return self.data.batch(indices)
+        return torch.stack([self.data[i] for i in indices])
+
+    def _loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens.to(self.device, non_blocking=True)
+        with self.adapter.autocast(self.dtype):
+            logits = self.model(tokens[:, :-1])
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+    def train_step(self) -> StepResult:
+        """One optimizer step on this rank's slice of the next global batch."""
+        start = time.perf_counter()
+        self.model.train()
+        loss = self._loss(self._batch(self.sampler.indices(self.step)))
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.config.train.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.last_loss = float(loss.item())  # host/device sync point: the step is done after this
+        self.step += 1
+        self.samples_seen += self.config.train.global_batch_size
+        return StepResult(self.step, self.last_loss, time.perf_counter() - start, self.sampler.local_batch_size)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Loss on the fixed held-out samples (the same on every family and world size)."""
+        count = self.config.train.eval_samples
+        if count == 0 or not hasattr(self.data, "held_out"):
+            return float("nan")
+        self.model.eval()
+        return float(self._loss(self.data.held_out(count)).item())
+
+    # --- checkpoints ---------------------------------------------------------------------------------
+    def save(self, manager: CheckpointManager, metrics: dict[str, float] | None = None) -> Path:
+        progress = TrainingProgress(
+            step=self.step,
+            samples_seen=self.samples_seen,
+            world_size=self.world_size,
+            seed=self.config.train.seed,
+            history=self.history,
+            metrics={"loss": self.last_loss, **(metrics or {})},
+        )
+        return manager.save(
+            portable.capture(self.model, self.optimizer, self.scaler),
+            self.adapter.get_rng_state(self.device),
+            self.adapter,
+            progress,
+            to_container(self.config),
+        )
+
+    def restore(self, manager: CheckpointManager) -> Restored | None:
+        restored = manager.restore(
+            self.model,
+            self.optimizer,
+            self.scaler,
+            self.adapter,
+            self.device,
+            rank=self.rank,
+            world_size=self.world_size,
+            seed=self.config.train.seed,
+        )
+        if restored is not None:
+            self.step = restored.manifest.step
+            self.samples_seen = restored.manifest.samples_seen
+            self.history = restored.history
+            self.last_loss = float(restored.manifest.metrics.get("loss", float("nan")))
+            if self.samples_seen != self.step * self.config.train.global_batch_size:
+                raise ConfigError(
+                    f"train.global_batch_size={self.config.train.global_batch_size} differs from the checkpoint's "
+                    f"({self.samples_seen} samples in {self.step} steps); allowed: the value the run started with"
+                )
+        return restored
