@@ -58,7 +58,10 @@ class GPTConfig:
             value = getattr(self, key)
             _require(f"model.{key}", value, value >= 1, "an integer >= 1")
         _require(
-            "model.n_embd", self.n_embd, self.n_embd % self.n_head == 0, f"a multiple of model.n_head={self.n_head}"
+            "model.n_embd",
+            self.n_embd,
+            self.n_embd % self.n_head == 0,
+            f"a multiple of model.n_head={self.n_head}",
         )
         _require("model.dropout", self.dropout, 0.0 <= self.dropout < 1.0, "a float in [0, 1)")
 
@@ -126,7 +129,9 @@ class CheckpointConfig:
 
     def __post_init__(self) -> None:
         _require("checkpoint.dir", self.dir, bool(self.dir), "a non-empty path")
-        _require("checkpoint.interval_steps", self.interval_steps, self.interval_steps >= 0, "an integer >= 0")
+        _require(
+            "checkpoint.interval_steps", self.interval_steps, self.interval_steps >= 0, "an integer >= 0"
+        )
         _require("checkpoint.keep_last", self.keep_last, self.keep_last >= 1, "an integer >= 1")
         _require("checkpoint.resume", self.resume, self.resume in RESUME_MODES, ", ".join(RESUME_MODES))
 
@@ -145,7 +150,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _require("train.steps", self.steps, self.steps >= 1, "an integer >= 1")
-        _require("train.global_batch_size", self.global_batch_size, self.global_batch_size >= 1, "an integer >= 1")
+        _require(
+            "train.global_batch_size", self.global_batch_size, self.global_batch_size >= 1, "an integer >= 1"
+        )
         _require("train.grad_clip", self.grad_clip, self.grad_clip >= 0, "a float >= 0 (0 disables clipping)")
         _require("train.log_interval", self.log_interval, self.log_interval >= 1, "an integer >= 1")
         _require("train.eval_samples", self.eval_samples, self.eval_samples >= 0, "an integer >= 0")
@@ -193,7 +200,9 @@ def validate(cfg: DictConfig | Config) -> Config:
         typed = OmegaConf.to_object(cfg)
     except MissingMandatoryValue as exc:
         key = exc.full_key or "?"
-        raise ConfigError(f"{key} is missing (value '???'); set it, e.g. python -m trainer {key}=<value>") from None
+        raise ConfigError(
+            f"{key} is missing (value '???'); set it, e.g. python -m trainer {key}=<value>"
+        ) from None
     except ConfigError:
         raise
     except OmegaConfBaseException as exc:
@@ -202,7 +211,9 @@ def validate(cfg: DictConfig | Config) -> Config:
             raise cause from None
         raise ConfigError(f"invalid configuration: {exc}") from None
     if not isinstance(typed, Config):
-        raise ConfigError("the configuration does not follow trainer.config.Config (is config_schema in defaults?)")
+        raise ConfigError(
+            "the configuration does not follow trainer.config.Config (is config_schema in defaults?)"
+        )
     for group in ("model", "data", "optim"):
         _plugin_node(group, getattr(typed, group))
     return typed

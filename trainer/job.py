@@ -53,7 +53,9 @@ def run(cfg: DictConfig | Config, run_dir: str | Path | None = None) -> ExitCode
 
     worker = Worker(config)
     worker.setup()
-    journal.record("run_started", run_dir=str(home), family=worker.adapter.name, world_size=1, name=config.name)
+    journal.record(
+        "run_started", run_dir=str(home), family=worker.adapter.name, world_size=1, name=config.name
+    )
     print(f"run directory: {home}")
     print(f"device family: {worker.adapter.name} ({worker.device}), checkpoints: {manager.root}")
 
@@ -71,7 +73,9 @@ def run(cfg: DictConfig | Config, run_dir: str | Path | None = None) -> ExitCode
             rng_restored=restored.rng_restored,
         )
         rng = "restored" if restored.rng_restored else "re-derived from (seed, step, rank)"
-        print(f"resumed from {restored.path} at step {worker.step} (saved on {restored.manifest.family}; RNG {rng})")
+        print(
+            f"resumed from {restored.path} at step {worker.step} (saved on {restored.manifest.family}; RNG {rng})"
+        )
 
     steps, interval = config.train.steps, config.checkpoint.interval_steps
     last_saved = worker.step if restored is not None else -1

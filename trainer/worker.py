@@ -42,7 +42,13 @@ def _instantiate(node: Any, **kwargs: Any) -> Any:
 
 class Worker:
     def __init__(
-        self, config: Config, *, rank: int = 0, world_size: int = 1, local_rank: int = 0, local_world_size: int = 1
+        self,
+        config: Config,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        local_rank: int = 0,
+        local_world_size: int = 1,
     ) -> None:
         self.config = config
         self.rank, self.world_size = rank, world_size
@@ -102,7 +108,9 @@ class Worker:
         self.last_loss = float(loss.item())  # host/device sync point: the step is done after this
         self.step += 1
         self.samples_seen += self.config.train.global_batch_size
-        return StepResult(self.step, self.last_loss, time.perf_counter() - start, self.sampler.local_batch_size)
+        return StepResult(
+            self.step, self.last_loss, time.perf_counter() - start, self.sampler.local_batch_size
+        )
 
     @torch.no_grad()
     def evaluate(self) -> float:

@@ -35,7 +35,10 @@ def checksum_files(directory: Path) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for path in sorted(directory.rglob("*")):
         if path.is_file() and path.name != MANIFEST_NAME:
-            out[path.relative_to(directory).as_posix()] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
+            out[path.relative_to(directory).as_posix()] = {
+                "sha256": file_sha256(path),
+                "bytes": path.stat().st_size,
+            }
     return out
 
 
@@ -121,7 +124,9 @@ class Manifest:
             path = directory / rel
             size = path.stat().st_size
             if size != expected.get("bytes"):
-                raise CheckpointCorruptError(f"{path}: {size} bytes, manifest says {expected.get('bytes')} (truncated?)")
+                raise CheckpointCorruptError(
+                    f"{path}: {size} bytes, manifest says {expected.get('bytes')} (truncated?)"
+                )
             if file_sha256(path) != expected.get("sha256"):
                 raise CheckpointCorruptError(f"{path}: SHA-256 does not match the manifest (damaged)")
 

@@ -34,7 +34,9 @@ def write_rng(directory: Path, rank: int, key: str, states: dict[str, torch.Tens
     path.parent.mkdir(parents=True, exist_ok=True)
     body = {
         "rng_key": key,
-        "states": {name: base64.b64encode(t.contiguous().numpy().tobytes()).decode() for name, t in states.items()},
+        "states": {
+            name: base64.b64encode(t.contiguous().numpy().tobytes()).decode() for name, t in states.items()
+        },
     }
     with open(path, "w") as f:
         json.dump(body, f)

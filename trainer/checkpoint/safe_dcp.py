@@ -61,7 +61,9 @@ def load_metadata(data: bytes, origin: str) -> Metadata:
     except UnsafeCheckpointError as exc:
         raise UnsafeCheckpointError(f"{origin}: {exc}") from None
     except Exception as exc:  # any malformed pickle: truncated, wrong opcodes, wrong shapes
-        raise UnsafeCheckpointError(f"{origin}: unreadable DCP metadata ({type(exc).__name__}: {exc})") from None
+        raise UnsafeCheckpointError(
+            f"{origin}: unreadable DCP metadata ({type(exc).__name__}: {exc})"
+        ) from None
     if not isinstance(metadata, Metadata):
         raise UnsafeCheckpointError(f"{origin}: DCP metadata is a {type(metadata).__name__}, not Metadata")
     return metadata

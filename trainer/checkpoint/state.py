@@ -48,16 +48,20 @@ def _json_value(value: Any, where: str) -> Any:
     raise CheckpointIncompatibleError(f"{where}: {type(value).__name__} values cannot be stored portably")
 
 
-def capture(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> PortableState:
+def capture(
+    model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
+) -> PortableState:
     """The current state with tensors *not yet copied* (they may alias live parameters).
 
     Callers that keep training while the state is written must copy the tensors first (see the async
     writer); a synchronous save can write them directly.
     """
     tensors: dict[str, torch.Tensor] = {}
-    for fqn, t in get_model_state_dict(model).items():
+    model_sd: dict[str, Any] = dict(get_model_state_dict(model))
+    for fqn, t in model_sd.items():
         tensors[_MODEL + fqn] = t.detach()
-    osd = get_optimizer_state_dict(model, optimizer)
+    # DCP's helpers key optimizer state by parameter FQN (and strip DDP's "module." prefix).
+    osd: Any = get_optimizer_state_dict(model, optimizer)
     for fqn, per_param in osd["state"].items():
         for name, value in per_param.items():
             if not isinstance(value, torch.Tensor):
@@ -87,7 +91,9 @@ def template(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, to
     return {k: torch.empty(t.shape, dtype=t.dtype, device="cpu") for k, t in live.items()}
 
 
-def check_compatible(expected: dict[str, torch.Tensor], saved: dict[str, dict[str, Any]], origin: str) -> None:
+def check_compatible(
+    expected: dict[str, torch.Tensor], saved: dict[str, dict[str, Any]], origin: str
+) -> None:
     """Raise naming every missing, unexpected or reshaped key between the live state and a checkpoint."""
     missing = sorted(set(expected) - set(saved))
     unexpected = sorted(set(saved) - set(expected))
@@ -115,14 +121,14 @@ def apply(
 ) -> None:
     """Put loaded CPU tensors and JSON state into the live model, optimizer and scaler."""
     model_sd = {k.removeprefix(_MODEL): v for k, v in loaded.items() if k.startswith(_MODEL)}
-    set_model_state_dict(model, model_sd)
+    set_model_state_dict(model, model_sd)  # type: ignore[arg-type]
 
     state: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in loaded.items():
         if key.startswith(_OPTIM):
             fqn, name = key.removeprefix(_OPTIM).rsplit("/", 1)
             state.setdefault(fqn, {})[name] = value
-    live_groups = get_optimizer_state_dict(model, optimizer)["param_groups"]
+    live_groups: list[dict[str, Any]] = list(get_optimizer_state_dict(model, optimizer)["param_groups"])  # type: ignore[arg-type]
     saved_groups = optimizer_meta.get("param_groups", [])
     if len(saved_groups) != len(live_groups):
         raise CheckpointIncompatibleError(
@@ -131,13 +137,16 @@ def apply(
     groups = []
     for live, saved in zip(live_groups, saved_groups, strict=True):
         if list(saved["params"]) != list(live["params"]):
-            raise CheckpointIncompatibleError("optimizer param groups hold different parameters than the checkpoint")
+            raise CheckpointIncompatibleError(
+                "optimizer param groups hold different parameters than the checkpoint"
+            )
         merged = dict(live)
         for k, v in saved.items():
             if k != "params" and k in live:
                 merged[k] = tuple(v) if isinstance(live[k], tuple) else v
         groups.append(merged)
-    set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups})  # type: ignore[typeddict-item]
+    osd: Any = {"state": state, "param_groups": groups}
+    set_optimizer_state_dict(model, optimizer, osd)
 
     if scaler.is_enabled() and scaler_state:
         scaler.load_state_dict(scaler_state)

@@ -141,7 +141,9 @@ class CheckpointStore:
             return None
         target = self.root / name
         if not _NAME.match(name) or not target.is_dir():
-            log.warning("%s points to %r, which is not a committed checkpoint; scanning instead", pointer, name)
+            log.warning(
+                "%s points to %r, which is not a committed checkpoint; scanning instead", pointer, name
+            )
             return None
         return target
 
@@ -160,5 +162,7 @@ class CheckpointStore:
         manifest.verify_files(path)
         match = _NAME.match(path.name)
         if match is None or int(match.group(1)) != manifest.step:
-            raise CheckpointCorruptError(f"{path}: directory name does not match manifest step {manifest.step}")
+            raise CheckpointCorruptError(
+                f"{path}: directory name does not match manifest step {manifest.step}"
+            )
         return manifest

@@ -44,7 +44,7 @@ class SyntheticCorpus:
         v, p = self.vocab_size, self.noise
         hit = 1 - p + p / v
         miss = p / v
-        return -(hit * math.log(hit) + (v - 1) * miss * math.log(miss)) if 0 < p else 0.0
+        return -(hit * math.log(hit) + (v - 1) * miss * math.log(miss)) if p > 0 else 0.0
 
     def sample(self, index: int) -> torch.Tensor:
         return self.batch([index])[0]

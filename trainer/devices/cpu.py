@@ -49,9 +49,8 @@ class CpuAdapter(DeviceAdapter):
     def memory_stats(self, device: torch.device) -> dict[str, int]:
         page = os.sysconf("SC_PAGE_SIZE")
         stats = {"total": page * os.sysconf("SC_PHYS_PAGES")}
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            with open("/proc/self/statm") as f:
-                stats["allocated"] = int(f.read().split()[1]) * page
+        with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/self/statm") as f:
+            stats["allocated"] = int(f.read().split()[1]) * page
         return stats
 
     def supported_dtypes(self) -> frozenset[torch.dtype]:

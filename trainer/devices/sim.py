@@ -25,7 +25,9 @@ class SimulatedAdapter(CpuAdapter):
 
     def __init__(self, name: str, mimics: str) -> None:
         if mimics not in _MIMIC_DTYPES:
-            raise ValueError(f"simulated family {name!r}: mimics={mimics!r}; allowed: {sorted(_MIMIC_DTYPES)}")
+            raise ValueError(
+                f"simulated family {name!r}: mimics={mimics!r}; allowed: {sorted(_MIMIC_DTYPES)}"
+            )
         self.name = name  # type: ignore[misc]  # per-instance family name
         self.mimics = mimics
 

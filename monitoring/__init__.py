@@ -1,0 +1,1 @@
+"""Prometheus metrics for running jobs (implements the trainer's metrics-sink interface)."""

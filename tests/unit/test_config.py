@@ -1,0 +1,78 @@
+"""Every config group composes, validates and instantiates; bad values fail at launch, naming the key."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from trainer.config import Config, validate
+from trainer.devices import get_adapter
+from trainer.errors import ConfigError
+from trainer.testing.configs import CONF_DIR, compose_config
+
+GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
+OPTIONS = [(group, yaml.stem) for group in GROUPS for yaml in sorted((CONF_DIR / group).glob("*.yaml"))]
+
+
+def test_groups_cover_the_documented_set() -> None:
+    assert {"device", "model", "data", "optim", "checkpoint", "experiment"} <= set(GROUPS)
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes_validates_and_instantiates(group: str, option: str) -> None:
+    config = validate(compose_config([f"{group}={option}"]))
+    assert isinstance(config, Config)
+    model = instantiate(OmegaConf.structured(config.model))
+    assert isinstance(model, torch.nn.Module)
+    optimizer = instantiate(OmegaConf.structured(config.optim))(model.parameters())
+    assert isinstance(optimizer, torch.optim.Optimizer)
+    data = instantiate(OmegaConf.structured(config.data))
+    batch = data.batch([0, 1])
+    assert batch.shape == (2, config.model.seq_len + 1)
+    assert int(batch.max()) < config.model.vocab_size
+    # The family named by the config exists (it may be unavailable on this machine, e.g. cuda).
+    assert get_adapter(config.device.family).name in (config.device.family, "cpu", "npu", "cuda")
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "allowed"),
+    [
+        ("device.family=tpu", "device.family='tpu'", "allowed: cpu, cuda, npu, sim_cuda, sim_npu, auto"),
+        ("device.precision=fp8", "device.precision='fp8'", "fp32, bf16, fp16"),
+        ("checkpoint.interval_steps=-5", "checkpoint.interval_steps=-5", "an integer >= 0"),
+        ("checkpoint.keep_last=0", "checkpoint.keep_last=0", "an integer >= 1"),
+        ("checkpoint.resume=sometimes", "checkpoint.resume='sometimes'", "latest, none"),
+        ("train.steps=0", "train.steps=0", "an integer >= 1"),
+        ("train.log_interval=-1", "train.log_interval=-1", "an integer >= 1"),
+        ("model.n_head=3", "model.n_embd=128", "a multiple of model.n_head=3"),
+        ("model.dropout=1.5", "model.dropout=1.5", "[0, 1)"),
+        ("optim.lr=-0.1", "optim.lr=-0.1", "a float > 0"),
+        ("data.noise=2", "data.noise=2.0", "[0, 1]"),
+    ],
+)
+def test_bad_value_names_key_value_and_allowed(override: str, key: str, allowed: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        validate(compose_config([override]))
+    assert key in str(err.value)
+    assert allowed in str(err.value)
+
+
+def test_missing_key_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"train\.steps is missing"):
+        validate(compose_config(["train.steps=???"]))
+
+
+def test_user_model_plugs_in_through_target() -> None:
+    # A model without vocab_size/seq_len keys: the data group then needs its own values.
+    overrides = ["~model", "+model._target_=torch.nn.Linear", "+model.in_features=3", "+model.out_features=2"]
+    config = validate(compose_config([*overrides, "data.vocab_size=16", "data.seq_len=8"]))
+    module = instantiate(config.model)
+    assert isinstance(module, torch.nn.Linear)
+    assert module.in_features == 3
+
+
+def test_plugin_without_target_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"model\._target_ is missing"):
+        validate(compose_config(["~model", "+model.width=3", "data.vocab_size=16", "data.seq_len=8"]))

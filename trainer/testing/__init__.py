@@ -1,0 +1,1 @@
+"""Helpers for testing the trainer and its extensions: config composition, adapter conformance."""
