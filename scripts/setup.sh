@@ -22,7 +22,10 @@ fi
 
 echo "setup: preparing $VENV (first run takes about a minute)"
 [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
-pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@" 2> >(grep -v "^WARNING: Location" >&2); }
+LOG="$VENV/setup.log"
+: > "$LOG"
+# pip's output goes to a log, shown only when a step fails.
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@" >>"$LOG" 2>&1 || { cat "$LOG" >&2; exit 1; }; }
 pip install --upgrade pip
 pip install "$TORCH_PIN"
 pip install -e "$ROOT[test]"
