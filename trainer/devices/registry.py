@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 from trainer.devices.base import DeviceAdapter
@@ -17,8 +18,8 @@ AUTO_ORDER: tuple[str, ...] = ("npu", "cuda", "cpu")
 
 def register(name: str, factory: Callable[[], DeviceAdapter], *, replace: bool = False) -> None:
     """Register ``factory`` under ``name``; refuses to shadow an existing family unless ``replace``."""
-    if not name or not name.replace("_", "").isalnum():
-        raise ValueError(f"device family name {name!r} must be non-empty letters, digits and '_'")
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        raise ValueError(f"device family name {name!r}: allowed: lower-case letters, digits and '_', letter first")
     if name in ADAPTERS and not replace:
         raise ValueError(f"device family {name!r} is already registered")
     ADAPTERS[name] = factory
