@@ -158,6 +158,66 @@ class TrainConfig:
         _require("train.eval_samples", self.eval_samples, self.eval_samples >= 0, "an integer >= 0")
 
 
+CLUSTER_MODES = ("process", "ray")
+
+
+@dataclass
+class ClusterConfig:
+    #: ``process``: one worker in the driver process; ``ray``: a worker group of Ray actors.
+    mode: str = "process"
+    #: Ray address: null starts a local Ray; ``auto`` or ``ray://host:port`` joins an existing cluster.
+    address: str | None = None
+    workers: int = 1
+    #: Warm spare actors (torch imported, model built) kept ready to replace a lost worker.
+    spares: int = 1
+    #: CPUs each worker actor reserves (fractional, so that spares and probes fit on small hosts).
+    cpus_per_worker: float = 0.5
+    #: Custom resources a local Ray advertises, e.g. simulated families: {sim_npu: 4, sim_cuda: 4}.
+    local_resources: dict[str, float] = field(default_factory=lambda: {"sim_npu": 4.0, "sim_cuda": 4.0})
+    #: CPUs a local Ray advertises (0: this host's count).
+    local_num_cpus: int = 0
+    #: Steps per command sent to the workers; each reply is a heartbeat.
+    chunk_steps: int = 5
+    #: Recoveries allowed in one run before it is aborted.
+    max_restarts: int = 3
+    #: A chunk is late after max(deadline_factor × expected chunk time, deadline_floor_s).
+    deadline_factor: float = 3.0
+    deadline_floor_s: float = 30.0
+    #: Seconds to wait for Ray to grant the worker group's resources before failing.
+    start_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        _require("cluster.mode", self.mode, self.mode in CLUSTER_MODES, ", ".join(CLUSTER_MODES))
+        _require("cluster.workers", self.workers, self.workers >= 1, "an integer >= 1")
+        _require("cluster.spares", self.spares, self.spares >= 0, "an integer >= 0")
+        _require("cluster.cpus_per_worker", self.cpus_per_worker, self.cpus_per_worker > 0, "a float > 0")
+        _require("cluster.chunk_steps", self.chunk_steps, self.chunk_steps >= 1, "an integer >= 1")
+        _require("cluster.max_restarts", self.max_restarts, self.max_restarts >= 0, "an integer >= 0")
+        _require("cluster.deadline_factor", self.deadline_factor, self.deadline_factor >= 1, "a float >= 1")
+        _require("cluster.deadline_floor_s", self.deadline_floor_s, self.deadline_floor_s > 0, "a float > 0")
+        _require("cluster.start_timeout_s", self.start_timeout_s, self.start_timeout_s > 0, "a float > 0")
+        _require("cluster.local_num_cpus", self.local_num_cpus, self.local_num_cpus >= 0, "an integer >= 0")
+
+
+@dataclass
+class FaultsConfig:
+    """Injected faults, off by default. Used by tests and demos."""
+
+    #: SIGKILL the worker of this rank when it is about to run ``kill_at_step`` (first incarnation only).
+    kill_rank: int | None = None
+    kill_at_step: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.kill_rank is None) != (self.kill_at_step is None):
+            raise ConfigError(
+                f"faults.kill_rank={self.kill_rank!r} and faults.kill_at_step={self.kill_at_step!r}: "
+                "allowed: both set or both null"
+            )
+        if self.kill_rank is not None and self.kill_at_step is not None:
+            _require("faults.kill_rank", self.kill_rank, self.kill_rank >= 0, "an integer >= 0")
+            _require("faults.kill_at_step", self.kill_at_step, self.kill_at_step >= 1, "an integer >= 1")
+
+
 @dataclass
 class Config:
     device: DeviceConfig = field(default_factory=DeviceConfig)
@@ -166,6 +226,8 @@ class Config:
     optim: Any = MISSING
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     #: Name of the experiment preset applied (``experiment=<name>``), for journals and metrics.
     name: str = "default"
 
@@ -216,7 +278,21 @@ def validate(cfg: DictConfig | Config) -> Config:
         )
     for group in ("model", "data", "optim"):
         _plugin_node(group, getattr(typed, group))
+    if typed.train.global_batch_size % typed.cluster.workers:
+        raise ConfigError(
+            f"train.global_batch_size={typed.train.global_batch_size} is not divisible by "
+            f"cluster.workers={typed.cluster.workers}; allowed: a multiple of the number of workers"
+        )
+    if typed.faults.kill_rank is not None and typed.faults.kill_rank >= typed.cluster.workers:
+        raise ConfigError(
+            f"faults.kill_rank={typed.faults.kill_rank} is not allowed; allowed: 0..{typed.cluster.workers - 1}"
+        )
     return typed
+
+
+def from_container(container: dict[str, Any]) -> Config:
+    """A validated :class:`Config` from :func:`to_container`'s output (e.g. shipped to a Ray actor)."""
+    return validate(OmegaConf.merge(OmegaConf.structured(Config), container))  # type: ignore[arg-type]
 
 
 def to_container(cfg: Config) -> dict[str, Any]:

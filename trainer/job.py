@@ -51,6 +51,9 @@ def run(cfg: DictConfig | Config, run_dir: str | Path | None = None) -> ExitCode
             "a new run's; allowed: checkpoint.resume=latest, or another hydra.run.dir / checkpoint.dir"
         )
 
+    if config.cluster.mode == "ray":
+        return _run_on_ray(config, home, journal, manager)
+
     worker = Worker(config)
     worker.setup()
     journal.record(
@@ -102,3 +105,42 @@ def run(cfg: DictConfig | Config, run_dir: str | Path | None = None) -> ExitCode
     print(f"the run lives in {home} (journal.jsonl, {manager.root.name}/)")
     log.debug("run finished in %.1f s", elapsed)
     return ExitCode.FINISHED
+
+
+def _run_on_ray(config: Config, home: Path, journal: Journal, manager: CheckpointManager) -> ExitCode:
+    """The worker-group path: a controller on this process drives Ray actors."""
+    import ray
+
+    from trainer.cluster.controller import Controller
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        if config.cluster.address is None:
+            ray.init(
+                num_cpus=config.cluster.local_num_cpus or None,
+                resources=dict(config.cluster.local_resources),
+                include_dashboard=False,
+                log_to_driver=False,
+            )
+        else:
+            ray.init(address=config.cluster.address, log_to_driver=False)
+    driver_host = "127.0.0.1" if config.cluster.address is None else ray.util.get_node_ip_address()
+    journal.record(
+        "run_started",
+        run_dir=str(home),
+        family=config.device.family,
+        world_size=config.cluster.workers,
+        name=config.name,
+        mode="ray",
+    )
+    print(f"run directory: {home}")
+    print(
+        f"device family: {config.device.family} x{config.cluster.workers} on Ray, checkpoints: {manager.root}"
+    )
+    try:
+        code = Controller(config, home, manager.root, journal, driver_host).run()
+    finally:
+        if started_here:
+            ray.shutdown()
+    print(f"the run lives in {home} (journal.jsonl, {manager.root.name}/)")
+    return code

@@ -74,12 +74,30 @@ class Worker:
             )
         # Same seed on every rank and family: the initial model is identical everywhere.
         torch.manual_seed(cfg.train.seed)
-        self.model = _instantiate(cfg.model).to(self.device)
-        self.optimizer = _instantiate(cfg.optim)(self.model.parameters())
+        self.module: torch.nn.Module = _instantiate(cfg.model).to(self.device)
+        #: What the train step calls: ``module`` itself, or a DDP wrapper of it after :meth:`attach`.
+        self.model: torch.nn.Module = self.module
+        self.optimizer = _instantiate(cfg.optim)(self.module.parameters())
         self.scaler = self.adapter.grad_scaler(enabled=self.dtype == torch.float16)
         self.data = _instantiate(cfg.data)
         self.sampler = GlobalBatchSampler(cfg.train.global_batch_size, self.rank, self.world_size)
         self.adapter.seed(derive_seed(cfg.train.seed, 0, self.rank), self.device)
+
+    def attach(self, rank: int, world_size: int) -> None:
+        """Take ``rank`` of ``world_size`` in the process group just initialised; wrap the model in DDP.
+
+        Called again after every re-formation of the group (a replaced worker, another world size): the
+        data slice follows the new rank, and DDP is rebuilt on the new process group.
+        """
+        self.rank, self.world_size = rank, world_size
+        self.sampler = GlobalBatchSampler(self.config.train.global_batch_size, rank, world_size)
+        if world_size == 1:
+            self.model = self.module
+            return
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = None if self.device.type == "cpu" else [self.device]
+        self.model = DistributedDataParallel(self.module, device_ids=device_ids)
 
     # --- training ------------------------------------------------------------------------------------
     def _batch(self, indices: list[int]) -> torch.Tensor:
@@ -102,7 +120,7 @@ class Worker:
         self.scaler.scale(loss).backward()
         if self.config.train.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.config.train.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.last_loss = float(loss.item())  # host/device sync point: the step is done after this
@@ -118,8 +136,13 @@ class Worker:
         count = self.config.train.eval_samples
         if count == 0 or not hasattr(self.data, "held_out"):
             return float("nan")
-        self.model.eval()
-        return float(self._loss(self.data.held_out(count)).item())
+        self.module.eval()
+        tokens = self.data.held_out(count).to(self.device)
+        with self.adapter.autocast(self.dtype):
+            logits = self.module(tokens[:, :-1])
+        return float(
+            F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)).item()
+        )
 
     # --- checkpoints ---------------------------------------------------------------------------------
     def save(self, manager: CheckpointManager, metrics: dict[str, float] | None = None) -> Path:
@@ -132,7 +155,7 @@ class Worker:
             metrics={"loss": self.last_loss, **(metrics or {})},
         )
         return manager.save(
-            portable.capture(self.model, self.optimizer, self.scaler),
+            portable.capture(self.module, self.optimizer, self.scaler),
             self.adapter.get_rng_state(self.device),
             self.adapter,
             progress,
@@ -141,7 +164,7 @@ class Worker:
 
     def restore(self, manager: CheckpointManager) -> Restored | None:
         restored = manager.restore(
-            self.model,
+            self.module,
             self.optimizer,
             self.scaler,
             self.adapter,
@@ -161,3 +184,30 @@ class Worker:
                     f"({self.samples_seen} samples in {self.step} steps); allowed: the value the run started with"
                 )
         return restored
+
+    # --- in-memory snapshots (peer recovery) -------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        """A CPU copy of the full training state, to hand to a replacement worker through Ray's object store.
+
+        Every rank of a DDP group holds the same parameters and optimizer state, so one survivor's snapshot
+        restores any rank. The copy is taken now; training may continue while it is shipped.
+        """
+        state = portable.capture(self.module, self.optimizer, self.scaler)
+        return {
+            "tensors": {k: t.detach().to("cpu", copy=True) for k, t in state.tensors.items()},
+            "optimizer": state.optimizer,
+            "scaler": state.scaler,
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "history": list(self.history),
+            "last_loss": self.last_loss,
+        }
+
+    def load_snapshot(self, snap: dict[str, Any]) -> None:
+        """Adopt a peer's :meth:`snapshot`; RNG is re-derived from (seed, step, rank)."""
+        portable.apply(
+            snap["tensors"], snap["optimizer"], snap["scaler"], self.module, self.optimizer, self.scaler
+        )
+        self.step, self.samples_seen = int(snap["step"]), int(snap["samples_seen"])
+        self.history, self.last_loss = list(snap["history"]), float(snap["last_loss"])
+        self.adapter.seed(derive_seed(self.config.train.seed, self.step, self.rank), self.device)

@@ -22,7 +22,9 @@ def test_groups_cover_the_documented_set() -> None:
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes_validates_and_instantiates(group: str, option: str) -> None:
-    config = validate(compose_config([f"{group}={option}"]))
+    # Injected faults target ranks of a worker group, so they compose with one.
+    extra = ["cluster=ray_local"] if group == "faults" else []
+    config = validate(compose_config([f"{group}={option}", *extra]))
     assert isinstance(config, Config)
     model = instantiate(OmegaConf.structured(config.model))
     assert isinstance(model, torch.nn.Module)
@@ -76,3 +78,13 @@ def test_user_model_plugs_in_through_target() -> None:
 def test_plugin_without_target_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"model\._target_ is missing"):
         validate(compose_config(["~model", "+model.width=3", "data.vocab_size=16", "data.seq_len=8"]))
+
+
+def test_fault_rank_outside_the_group_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"faults\.kill_rank=1 is not allowed; allowed: 0\.\.0"):
+        validate(compose_config(["faults=kill_worker", "cluster.workers=1"]))
+
+
+def test_batch_must_divide_over_workers() -> None:
+    with pytest.raises(ConfigError, match=r"cluster\.workers=3"):
+        validate(compose_config(["cluster=ray_local", "cluster.workers=3"]))

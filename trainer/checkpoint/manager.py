@@ -77,7 +77,7 @@ class CheckpointManager:
             cpu_tensors = {k: t.detach().to("cpu") for k, t in state.tensors.items()}
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                dcp.save(cpu_tensors, storage_writer=FileSystemWriter(tmp))
+                dcp.save(cpu_tensors, storage_writer=FileSystemWriter(tmp), no_dist=True)
             rng_io.write_rng(tmp, 0, adapter.rng_key(), rng_states)
             manifest = self._manifest(tmp, state, adapter, progress, config)
             return self.store.commit(tmp, manifest)
@@ -159,7 +159,12 @@ class CheckpointManager:
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                dcp.load(into, storage_reader=SafeFileSystemReader(path), planner=TensorOnlyLoadPlanner())
+                dcp.load(
+                    into,
+                    storage_reader=SafeFileSystemReader(path),
+                    planner=TensorOnlyLoadPlanner(),
+                    no_dist=True,
+                )
         except CheckpointCorruptError:
             raise
         except CheckpointException as exc:

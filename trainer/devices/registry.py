@@ -19,7 +19,9 @@ AUTO_ORDER: tuple[str, ...] = ("npu", "cuda", "cpu")
 def register(name: str, factory: Callable[[], DeviceAdapter], *, replace: bool = False) -> None:
     """Register ``factory`` under ``name``; refuses to shadow an existing family unless ``replace``."""
     if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
-        raise ValueError(f"device family name {name!r}: allowed: lower-case letters, digits and '_', letter first")
+        raise ValueError(
+            f"device family name {name!r}: allowed: lower-case letters, digits and '_', letter first"
+        )
     if name in ADAPTERS and not replace:
         raise ValueError(f"device family {name!r} is already registered")
     ADAPTERS[name] = factory

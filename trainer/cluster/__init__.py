@@ -1,0 +1,1 @@
+"""Ray-orchestrated worker groups and the controller that drives them."""

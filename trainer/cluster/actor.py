@@ -1,0 +1,117 @@
+"""The Ray actor hosting one rank (or a warm spare): a :class:`~trainer.worker.Worker` plus group plumbing.
+
+Construction builds the model and optimizer, so a spare is ready to take a rank in the time it takes to
+join a process group and adopt a peer's snapshot. Every method returns plain data; errors inside a
+collective (a peer vanished) come back as a result with ``ok=False`` rather than as an exception, so the
+controller can tell a dead worker (the call raises) from one that merely noticed it.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import socket
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from trainer.checkpoint import CheckpointManager
+from trainer.config import from_container
+from trainer.worker import Worker
+
+
+class WorkerActor:
+    def __init__(self, config: dict[str, Any], workers_per_node: int) -> None:
+        self.config = from_container(config)
+        self.worker = Worker(self.config, local_world_size=workers_per_node)
+        self.worker.setup()
+        self.incarnation = -1
+        self.armed = False
+
+    def info(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "host": socket.gethostname(), "family": self.worker.adapter.name}
+
+    # --- group membership ----------------------------------------------------------------------------
+    def join(
+        self, rank: int, world_size: int, host: str, port: int, incarnation: int, timeout_s: float
+    ) -> int:
+        """Join incarnation ``incarnation`` of the group as ``rank``; returns this worker's step."""
+        self.leave()
+        store = dist.TCPStore(host, port, world_size, is_master=False, timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            backend=self.worker.adapter.distributed_backend(),
+            store=dist.PrefixStore(f"incarnation-{incarnation}", store),
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=timeout_s),
+        )
+        self.worker.attach(rank, world_size)
+        # Injected faults fire in the first incarnation only, so a replacement does not die the same way.
+        self.armed = incarnation == 0 and self.config.faults.kill_rank == rank
+        self.incarnation = incarnation
+        return self.worker.step
+
+    def leave(self) -> None:
+        """Drop the current process group (after a peer failure it cannot be reused)."""
+        self.worker.model = self.worker.module  # release the DDP wrapper and its autograd hooks first
+        gc.collect()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    # --- training ------------------------------------------------------------------------------------
+    def train(self, until_step: int) -> dict[str, Any]:
+        """Train until ``until_step``; one heartbeat with the per-step losses and times."""
+        losses, times = [], []
+        start = time.perf_counter()
+        try:
+            while self.worker.step < until_step:
+                if self.armed and self.worker.step + 1 == self.config.faults.kill_at_step:
+                    os.kill(os.getpid(), signal.SIGKILL)  # injected fault: this process vanishes mid-run
+                result = self.worker.train_step()
+                losses.append(result.loss)
+                times.append(result.step_time_s)
+        except (RuntimeError, dist.DistBackendError) as exc:
+            return {"ok": False, "step": self.worker.step, "error": f"{type(exc).__name__}: {exc}"[:500]}
+        return {
+            "ok": True,
+            "step": self.worker.step,
+            "losses": losses,
+            "step_times": times,
+            "elapsed_s": time.perf_counter() - start,
+        }
+
+    def evaluate(self) -> float:
+        return self.worker.evaluate()
+
+    # --- state ---------------------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        return self.worker.snapshot()
+
+    def load_snapshot(self, snap: dict[str, Any], rank: int) -> int:
+        self.worker.rank = rank
+        self.worker.load_snapshot(snap)
+        return self.worker.step
+
+    def restore(self, root: str, keep_last: int) -> dict[str, Any] | None:
+        restored = self.worker.restore(CheckpointManager(Path(root), keep_last))
+        if restored is None:
+            return None
+        return {
+            "path": str(restored.path),
+            "step": restored.manifest.step,
+            "family": restored.manifest.family,
+            "rng_restored": restored.rng_restored,
+            "skipped": [(str(p), why) for p, why in restored.skipped],
+        }
+
+    def save(self, root: str, keep_last: int, metrics: dict[str, float] | None = None) -> str:
+        return str(self.worker.save(CheckpointManager(Path(root), keep_last), metrics))
+
+    def parameters(self) -> dict[str, torch.Tensor]:
+        """CPU copies of the model's parameters and buffers (for tests and parity checks)."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.worker.module.state_dict().items()}

@@ -1,0 +1,148 @@
+"""A gang of worker actors in a placement group, plus warm spares, and the rendezvous that joins them.
+
+Each bundle asks for one unit of the family's Ray resource and a fraction of a CPU. A lost worker's
+bundle is refilled with a new spare while the old spare takes the lost rank, so the group's shape never
+changes unless the policy decides so.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import ray
+import torch.distributed as dist
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from trainer.cluster.actor import WorkerActor
+from trainer.config import Config, to_container
+from trainer.devices import DeviceAdapter
+from trainer.errors import DeviceUnavailableError
+
+log = logging.getLogger(__name__)
+
+
+def bundle_for(adapter: DeviceAdapter, cpus: float) -> dict[str, float]:
+    resource = adapter.ray_resource()
+    if resource == "CPU":
+        return {"CPU": cpus}
+    return {"CPU": cpus, resource: 1.0}
+
+
+class WorkerGroup:
+    def __init__(self, config: Config, adapter: DeviceAdapter, driver_host: str) -> None:
+        self.config = config
+        self.adapter = adapter
+        self.driver_host = driver_host
+        self.size = config.cluster.workers
+        self.members: list[Any] = []
+        self.spares: list[Any] = []
+        self._bundle_of: dict[Any, int] = {}
+        self._pending_spares: list[Any] = []
+        self.pg: PlacementGroup | None = None
+        self.store: dist.TCPStore | None = None
+        self.incarnation = -1
+
+    # --- life cycle ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Reserve the bundles and start workers and spares; raises if Ray cannot grant them in time."""
+        cluster = self.config.cluster
+        total = self.size + cluster.spares
+        bundle = bundle_for(self.adapter, cluster.cpus_per_worker)
+        self.pg = placement_group([dict(bundle) for _ in range(total)], strategy="PACK")
+        ready, _ = ray.wait([self.pg.ready()], timeout=cluster.start_timeout_s)
+        if not ready:
+            available = ray.available_resources()
+            remove_placement_group(self.pg)
+            self.pg = None
+            raise DeviceUnavailableError(
+                f"Ray did not grant {total} bundles of {bundle} for family {self.adapter.name!r} within "
+                f"cluster.start_timeout_s={cluster.start_timeout_s}s (cluster.workers={self.size}, "
+                f"cluster.spares={cluster.spares}); available now: {available}"
+            )
+        actors = [self._spawn(i) for i in range(total)]
+        infos = ray.get([a.info.remote() for a in actors], timeout=cluster.start_timeout_s)
+        log.info("worker actors up: %s", infos)
+        self.members, self.spares = actors[: self.size], actors[self.size :]
+
+    def _spawn(self, bundle_index: int) -> Any:
+        assert self.pg is not None
+        resource = self.adapter.ray_resource()
+        options: dict[str, Any] = {
+            "num_cpus": self.config.cluster.cpus_per_worker,
+            "max_restarts": 0,
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                placement_group=self.pg, placement_group_bundle_index=bundle_index
+            ),
+        }
+        if resource == "GPU":
+            options["num_gpus"] = 1
+        elif resource != "CPU":
+            options["resources"] = {resource: 1.0}
+        actor = ray.remote(WorkerActor).options(**options).remote(to_container(self.config), self.size)
+        self._bundle_of[actor] = bundle_index
+        return actor
+
+    def form(self, timeout_s: float) -> list[int]:
+        """Start a new incarnation: fresh rendezvous store, every member joins; returns their steps."""
+        self.incarnation += 1
+        self.store = dist.TCPStore(
+            self.driver_host, 0, self.size + 1, is_master=True, wait_for_workers=False, use_libuv=True
+        )
+        port = self.store.port
+        refs = [
+            m.join.remote(rank, self.size, self.driver_host, port, self.incarnation, timeout_s)
+            for rank, m in enumerate(self.members)
+        ]
+        return ray.get(refs, timeout=timeout_s + 30)
+
+    def replace(self, ranks: tuple[int, ...]) -> None:
+        """Swap the workers of ``ranks`` for warm spares; refill their bundles with new spares."""
+        self._collect_pending()
+        for rank in ranks:
+            lost = self.members[rank]
+            bundle = self._bundle_of.pop(lost)
+            ray.kill(lost, no_restart=True)
+            if not self.spares:
+                self._collect_pending(wait=True)
+            if not self.spares:
+                raise DeviceUnavailableError(f"no spare worker to replace rank {rank} (cluster.spares=0)")
+            self.members[rank] = self.spares.pop(0)
+            self._pending_spares.append(self._wait_for_bundle_and_spawn(bundle))
+
+    def _wait_for_bundle_and_spawn(self, bundle: int) -> Any:
+        # The killed actor's bundle frees asynchronously; the new actor simply queues until it does.
+        return self._spawn(bundle)
+
+    def _collect_pending(self, wait: bool = False) -> None:
+        still = []
+        for actor in self._pending_spares:
+            ready, _ = ray.wait(
+                [actor.info.remote()], timeout=self.config.cluster.start_timeout_s if wait else 0
+            )
+            (self.spares if ready else still).append(actor)
+        self._pending_spares = still
+
+    def leave_all(self, actors: list[Any]) -> None:
+        """Ask live workers to drop their process group; ignore ones that are gone."""
+        refs = [a.leave.remote() for a in actors]
+        deadline = time.monotonic() + 30
+        for ref in refs:
+            try:
+                ray.get(ref, timeout=max(0.1, deadline - time.monotonic()))
+            except (ray.exceptions.RayError, TimeoutError) as exc:
+                log.warning("a worker could not leave its group cleanly: %s", exc)
+
+    def shutdown(self) -> None:
+        for actor in [*self.members, *self.spares, *self._pending_spares]:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception as exc:  # already gone
+                log.debug("kill failed: %s", exc)
+        self.members, self.spares, self._pending_spares = [], [], []
+        if self.pg is not None:
+            remove_placement_group(self.pg)
+            self.pg = None
+        self.store = None
