@@ -180,7 +180,7 @@ class ClusterConfig:
     chunk_steps: int = 5
     #: Recoveries allowed in one run before it is aborted.
     max_restarts: int = 3
-    #: A chunk is late after max(deadline_factor × expected chunk time, deadline_floor_s).
+    #: A chunk is late after max(deadline_factor x expected chunk time, deadline_floor_s).
     deadline_factor: float = 3.0
     deadline_floor_s: float = 30.0
     #: Seconds to wait for Ray to grant the worker group's resources before failing.

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 
-class FailureKind(str, Enum):
+class FailureKind(StrEnum):
     #: A worker's process or node is gone (actor died, SIGKILL, node lost).
     WORKER_LOST = "worker_lost"
     #: A collective failed on a live worker (a peer vanished mid-step).
@@ -22,7 +22,7 @@ class FailureKind(str, Enum):
     WORKER_ERROR = "worker_error"
 
 
-class Action(str, Enum):
+class Action(StrEnum):
     RETRY = "retry"
     REPLACE_WORKER = "replace_worker"
     ABORT = "abort"

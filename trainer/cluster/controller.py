@@ -12,7 +12,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from trainer.policy import Action, Budget, Decision, FailureEvent, FailureKind, 
 log = logging.getLogger(__name__)
 
 
-class State(str, Enum):
+class State(StrEnum):
     STARTING = "starting"
     RUNNING = "running"
     RECOVERING = "recovering"

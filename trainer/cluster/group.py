@@ -117,7 +117,7 @@ class WorkerGroup:
         return self._spawn(bundle)
 
     def _collect_pending(self, wait: bool = False) -> None:
-        still = []
+        still: list[Any] = []
         for actor in self._pending_spares:
             ready, _ = ray.wait(
                 [actor.info.remote()], timeout=self.config.cluster.start_timeout_s if wait else 0
