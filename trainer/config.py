@@ -126,6 +126,8 @@ class CheckpointConfig:
     #: ``latest``: resume from the newest good checkpoint in ``dir`` if any; ``none``: start fresh
     #: (refused when ``dir`` already holds checkpoints, so nothing is overwritten).
     resume: str = "latest"
+    #: Block training only for the copy to CPU memory; write and commit in the background.
+    async_save: bool = True
 
     def __post_init__(self) -> None:
         _require("checkpoint.dir", self.dir, bool(self.dir), "a non-empty path")

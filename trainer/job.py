@@ -9,11 +9,13 @@ from __future__ import annotations
 import logging
 import math
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from trainer.checkpoint import CheckpointManager
+from trainer.checkpoint.async_writer import AsyncCheckpointer
 from trainer.config import Config, validate
 from trainer.errors import ConfigError, ExitCode
 from trainer.journal import Journal
@@ -82,21 +84,23 @@ def run(cfg: DictConfig | Config, run_dir: str | Path | None = None) -> ExitCode
 
     steps, interval = config.train.steps, config.checkpoint.interval_steps
     last_saved = worker.step if restored is not None else -1
+    checkpointer = AsyncCheckpointer(manager)
     started = time.perf_counter()
-    while worker.step < steps:
-        result = worker.train_step()
-        if result.step % config.train.log_interval == 0 or result.step == steps:
-            rate = result.samples / result.step_time_s if result.step_time_s > 0 else math.inf
-            print(f"step {result.step}/{steps}  loss {result.loss:.4f}  {rate:.0f} samples/s")
-        if interval and result.step % interval == 0 and result.step < steps:
-            path = worker.save(manager)
-            last_saved = result.step
-            journal.record("checkpoint_saved", step=result.step, path=str(path), loss=result.loss)
+    try:
+        while worker.step < steps:
+            result = worker.train_step()
+            if result.step % config.train.log_interval == 0 or result.step == steps:
+                rate = result.samples / result.step_time_s if result.step_time_s > 0 else math.inf
+                print(f"step {result.step}/{steps}  loss {result.loss:.4f}  {rate:.0f} samples/s")
+            if interval and result.step % interval == 0 and result.step < steps:
+                _checkpoint(worker, manager, checkpointer, journal, config.checkpoint.async_save)
+                last_saved = result.step
 
-    eval_loss = worker.evaluate()
-    if last_saved != worker.step:
-        path = worker.save(manager, {"eval_loss": eval_loss})
-        journal.record("checkpoint_saved", step=worker.step, path=str(path), loss=worker.last_loss)
+        eval_loss = worker.evaluate()
+        if last_saved != worker.step:
+            _checkpoint(worker, manager, checkpointer, journal, False, {"eval_loss": eval_loss})
+    finally:
+        checkpointer.close()
     elapsed = time.perf_counter() - started
     journal.record(
         "run_finished", step=worker.step, loss=worker.last_loss, eval_loss=eval_loss, train_seconds=elapsed
@@ -105,6 +109,37 @@ def run(cfg: DictConfig | Config, run_dir: str | Path | None = None) -> ExitCode
     print(f"the run lives in {home} (journal.jsonl, {manager.root.name}/)")
     log.debug("run finished in %.1f s", elapsed)
     return ExitCode.FINISHED
+
+
+def _checkpoint(
+    worker: Worker,
+    manager: CheckpointManager,
+    checkpointer: AsyncCheckpointer,
+    journal: Journal,
+    background: bool,
+    metrics: dict[str, float] | None = None,
+) -> None:
+    """Save now or in the background; the journal records the commit when it happens."""
+    step, loss = worker.step, worker.last_loss
+
+    def committed(path: Path, blocking_s: float) -> None:
+        journal.record("checkpoint_saved", step=step, path=str(path), loss=loss, blocking_s=blocking_s)
+
+    if background:
+        future = worker.save_async(checkpointer, metrics)
+        blocking = checkpointer.last_blocking_s
+
+        def on_done(f: Future[Path]) -> None:
+            if f.exception() is None:
+                committed(f.result(), blocking)
+            else:  # surfaces again, as an exception, at the next save or at close()
+                journal.record("checkpoint_failed", step=step, error=str(f.exception()))
+
+        future.add_done_callback(on_done)
+        return
+    checkpointer.wait()
+    started = time.perf_counter()
+    committed(worker.save(manager, metrics), time.perf_counter() - started)
 
 
 def _run_on_ray(config: Config, home: Path, journal: Journal, manager: CheckpointManager) -> ExitCode:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,13 @@ class Journal:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()  # background checkpoint writers record too
 
     def record(self, event: str, **fields: Any) -> dict[str, Any]:
         """Append ``event`` with ``fields`` (JSON-serialisable; others are written as strings)."""
         entry = {"time": time.time(), "event": event, **fields}
         line = json.dumps(entry, default=str, sort_keys=False)
-        with open(self.path, "a") as f:
+        with self._lock, open(self.path, "a") as f:
             f.write(line + "\n")
             f.flush()
             os.fsync(f.fileno())

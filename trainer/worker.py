@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from omegaconf import OmegaConf
 
 from trainer.checkpoint import CheckpointManager, Restored, TrainingProgress
 from trainer.checkpoint import state as portable
+from trainer.checkpoint.async_writer import AsyncCheckpointer
 from trainer.checkpoint.rng import derive_seed
 from trainer.config import Config, to_container
 from trainer.data import GlobalBatchSampler
@@ -145,8 +147,8 @@ class Worker:
         )
 
     # --- checkpoints ---------------------------------------------------------------------------------
-    def save(self, manager: CheckpointManager, metrics: dict[str, float] | None = None) -> Path:
-        progress = TrainingProgress(
+    def _progress(self, metrics: dict[str, float] | None) -> TrainingProgress:
+        return TrainingProgress(
             step=self.step,
             samples_seen=self.samples_seen,
             world_size=self.world_size,
@@ -154,11 +156,26 @@ class Worker:
             history=self.history,
             metrics={"loss": self.last_loss, **(metrics or {})},
         )
+
+    def save(self, manager: CheckpointManager, metrics: dict[str, float] | None = None) -> Path:
+        """Write and commit a checkpoint now (blocks for the whole write)."""
         return manager.save(
             portable.capture(self.module, self.optimizer, self.scaler),
             self.adapter.get_rng_state(self.device),
             self.adapter,
-            progress,
+            self._progress(metrics),
+            to_container(self.config),
+        )
+
+    def save_async(
+        self, checkpointer: AsyncCheckpointer, metrics: dict[str, float] | None = None
+    ) -> Future[Path]:
+        """Stage a checkpoint (blocks only for the copy) and commit it in the background."""
+        return checkpointer.save(
+            portable.capture(self.module, self.optimizer, self.scaler),
+            self.adapter.get_rng_state(self.device),
+            self.adapter,
+            self._progress(metrics),
             to_container(self.config),
         )
 
