@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.checkpoint import CheckpointManager
+from trainer.checkpoint.async_writer import AsyncCheckpointer
 from trainer.config import from_container
 from trainer.worker import Worker
 
@@ -32,6 +33,7 @@ class WorkerActor:
         self.worker.setup()
         self.incarnation = -1
         self.armed = False
+        self.checkpointer: AsyncCheckpointer | None = None
 
     def info(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "host": socket.gethostname(), "family": self.worker.adapter.name}
@@ -109,8 +111,27 @@ class WorkerActor:
             "skipped": [(str(p), why) for p, why in restored.skipped],
         }
 
-    def save(self, root: str, keep_last: int, metrics: dict[str, float] | None = None) -> str:
-        return str(self.worker.save(CheckpointManager(Path(root), keep_last), metrics))
+    def save(self, root: str, keep_last: int, metrics: dict[str, float] | None = None) -> dict[str, Any]:
+        """Stage a checkpoint and return once the copy is done; the write and commit go on in the background.
+
+        Returns the previous background save's committed path (if one finished since) and the time this
+        call blocked training.
+        """
+        if self.checkpointer is None or self.checkpointer.manager.root != Path(root):
+            self.checkpointer = AsyncCheckpointer(CheckpointManager(Path(root), keep_last))
+        previous = self.checkpointer.wait()
+        self.worker.save_async(self.checkpointer, metrics)
+        return {
+            "committed": None if previous is None else str(previous),
+            "blocking_s": self.checkpointer.last_blocking_s,
+        }
+
+    def flush(self) -> str | None:
+        """Wait for the background save to commit; its path, or None when none was pending."""
+        if self.checkpointer is None:
+            return None
+        path = self.checkpointer.wait()
+        return None if path is None else str(path)
 
     def parameters(self) -> dict[str, torch.Tensor]:
         """CPU copies of the model's parameters and buffers (for tests and parity checks)."""

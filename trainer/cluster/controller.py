@@ -161,6 +161,7 @@ class Controller:
         eval_loss = float(ray.get(self.group.members[0].evaluate.remote()))
         if self.last_saved != self.step:
             self._save({"eval_loss": eval_loss})
+        self._committed(ray.get(self.group.members[0].flush.remote()))
         self.journal.record(
             "run_finished",
             step=self.step,
@@ -239,10 +240,16 @@ class Controller:
         return State.RECOVERING
 
     def _save(self, metrics: dict[str, float] | None = None) -> None:
+        """Rank 0 stages a checkpoint (replicas hold the same state); it commits in the background."""
         keep = self.config.checkpoint.keep_last
-        path = ray.get(self.group.members[0].save.remote(str(self.checkpoint_root), keep, metrics))
+        reply = ray.get(self.group.members[0].save.remote(str(self.checkpoint_root), keep, metrics))
+        self._committed(reply["committed"])
         self.last_saved = self.step
-        self.journal.record("checkpoint_saved", step=self.step, path=path, loss=self.last_loss)
+        self.journal.record("checkpoint_started", step=self.step, blocking_s=reply["blocking_s"])
+
+    def _committed(self, path: str | None) -> None:
+        if path is not None:
+            self.journal.record("checkpoint_saved", path=path, step=int(Path(path).name[5:14]))
 
     def _median_step_s(self) -> float | None:
         recent = self.step_times[-50:]

@@ -1,0 +1,94 @@
+"""The driver is SIGKILLed mid-run; the same command re-run resumes from the newest committed checkpoint.
+
+The re-launched drivers join the session's Ray through its address (``cluster.address``), which also
+covers running against an existing cluster rather than a Ray the job starts itself.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from trainer.checkpoint import CheckpointManager
+from trainer.config import Config
+from trainer.errors import ExitCode
+from trainer.job import run
+from trainer.journal import Journal
+from trainer.worker import Worker
+
+pytestmark = pytest.mark.usefixtures("local_ray")
+
+OVERRIDES = (
+    "cluster=ray_local",
+    "device=sim_npu",
+    "model.n_layer=1",
+    "model.n_embd=32",
+    "model.seq_len=16",
+    "train.global_batch_size=8",
+    "train.steps=40",
+    "checkpoint.interval_steps=10",
+    "cluster.chunk_steps=2",
+)
+
+
+def _state(config: Config, run_dir: Path) -> dict[str, torch.Tensor]:
+    worker = Worker(config)
+    worker.setup()
+    assert worker.restore(CheckpointManager(run_dir / "checkpoints")) is not None
+    out = {f"model/{k}": v.clone() for k, v in worker.module.state_dict().items()}
+    for i, st in enumerate(worker.optimizer.state.values()):
+        out.update({f"optim/{i}/{k}": v.clone() for k, v in st.items()})
+    return out
+
+
+def _latest_step(run_dir: Path) -> int:
+    pointer = run_dir / "checkpoints" / "latest"
+    return int(pointer.read_text().strip()[5:14]) if pointer.exists() else -1
+
+
+def test_driver_killed_and_relaunched_resumes(make_config: Callable[..., Config], tmp_path: Path) -> None:
+    reference = make_config(*OVERRIDES)
+    assert run(reference, run_dir=tmp_path / "clean") == ExitCode.FINISHED
+
+    address = ray.get_runtime_context().gcs_address
+    run_dir = tmp_path / "restarted"
+    command = [
+        sys.executable,
+        "-m",
+        "trainer",
+        *OVERRIDES,
+        f"cluster.address={address}",
+        f"hydra.run.dir={run_dir}",
+    ]
+    driver = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while _latest_step(run_dir) < 10 and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        killed_after = _latest_step(run_dir)
+        assert 10 <= killed_after < 40, "the driver should be killed mid-run, after its first checkpoint"
+        os.kill(driver.pid, signal.SIGKILL)
+    finally:
+        driver.kill()
+        driver.wait(timeout=30)
+
+    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == ExitCode.FINISHED, again.stderr[-3000:]
+    events = Journal(run_dir / "journal.jsonl").read()
+    assert [e["event"] for e in events].count("run_started") == 2
+    resumed = [e for e in events if e["event"] == "resumed"]
+    assert len(resumed) == 1 and resumed[0]["step"] >= killed_after
+    assert _latest_step(run_dir) == 40
+
+    a, b = _state(reference, tmp_path / "clean"), _state(reference, run_dir)
+    assert a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
