@@ -1,9 +1,11 @@
 """The JSON manifest committed with every checkpoint: what it holds and how to check that it is intact.
 
 The manifest is the only file read before a checkpoint is trusted. It carries a checksum of itself
-(``manifest_sha256``, over the canonical JSON without that key) and a SHA-256 and size for every other
-file in the checkpoint directory, so a flipped byte or a truncated file anywhere is found before a single
-tensor is loaded.
+(``manifest_sha256``, over the canonical JSON without that key) and a size and an XXH3-128 digest for every
+other file in the checkpoint directory, so a flipped byte or a truncated file anywhere is found before a
+single tensor is loaded. XXH3 rather than SHA-256 for the data files: it hashes at memory speed (>10 GB/s
+against ~0.5 GB/s here), which keeps verification from dominating save and load time; it detects damage,
+not tampering — loading is made safe against hostile files separately (see ``safe_dcp``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import xxhash
+
 from trainer.errors import CheckpointCorruptError
 
 MANIFEST_NAME = "manifest.json"
@@ -22,8 +26,9 @@ FORMAT_VERSION = 1
 _CHUNK = 8 << 20
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def file_digest(path: Path) -> str:
+    """XXH3-128 of the file's bytes, hex."""
+    digest = xxhash.xxh3_128()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
@@ -31,12 +36,12 @@ def file_sha256(path: Path) -> str:
 
 
 def checksum_files(directory: Path) -> dict[str, dict[str, Any]]:
-    """``{relative path: {"sha256", "bytes"}}`` for every regular file under ``directory`` but the manifest."""
+    """``{relative path: {"xxh3_128", "bytes"}}`` for every regular file under ``directory`` but the manifest."""
     out: dict[str, dict[str, Any]] = {}
     for path in sorted(directory.rglob("*")):
         if path.is_file() and path.name != MANIFEST_NAME:
             out[path.relative_to(directory).as_posix()] = {
-                "sha256": file_sha256(path),
+                "xxh3_128": file_digest(path),
                 "bytes": path.stat().st_size,
             }
     return out
@@ -108,7 +113,7 @@ class Manifest:
             raise CheckpointCorruptError(f"{path}: {exc}") from None
 
     def verify_files(self, directory: Path) -> None:
-        """Check every listed file's size and SHA-256, and that no unlisted file appeared."""
+        """Check every listed file's size and digest, and that no unlisted file appeared."""
         present = {
             p.relative_to(directory).as_posix()
             for p in directory.rglob("*")
@@ -127,8 +132,10 @@ class Manifest:
                 raise CheckpointCorruptError(
                     f"{path}: {size} bytes, manifest says {expected.get('bytes')} (truncated?)"
                 )
-            if file_sha256(path) != expected.get("sha256"):
-                raise CheckpointCorruptError(f"{path}: SHA-256 does not match the manifest (damaged)")
+            if file_digest(path) != expected.get("xxh3_128"):
+                raise CheckpointCorruptError(
+                    f"{path}: checksum (XXH3-128) does not match the manifest (damaged)"
+                )
 
 
 def _self_digest(body: dict[str, Any]) -> str:
