@@ -1,0 +1,73 @@
+"""Fault injection for tests and demos, driven by the ``faults`` config group. Off by default.
+
+Injected faults act on the real mechanisms: a killed worker is a SIGKILLed process, a flaky interconnect
+is a DDP communication hook (and a probe wrapper) that delays or fails real collectives, a hang is a
+process that stops making progress, a wrong-computing device corrupts a real matmul result.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+class InjectedCollectiveError(RuntimeError):
+    """A collective failed because the fault profile said so (looks like a transport error to callers)."""
+
+
+@dataclass(frozen=True)
+class CollectiveFaults:
+    """How one family's interconnect misbehaves, as seen by one rank."""
+
+    rank: int = 0
+    #: Seconds added to every collective on every rank (a slow fabric).
+    delay_s: float = 0.0
+    #: Additional seconds for collectives that touch these ranks (a slow link or NIC).
+    slow_ranks: tuple[int, ...] = ()
+    slow_rank_delay_s: float = 0.0
+    #: Probability that a collective raises :class:`InjectedCollectiveError` (a flaky link).
+    error_rate: float = 0.0
+    seed: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.delay_s > 0 or self.error_rate > 0 or bool(self.slow_ranks and self.slow_rank_delay_s > 0)
+
+    def rng(self, salt: int = 0) -> random.Random:
+        return random.Random(hash((self.seed, self.rank, salt)))
+
+    def before_collective(self, rng: random.Random, peers: tuple[int, ...] | None = None) -> None:
+        """Sleep and/or raise as configured; ``peers`` limits the slow-rank delay to links touching them."""
+        delay = self.delay_s
+        touched = set(peers) if peers is not None else {self.rank}
+        if self.slow_ranks and touched & set(self.slow_ranks):
+            delay += self.slow_rank_delay_s
+        if delay > 0:
+            time.sleep(delay)
+        if self.error_rate > 0 and rng.random() < self.error_rate:
+            raise InjectedCollectiveError(f"injected collective failure on rank {self.rank} (flaky interconnect)")
+
+
+def ddp_fault_hook(faults: CollectiveFaults) -> Any:
+    """A DDP communication hook: the fault, then the standard all-reduce of the gradient bucket."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    rng = faults.rng(salt=1)
+
+    def hook(state: Any, bucket: Any) -> torch.futures.Future[torch.Tensor]:
+        faults.before_collective(rng)
+        return allreduce_hook(state, bucket)
+
+    return hook
+
+
+def corrupt_matmul(result: torch.Tensor) -> torch.Tensor:
+    """What a silently-corrupting device returns: a few elements off by a large amount."""
+    bad = result.clone()
+    flat = bad.view(-1)
+    flat[:: max(1, flat.numel() // 7)] += 1.0e3
+    return bad
