@@ -202,22 +202,150 @@ class ClusterConfig:
 
 
 @dataclass
+class FamilyFaults:
+    """How one device family misbehaves (simulated families only make sense here)."""
+
+    #: Seconds added to every collective (a slow fabric).
+    collective_delay_s: float = 0.0
+    #: Probability that a collective fails (a flaky link); applied to training and probes.
+    collective_error_rate: float = 0.0
+    #: A rank whose links are slow by ``slow_rank_delay_s`` per collective (named by the pairwise probe).
+    slow_rank: int | None = None
+    slow_rank_delay_s: float = 0.0
+    #: Extra compute seconds per step on this rank (a straggler).
+    straggler_rank: int | None = None
+    straggler_delay_s: float = 0.0
+    #: This rank's device computes wrong (caught by the device probe).
+    wrong_compute_rank: int | None = None
+    #: The family cannot be used at all (its workers fail to start).
+    unavailable: bool = False
+    #: Interconnect faults (delay, errors, slow rank) start at this step: a link that degrades mid-run.
+    degrade_from_step: int = 0
+
+    def check(self, family: str) -> None:
+        key = f"faults.families.{family}"
+        _require(
+            f"{key}.collective_delay_s", self.collective_delay_s, self.collective_delay_s >= 0, "a float >= 0"
+        )
+        _require(
+            f"{key}.collective_error_rate",
+            self.collective_error_rate,
+            0.0 <= self.collective_error_rate <= 1.0,
+            "a probability in [0, 1]",
+        )
+        _require(
+            f"{key}.slow_rank_delay_s", self.slow_rank_delay_s, self.slow_rank_delay_s >= 0, "a float >= 0"
+        )
+        _require(
+            f"{key}.straggler_delay_s", self.straggler_delay_s, self.straggler_delay_s >= 0, "a float >= 0"
+        )
+
+
+@dataclass
 class FaultsConfig:
-    """Injected faults, off by default. Used by tests and demos."""
+    """Injected faults, off by default. Used by tests and demos; each acts on the real mechanism."""
 
     #: SIGKILL the worker of this rank when it is about to run ``kill_at_step`` (first incarnation only).
     kill_rank: int | None = None
     kill_at_step: int | None = None
+    #: This rank stops making progress (sleeps) when it is about to run ``hang_at_step`` (first incarnation).
+    hang_rank: int | None = None
+    hang_at_step: int | None = None
+    #: Damage the newest committed checkpoint (flip a byte) before the run starts.
+    corrupt_latest_checkpoint: bool = False
+    #: Per-family misbehaviour, keyed by family name.
+    families: dict[str, FamilyFaults] = field(default_factory=dict)
+    seed: int = 0
 
     def __post_init__(self) -> None:
-        if (self.kill_rank is None) != (self.kill_at_step is None):
-            raise ConfigError(
-                f"faults.kill_rank={self.kill_rank!r} and faults.kill_at_step={self.kill_at_step!r}: "
-                "allowed: both set or both null"
-            )
-        if self.kill_rank is not None and self.kill_at_step is not None:
-            _require("faults.kill_rank", self.kill_rank, self.kill_rank >= 0, "an integer >= 0")
-            _require("faults.kill_at_step", self.kill_at_step, self.kill_at_step >= 1, "an integer >= 1")
+        for rank_key, step_key in (("kill_rank", "kill_at_step"), ("hang_rank", "hang_at_step")):
+            rank, step = getattr(self, rank_key), getattr(self, step_key)
+            if (rank is None) != (step is None):
+                raise ConfigError(
+                    f"faults.{rank_key}={rank!r} and faults.{step_key}={step!r}: allowed: both set or both null"
+                )
+            if rank is not None:
+                _require(f"faults.{rank_key}", rank, rank >= 0, "an integer >= 0")
+                _require(f"faults.{step_key}", step, step >= 1, "an integer >= 1")
+        for family, faults in self.families.items():
+            faults.check(family)
+
+    def for_family(self, family: str) -> FamilyFaults:
+        return self.families.get(family, FamilyFaults())
+
+
+@dataclass
+class FaultToleranceConfig:
+    """When to retry, replace, exclude, fall back to another family, or give up."""
+
+    #: Families to move to, in order, when the current one is given up (the run starts on device.family).
+    fallback_chain: list[str] = field(default_factory=list)
+    #: Failures on one family within ``window_s`` that make the policy give the family up.
+    max_failures_per_family: int = 3
+    #: Degraded interconnect probes on one family within ``window_s`` that make the policy give it up.
+    max_degraded_probes: int = 2
+    window_s: float = 600.0
+    #: Whether a family given up may be chosen again later in the same run.
+    retry_given_up_families: bool = False
+    #: A rank is hung after no progress for max(hang_factor x median step time, hang_floor_s).
+    hang_factor: float = 3.0
+    hang_floor_s: float = 10.0
+    #: A rank whose compute time exceeds straggler_factor x the median is a straggler; after
+    #: ``straggler_strikes`` flagged chunks it is excluded (replaced).
+    straggler_factor: float = 1.4
+    straggler_strikes: int = 3
+    #: Relative tolerance of the parity check (held-out loss before vs after a hand-over), per precision.
+    parity_rtol: dict[str, float] = field(default_factory=lambda: {"fp32": 1e-4, "bf16": 2e-2, "fp16": 1e-2})
+
+    def __post_init__(self) -> None:
+        from trainer.devices import family_names
+
+        allowed = [f for f in family_names() if f != "auto"]
+        for i, family in enumerate(self.fallback_chain):
+            _require(f"fault_tolerance.fallback_chain[{i}]", family, family in allowed, ", ".join(allowed))
+        for key in ("max_failures_per_family", "max_degraded_probes", "straggler_strikes"):
+            value = getattr(self, key)
+            _require(f"fault_tolerance.{key}", value, value >= 1, "an integer >= 1")
+        _require("fault_tolerance.window_s", self.window_s, self.window_s > 0, "a float > 0")
+        _require("fault_tolerance.hang_factor", self.hang_factor, self.hang_factor >= 1, "a float >= 1")
+        _require("fault_tolerance.hang_floor_s", self.hang_floor_s, self.hang_floor_s > 0, "a float > 0")
+        _require(
+            "fault_tolerance.straggler_factor",
+            self.straggler_factor,
+            self.straggler_factor > 1,
+            "a float > 1",
+        )
+
+
+@dataclass
+class ProbesConfig:
+    """Interconnect and device probes: before training on a family, and every ``interval_steps``."""
+
+    preflight: bool = True
+    #: In-flight interconnect probe every N steps (0: never).
+    interval_steps: int = 0
+    sizes_bytes: list[int] = field(default_factory=lambda: [4096, 1 << 20, 4 << 20])
+    iters: int = 3
+    timeout_s: float = 30.0
+    #: Degraded = bus bandwidth below this fraction of the baseline.
+    degraded_fraction: float = 0.8
+    #: Expected bus bandwidth per family (bytes/s); missing → the first healthy measurement.
+    baseline_busbw: dict[str, float] = field(default_factory=dict)
+    #: In-flight probes are light (these sizes, no pairwise test) to stay near 1% of training time; a
+    #: degraded light probe is followed by the full sweep with the pairwise test to name the link.
+    inflight_sizes_bytes: list[int] = field(default_factory=lambda: [1 << 20])
+
+    def __post_init__(self) -> None:
+        _require("probes.interval_steps", self.interval_steps, self.interval_steps >= 0, "an integer >= 0")
+        _require("probes.iters", self.iters, self.iters >= 1, "an integer >= 1")
+        _require("probes.timeout_s", self.timeout_s, self.timeout_s > 0, "a float > 0")
+        _require(
+            "probes.degraded_fraction",
+            self.degraded_fraction,
+            0 < self.degraded_fraction <= 1,
+            "a float in (0, 1]",
+        )
+        _require("probes.sizes_bytes", self.sizes_bytes, bool(self.sizes_bytes), "a non-empty list of sizes")
 
 
 @dataclass
@@ -230,6 +358,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
+    probes: ProbesConfig = field(default_factory=ProbesConfig)
     #: Name of the experiment preset applied (``experiment=<name>``), for journals and metrics.
     name: str = "default"
 
@@ -285,10 +415,10 @@ def validate(cfg: DictConfig | Config) -> Config:
             f"train.global_batch_size={typed.train.global_batch_size} is not divisible by "
             f"cluster.workers={typed.cluster.workers}; allowed: a multiple of the number of workers"
         )
-    if typed.faults.kill_rank is not None and typed.faults.kill_rank >= typed.cluster.workers:
-        raise ConfigError(
-            f"faults.kill_rank={typed.faults.kill_rank} is not allowed; allowed: 0..{typed.cluster.workers - 1}"
-        )
+    for key in ("kill_rank", "hang_rank"):
+        rank = getattr(typed.faults, key)
+        if rank is not None and rank >= typed.cluster.workers:
+            raise ConfigError(f"faults.{key}={rank} is not allowed; allowed: 0..{typed.cluster.workers - 1}")
     return typed
 
 

@@ -1,7 +1,7 @@
 """Fault injection for tests and demos, driven by the ``faults`` config group. Off by default.
 
 Injected faults act on the real mechanisms: a killed worker is a SIGKILLed process, a flaky interconnect
-is a DDP communication hook (and a probe wrapper) that delays or fails real collectives, a hang is a
+is the worker's DDP communication hook (and the probes) delaying or failing real collectives, a hang is a
 process that stops making progress, a wrong-computing device corrupts a real matmul result.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -38,7 +37,10 @@ class CollectiveFaults:
         return self.delay_s > 0 or self.error_rate > 0 or bool(self.slow_ranks and self.slow_rank_delay_s > 0)
 
     def rng(self, salt: int = 0) -> random.Random:
-        return random.Random(hash((self.seed, self.rank, salt)))
+        """The draw deciding injected errors. Not seeded by rank: every rank fails the same collective,
+        as when a link drops for the whole group — a rank failing alone would leave its peers blocked in
+        that collective, which is the hang case, injected separately."""
+        return random.Random(hash((self.seed, salt)))
 
     def before_collective(self, rng: random.Random, peers: tuple[int, ...] | None = None) -> None:
         """Sleep and/or raise as configured; ``peers`` limits the slow-rank delay to links touching them."""
@@ -49,20 +51,9 @@ class CollectiveFaults:
         if delay > 0:
             time.sleep(delay)
         if self.error_rate > 0 and rng.random() < self.error_rate:
-            raise InjectedCollectiveError(f"injected collective failure on rank {self.rank} (flaky interconnect)")
-
-
-def ddp_fault_hook(faults: CollectiveFaults) -> Any:
-    """A DDP communication hook: the fault, then the standard all-reduce of the gradient bucket."""
-    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
-    rng = faults.rng(salt=1)
-
-    def hook(state: Any, bucket: Any) -> torch.futures.Future[torch.Tensor]:
-        faults.before_collective(rng)
-        return allreduce_hook(state, bucket)
-
-    return hook
+            raise InjectedCollectiveError(
+                f"injected collective failure on rank {self.rank} (flaky interconnect)"
+            )
 
 
 def corrupt_matmul(result: torch.Tensor) -> torch.Tensor:

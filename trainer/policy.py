@@ -1,37 +1,70 @@
-"""Failure policy: a pure function from the run's failure history to a decision. No Ray, no torch.
+"""Failure policy: a pure function from the run's event history to a decision. No Ray, no torch.
 
-The controller records every failure as a :class:`FailureEvent` and carries out whatever :func:`decide`
-returns; tests drive :func:`decide` with tables of histories.
+The controller records every failure and every health finding as a :class:`FailureEvent` and carries
+out whatever :func:`decide` returns. Rules, in order:
+
+1. a family that cannot be used at all → FALLBACK to the next family of the chain;
+2. more failures in the run than ``max_restarts`` → ABORT;
+3. on the current family, ``max_failures_per_family`` failures or ``max_degraded_probes`` degraded probes
+   within ``window_s`` (or a failed parity check) → FALLBACK, or ABORT when no family is left;
+4. a device that computes wrong or a repeated straggler → EXCLUDE that rank's worker;
+5. a degraded probe below the limit → CONTINUE (it counts towards rule 3);
+6. a lost or hung worker → REPLACE_WORKER; anything else → RETRY.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 
 class FailureKind(StrEnum):
     #: A worker's process or node is gone (actor died, SIGKILL, node lost).
     WORKER_LOST = "worker_lost"
-    #: A collective failed on a live worker (a peer vanished mid-step).
+    #: A collective failed on a live worker (a peer vanished mid-step, a flaky link).
     COLLECTIVE_FAILED = "collective_failed"
-    #: A worker did not reply before its deadline (hung or far too slow).
+    #: A worker made no progress before its deadline (hung).
     DEADLINE = "deadline"
     #: The worker raised an error of its own (bad data, a bug, out of memory).
     WORKER_ERROR = "worker_error"
+    #: An interconnect probe measured bandwidth below the baseline, or failed.
+    DEGRADED_PROBE = "degraded_probe"
+    #: A device probe found a wrong result (silent data corruption).
+    WRONG_COMPUTE = "wrong_compute"
+    #: A rank was flagged as a straggler repeatedly.
+    STRAGGLER = "straggler"
+    #: The family's workers cannot start (no devices, no resources, driver missing).
+    FAMILY_UNAVAILABLE = "family_unavailable"
+    #: After a hand-over, the held-out loss differs from the old family's beyond tolerance.
+    PARITY_FAILED = "parity_failed"
+
+
+#: Kinds that count as failures of the family they happened on (rule 3).
+_FAMILY_FAILURES = {
+    FailureKind.WORKER_LOST,
+    FailureKind.COLLECTIVE_FAILED,
+    FailureKind.DEADLINE,
+    FailureKind.WORKER_ERROR,
+}
+#: Kinds that are findings, not failures: they do not spend the restart budget.
+_FINDINGS = {FailureKind.DEGRADED_PROBE, FailureKind.STRAGGLER}
 
 
 class Action(StrEnum):
+    #: A finding that needs no action yet (it counts towards a later FALLBACK).
+    CONTINUE = "continue"
     RETRY = "retry"
     REPLACE_WORKER = "replace_worker"
+    EXCLUDE = "exclude"
+    FALLBACK = "fallback"
     ABORT = "abort"
 
 
 @dataclass(frozen=True)
 class FailureEvent:
     kind: FailureKind
-    #: Ranks whose workers caused the failure (not the peers that merely noticed it).
+    #: Ranks whose workers caused it (not the peers that merely noticed).
     ranks: tuple[int, ...]
     step: int
     family: str
@@ -40,9 +73,15 @@ class FailureEvent:
 
 
 @dataclass(frozen=True)
-class Budget:
-    #: Recoveries allowed in one run.
+class PolicyConfig:
     max_restarts: int
+    fallback_chain: tuple[str, ...] = ()
+    max_failures_per_family: int = 3
+    max_degraded_probes: int = 2
+    window_s: float = 600.0
+    retry_given_up_families: bool = False
+    #: Families given up earlier in this run.
+    given_up: frozenset[str] = field(default_factory=frozenset)
 
 
 @dataclass(frozen=True)
@@ -50,28 +89,92 @@ class Decision:
     action: Action
     reason: str
     ranks: tuple[int, ...] = ()
+    #: The family to move to (FALLBACK only).
+    family: str | None = None
 
 
-def decide(history: Sequence[FailureEvent], budget: Budget) -> Decision:
-    """What to do about ``history[-1]``, given every failure of the run so far (oldest first)."""
+def next_family(current: str, policy: PolicyConfig) -> str | None:
+    """The first family of the chain that is not the current one and not given up (unless allowed)."""
+    for family in policy.fallback_chain:
+        if family == current:
+            continue
+        if family in policy.given_up and not policy.retry_given_up_families:
+            continue
+        return family
+    return None
+
+
+def _fallback(event: FailureEvent, policy: PolicyConfig, why: str) -> Decision:
+    target = next_family(event.family, policy)
+    if target is None:
+        tried = sorted({*policy.given_up, event.family})
+        return Decision(
+            Action.ABORT,
+            f"{why}; no family left to fall back to (given up: {', '.join(tried)}; "
+            f"fault_tolerance.fallback_chain={list(policy.fallback_chain)})",
+        )
+    return Decision(Action.FALLBACK, f"{why}; hand the run over to {target}", family=target)
+
+
+def decide(history: Sequence[FailureEvent], policy: PolicyConfig) -> Decision:
+    """What to do about ``history[-1]``, given every event of the run so far (oldest first)."""
     if not history:
         raise ValueError("decide() needs at least one failure event")
     event = history[-1]
-    if len(history) > budget.max_restarts:
+    if event.kind is FailureKind.FAMILY_UNAVAILABLE:
+        return _fallback(
+            event, policy, f"family {event.family} is unavailable ({event.detail or 'no detail'})"
+        )
+    if event.kind is FailureKind.PARITY_FAILED:
+        return _fallback(event, policy, f"parity check failed on {event.family} at step {event.step}")
+
+    failures = [e for e in history if e.kind not in _FINDINGS]
+    if event.kind not in _FINDINGS and len(failures) > policy.max_restarts:
         return Decision(
             Action.ABORT,
-            f"{len(history)} failures exceed cluster.max_restarts={budget.max_restarts}; last: "
+            f"{len(failures)} failures exceed cluster.max_restarts={policy.max_restarts}; last: "
             f"{event.kind.value} on ranks {list(event.ranks)} at step {event.step}",
+        )
+
+    recent = [e for e in history if e.family == event.family and event.time - e.time <= policy.window_s]
+    family_failures = sum(e.kind in _FAMILY_FAILURES for e in recent)
+    degraded = sum(e.kind is FailureKind.DEGRADED_PROBE for e in recent)
+    if family_failures >= policy.max_failures_per_family:
+        return _fallback(
+            event,
+            policy,
+            f"{family_failures} failures on {event.family} within {policy.window_s:.0f} s "
+            f"(fault_tolerance.max_failures_per_family={policy.max_failures_per_family})",
+        )
+    if degraded >= policy.max_degraded_probes:
+        return _fallback(
+            event,
+            policy,
+            f"{degraded} degraded interconnect probes on {event.family} within {policy.window_s:.0f} s "
+            f"(fault_tolerance.max_degraded_probes={policy.max_degraded_probes}); last: {event.detail}",
+        )
+
+    if event.kind in (FailureKind.WRONG_COMPUTE, FailureKind.STRAGGLER) and event.ranks:
+        return Decision(
+            Action.EXCLUDE,
+            f"{event.kind.value} on ranks {list(event.ranks)}: exclude their devices, continue on spares",
+            event.ranks,
+        )
+    if event.kind is FailureKind.DEGRADED_PROBE:
+        return Decision(
+            Action.CONTINUE,
+            f"degraded probe on {event.family} ({degraded}/{policy.max_degraded_probes} within the window): "
+            f"keep training and watch; {event.detail}",
         )
     if event.kind in (FailureKind.WORKER_LOST, FailureKind.DEADLINE) and event.ranks:
         return Decision(
             Action.REPLACE_WORKER,
             f"{event.kind.value} on ranks {list(event.ranks)} at step {event.step}: replace them with warm spares "
-            f"({len(history)}/{budget.max_restarts} restarts used)",
+            f"({len(failures)}/{policy.max_restarts} restarts used)",
             event.ranks,
         )
     return Decision(
         Action.RETRY,
         f"{event.kind.value} at step {event.step}: re-form the group and retry from the newest state "
-        f"({len(history)}/{budget.max_restarts} restarts used)",
+        f"({len(failures)}/{policy.max_restarts} restarts used)",
     )

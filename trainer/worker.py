@@ -26,6 +26,7 @@ from trainer.config import Config, to_container
 from trainer.data import GlobalBatchSampler
 from trainer.devices import DeviceAdapter, get_adapter
 from trainer.errors import ConfigError
+from trainer.faults import CollectiveFaults
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -36,6 +37,8 @@ class StepResult:
     loss: float
     step_time_s: float
     samples: int
+    #: Seconds from the start of the step to its first gradient collective (the whole step without one).
+    compute_s: float
 
 
 def _instantiate(node: Any, **kwargs: Any) -> Any:
@@ -59,6 +62,10 @@ class Worker:
         self.samples_seen = 0
         self.history: list[dict[str, Any]] = []
         self.last_loss = float("nan")
+        #: What this rank is doing, for hang detection: step, phase (idle/compute/collective), since when.
+        self.progress: dict[str, Any] = {"step": 0, "phase": "idle", "since": time.time()}
+        self.compute_s = float("nan")
+        self._step_started = 0.0
 
     # --- set-up --------------------------------------------------------------------------------------
     def setup(self, adapter: DeviceAdapter | None = None) -> None:
@@ -99,7 +106,51 @@ class Worker:
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = None if self.device.type == "cpu" else [self.device]
-        self.model = DistributedDataParallel(self.module, device_ids=device_ids)
+        ddp = DistributedDataParallel(self.module, device_ids=device_ids)
+        ddp.register_comm_hook(None, self._comm_hook(rank))
+        self.model = ddp
+
+    def _comm_hook(self, rank: int) -> Any:
+        """DDP's all-reduce, preceded by progress bookkeeping and the family's injected faults (if any).
+
+        Entering the first gradient collective of a step marks the end of this rank's compute for the
+        step: the compute time feeds straggler detection, and "in a collective since t" tells a rank
+        waiting for a peer apart from the peer that is stuck.
+        """
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        base = self.collective_faults(rank)
+        rng = base.rng(salt=self.config.train.seed)
+
+        # Unannotated on purpose: DDP checks a hook's annotations by identity, and this module's
+        # postponed annotations would be strings.
+        def hook(state, bucket):  # type: ignore[no-untyped-def]
+            if self.progress["phase"] == "compute":
+                self.compute_s = time.perf_counter() - self._step_started
+                self.mark("collective")
+            faults = self.collective_faults(rank)  # the profile may switch on mid-run
+            if faults.active:
+                faults.before_collective(rng)
+            return allreduce_hook(state, bucket)
+
+        return hook
+
+    def collective_faults(self, rank: int) -> CollectiveFaults:
+        """This family's injected interconnect faults as they stand at the current step."""
+        f = self.config.faults.for_family(self.adapter.name)
+        if self.step + 1 < f.degrade_from_step:
+            return CollectiveFaults(rank=rank)
+        return CollectiveFaults(
+            rank=rank,
+            delay_s=f.collective_delay_s,
+            slow_ranks=(f.slow_rank,) if f.slow_rank is not None else (),
+            slow_rank_delay_s=f.slow_rank_delay_s,
+            error_rate=f.collective_error_rate,
+            seed=self.config.faults.seed,
+        )
+
+    def mark(self, phase: str) -> None:
+        self.progress = {"step": self.step, "phase": phase, "since": time.time()}
 
     # --- training ------------------------------------------------------------------------------------
     def _batch(self, indices: list[int]) -> torch.Tensor:
@@ -115,8 +166,13 @@ class Worker:
 
     def train_step(self) -> StepResult:
         """One optimizer step on this rank's slice of the next global batch."""
-        start = time.perf_counter()
+        start = self._step_started = time.perf_counter()
+        self.compute_s = float("nan")
+        self.mark("compute")
         self.model.train()
+        faults = self.config.faults.for_family(self.adapter.name)
+        if faults.straggler_rank == self.rank and faults.straggler_delay_s > 0:
+            time.sleep(faults.straggler_delay_s)  # injected straggler: slow compute on this rank
         loss = self._loss(self._batch(self.sampler.indices(self.step)))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -128,9 +184,10 @@ class Worker:
         self.last_loss = float(loss.item())  # host/device sync point: the step is done after this
         self.step += 1
         self.samples_seen += self.config.train.global_batch_size
-        return StepResult(
-            self.step, self.last_loss, time.perf_counter() - start, self.sampler.local_batch_size
-        )
+        elapsed = time.perf_counter() - start
+        self.mark("idle")
+        compute = elapsed if self.compute_s != self.compute_s else self.compute_s  # NaN: no collective
+        return StepResult(self.step, self.last_loss, elapsed, self.sampler.local_batch_size, compute)
 
     @torch.no_grad()
     def evaluate(self) -> float:

@@ -38,7 +38,7 @@ from trainer.model import GPT
 
 
 def build_state(megabytes: int, device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """A GPT whose parameters plus AdamW state weigh about ``megabytes`` (params ×3 in fp32)."""
+    """A GPT whose parameters plus AdamW state weigh about ``megabytes`` (params x3 in fp32)."""
     n_embd = 512
     per_layer = 12 * n_embd * n_embd
     layers = max(1, int(megabytes * 1e6 / 12 / per_layer))
@@ -58,14 +58,16 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def run_async(checkpointer: AsyncCheckpointer, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-              step: int) -> tuple[float, float]:
+def run_async(
+    checkpointer: AsyncCheckpointer, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int
+) -> tuple[float, float]:
     adapter = get_adapter("cpu")
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     progress = TrainingProgress(step=step, samples_seen=step, world_size=1, seed=0)
     started = time.perf_counter()
-    future = checkpointer.save(capture(model, optimizer, scaler), adapter.get_rng_state(torch.device("cpu")),
-                               adapter, progress, {})
+    future = checkpointer.save(
+        capture(model, optimizer, scaler), adapter.get_rng_state(torch.device("cpu")), adapter, progress, {}
+    )
     blocking = time.perf_counter() - started
     future.result()
     return blocking, time.perf_counter() - started - blocking
@@ -115,7 +117,9 @@ def main() -> None:
     parser.add_argument("--megabytes", type=int, default=600)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dir", default=None, help="where to write (default: a temp dir on the working disk)")
+    parser.add_argument(
+        "--dir", default=None, help="where to write (default: a temp dir on the working disk)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
 
@@ -125,7 +129,12 @@ def main() -> None:
     nbytes += sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values())
     work = Path(tempfile.mkdtemp(prefix="bench-ckpt-", dir=args.dir or os.getcwd()))
     checkpointer = AsyncCheckpointer(CheckpointManager(work / "ckpt", keep_last=1))
-    samples: dict[str, list[float]] = {"async_blocking_s": [], "async_write_s": [], "torch_save_s": [], "raw_write_s": []}
+    samples: dict[str, list[float]] = {
+        "async_blocking_s": [],
+        "async_write_s": [],
+        "torch_save_s": [],
+        "raw_write_s": [],
+    }
     try:
         run_async(checkpointer, model, optimizer, 0)  # warm-up: allocates the staging buffers once
         for i in range(args.repeats):

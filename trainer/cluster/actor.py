@@ -31,7 +31,6 @@ class WorkerActor:
         self.config = from_container(config)
         self.worker = Worker(self.config, local_world_size=workers_per_node)
         self.worker.setup()
-        self.incarnation = -1
         self.armed = False
         self.checkpointer: AsyncCheckpointer | None = None
 
@@ -40,22 +39,24 @@ class WorkerActor:
 
     # --- group membership ----------------------------------------------------------------------------
     def join(
-        self, rank: int, world_size: int, host: str, port: int, incarnation: int, timeout_s: float
+        self, rank: int, world_size: int, host: str, port: int, timeout_s: float, arm_faults: bool
     ) -> int:
-        """Join incarnation ``incarnation`` of the group as ``rank``; returns this worker's step."""
+        """Join the group whose rendezvous store is at ``host:port`` as ``rank``; returns this worker's step.
+
+        ``arm_faults``: injected kill/hang faults may fire (the run's first incarnation only, so that a
+        replacement does not fail the same way).
+        """
         self.leave()
         store = dist.TCPStore(host, port, world_size, is_master=False, timeout=timedelta(seconds=timeout_s))
         dist.init_process_group(
             backend=self.worker.adapter.distributed_backend(),
-            store=dist.PrefixStore(f"incarnation-{incarnation}", store),
+            store=store,
             rank=rank,
             world_size=world_size,
             timeout=timedelta(seconds=timeout_s),
         )
         self.worker.attach(rank, world_size)
-        # Injected faults fire in the first incarnation only, so a replacement does not die the same way.
-        self.armed = incarnation == 0 and self.config.faults.kill_rank == rank
-        self.incarnation = incarnation
+        self.armed = arm_faults
         return self.worker.step
 
     def leave(self) -> None:
@@ -68,15 +69,16 @@ class WorkerActor:
     # --- training ------------------------------------------------------------------------------------
     def train(self, until_step: int) -> dict[str, Any]:
         """Train until ``until_step``; one heartbeat with the per-step losses and times."""
-        losses, times = [], []
+        losses, times, compute = [], [], []
         start = time.perf_counter()
+        self.worker.mark("idle")  # fresh progress mark: time spent between chunks is not a hang
         try:
             while self.worker.step < until_step:
-                if self.armed and self.worker.step + 1 == self.config.faults.kill_at_step:
-                    os.kill(os.getpid(), signal.SIGKILL)  # injected fault: this process vanishes mid-run
+                self._inject(self.worker.step + 1)
                 result = self.worker.train_step()
                 losses.append(result.loss)
                 times.append(result.step_time_s)
+                compute.append(result.compute_s)
         except (RuntimeError, dist.DistBackendError) as exc:
             return {"ok": False, "step": self.worker.step, "error": f"{type(exc).__name__}: {exc}"[:500]}
         return {
@@ -84,8 +86,24 @@ class WorkerActor:
             "step": self.worker.step,
             "losses": losses,
             "step_times": times,
+            "compute_times": compute,
             "elapsed_s": time.perf_counter() - start,
         }
+
+    def _inject(self, next_step: int) -> None:
+        faults = self.config.faults
+        if not self.armed:
+            return
+        if faults.kill_rank == self.worker.rank and next_step == faults.kill_at_step:
+            os.kill(os.getpid(), signal.SIGKILL)  # injected fault: this process vanishes mid-run
+        if faults.hang_rank == self.worker.rank and next_step == faults.hang_at_step:
+            self.worker.mark("compute")
+            while True:  # injected fault: alive, holding its resources, making no progress
+                time.sleep(1.0)
+
+    def progress(self) -> dict[str, Any]:
+        """What this rank is doing now; answered while :meth:`train` runs (the actor is threaded)."""
+        return dict(self.worker.progress)
 
     def evaluate(self) -> float:
         return self.worker.evaluate()
@@ -108,6 +126,7 @@ class WorkerActor:
             "step": restored.manifest.step,
             "family": restored.manifest.family,
             "rng_restored": restored.rng_restored,
+            "metrics": dict(restored.manifest.metrics),
             "skipped": [(str(p), why) for p, why in restored.skipped],
         }
 
@@ -120,7 +139,8 @@ class WorkerActor:
         if self.checkpointer is None or self.checkpointer.manager.root != Path(root):
             self.checkpointer = AsyncCheckpointer(CheckpointManager(Path(root), keep_last))
         previous = self.checkpointer.wait()
-        self.worker.save_async(self.checkpointer, metrics)
+        # The held-out loss at this step is the reference for a parity check after a later hand-over.
+        self.worker.save_async(self.checkpointer, {"eval_loss": self.worker.evaluate(), **(metrics or {})})
         return {
             "committed": None if previous is None else str(previous),
             "blocking_s": self.checkpointer.last_blocking_s,
@@ -136,3 +156,30 @@ class WorkerActor:
     def parameters(self) -> dict[str, torch.Tensor]:
         """CPU copies of the model's parameters and buffers (for tests and parity checks)."""
         return {k: v.detach().to("cpu", copy=True) for k, v in self.worker.module.state_dict().items()}
+
+    # --- health ----------------------------------------------------------------------------------------
+    def probe(
+        self, sizes_bytes: list[int], iters: int, timeout_s: float, pairwise: bool = True
+    ) -> dict[str, Any]:
+        """Interconnect probe over this incarnation's group (collective: every rank calls it) and a device
+        probe of this rank's device. Never raises; failures and timeouts are in the result."""
+        from trainer.health.device import probe_device
+        from trainer.health.interconnect import probe_interconnect
+
+        worker = self.worker
+        family_faults = self.config.faults.for_family(worker.adapter.name)
+        interconnect = probe_interconnect(
+            worker.device,
+            sizes_bytes=tuple(sizes_bytes),
+            iters=iters,
+            pairwise=pairwise,
+            faults=worker.collective_faults(worker.rank),
+            timeout_s=timeout_s,
+        )
+        device = probe_device(
+            worker.adapter,
+            worker.device,
+            faults_wrong_compute=family_faults.wrong_compute_rank == worker.rank,
+            timeout_s=timeout_s,
+        )
+        return {"rank": worker.rank, "interconnect": interconnect, "device": device}

@@ -1,8 +1,10 @@
 """The driver-side controller: an explicit state machine over a Ray worker group.
 
-``run()`` is ``while not terminal: state = handler[state]()``. Workers train in chunks of steps; every
-chunk's reply is a heartbeat, and every failure becomes a :class:`~trainer.policy.FailureEvent` that
-:func:`~trainer.policy.decide` turns into a decision this class carries out.
+``run()`` is ``while not terminal: state = handler[state]()``. Workers train in chunks of steps; each
+chunk's replies are heartbeats. Every failure and health finding becomes a
+:class:`~trainer.policy.FailureEvent`; :func:`~trainer.policy.decide` returns what to do and this class
+carries it out: re-form the group, replace or exclude workers from warm spares, hand the run over to
+another device family, or abort.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import logging
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,14 @@ from typing import Any
 import ray
 
 from trainer.cluster.group import WorkerGroup
+from trainer.cluster.handover import HandOver
+from trainer.cluster.health_watch import HealthWatch
+from trainer.cluster.watch import ChunkOutcome, run_chunk
 from trainer.config import Config
 from trainer.devices import get_adapter
-from trainer.errors import ExitCode
+from trainer.errors import DeviceUnavailableError, ExitCode
 from trainer.journal import Journal
-from trainer.policy import Action, Budget, Decision, FailureEvent, FailureKind, decide
+from trainer.policy import Action, Decision, FailureEvent, FailureKind, PolicyConfig, decide
 
 log = logging.getLogger(__name__)
 
@@ -32,24 +36,13 @@ class State(StrEnum):
     STARTING = "starting"
     RUNNING = "running"
     RECOVERING = "recovering"
+    HANDING_OVER = "handing_over"
     FINISHED = "finished"
     ABORTED = "aborted"
 
     @property
     def terminal(self) -> bool:
         return self in (State.FINISHED, State.ABORTED)
-
-
-@dataclass
-class ChunkOutcome:
-    """What each rank said about one chunk: a heartbeat, a collective error, death, or silence."""
-
-    results: dict[int, dict[str, Any]] = field(default_factory=dict)
-    lost: list[int] = field(default_factory=list)
-    late: list[int] = field(default_factory=list)
-
-    def failed(self) -> bool:
-        return bool(self.lost or self.late or any(not r["ok"] for r in self.results.values()))
 
 
 class Controller:
@@ -60,21 +53,28 @@ class Controller:
         self.run_dir = run_dir
         self.checkpoint_root = checkpoint_root
         self.journal = journal
-        self.adapter = get_adapter(config.device.family)
-        self.group = WorkerGroup(config, self.adapter, driver_host)
+        self.driver_host = driver_host
+        self.family = get_adapter(config.device.family).name
+        self.group: WorkerGroup | None = None
+        self.health = HealthWatch(config, journal)
+        self.handover = HandOver(self)
         self.state = State.STARTING
         self.step = 0
         self.last_saved = -1
         self.step_times: list[float] = []
-        self.failures: list[FailureEvent] = []
+        self.events: list[FailureEvent] = []
+        self.given_up: set[str] = set()
+        self.families_used: list[str] = []
         self.pending: tuple[Decision, ChunkOutcome] | None = None
         self.last_loss = float("nan")
         self.failure_time: float | None = None
         self.recoveries: list[dict[str, Any]] = []
+        self.abort_reason = ""
         self._handlers: dict[State, Callable[[], State]] = {
             State.STARTING: self._start,
             State.RUNNING: self._run_chunk,
             State.RECOVERING: self._recover,
+            State.HANDING_OVER: self.handover.run,
         }
 
     def run(self) -> ExitCode:
@@ -82,167 +82,239 @@ class Controller:
             while not self.state.terminal:
                 self.state = self._handlers[self.state]()
         finally:
-            self.group.shutdown()
+            if self.group is not None:
+                self.group.shutdown()
         return ExitCode.FINISHED if self.state is State.FINISHED else ExitCode.ABORTED
+
+    @property
+    def members(self) -> list[Any]:
+        assert self.group is not None
+        return self.group.members
 
     # --- states --------------------------------------------------------------------------------------
     def _start(self) -> State:
-        self.group.start()
-        self.group.form(self._collective_timeout())
+        try:
+            self.launch(self.family)
+        except DeviceUnavailableError as exc:
+            return self.on_event(FailureKind.FAMILY_UNAVAILABLE, (), str(exc))
         keep = self.config.checkpoint.keep_last
-        restored = ray.get([m.restore.remote(str(self.checkpoint_root), keep) for m in self.group.members])
+        restored = ray.get([m.restore.remote(str(self.checkpoint_root), keep) for m in self.members])
         if restored[0] is not None:
             self.step = self.last_saved = int(restored[0]["step"])
             for path, why in restored[0]["skipped"]:
                 self.journal.record("checkpoint_skipped", path=path, reason=why)
+                print(f"warning: skipped damaged checkpoint {path}: {why}")
             self.journal.record("resumed", **{k: v for k, v in restored[0].items() if k != "skipped"})
             print(f"resumed from {restored[0]['path']} at step {self.step}")
-        self.journal.record(
-            "group_started",
-            family=self.adapter.name,
-            world_size=self.group.size,
-            step=self.step,
-            incarnation=self.group.incarnation,
+        return self.preflight()
+
+    def launch(self, family: str, workers: int | None = None, form: bool = True) -> None:
+        """Start a worker group on ``family`` and (unless ``form`` is false) form its first incarnation.
+
+        Injected kill/hang faults are armed in the run's first incarnation only.
+        """
+        self.family = family
+        first = not self.families_used
+        self.group = WorkerGroup(
+            self.config, get_adapter(family), self.driver_host, workers, arm_faults=first
         )
-        return State.RUNNING
+        self.group.start()
+        if form:
+            self.group.form(self.collective_timeout())
+        self.families_used.append(family)
+        self.journal.record("group_started", family=family, world_size=self.group.size, step=self.step)
+        print(f"worker group up: {family} x{self.group.size}")
+
+    def preflight(self) -> State:
+        """Probe the new group's devices and interconnect before training on it."""
+        if not self.config.probes.preflight:
+            return State.RUNNING
+        finding = self.health.probe(self.members, self.family, self.step, "preflight")
+        return State.RUNNING if finding is None else self.on_event(*finding)
 
     def _run_chunk(self) -> State:
         total = self.config.train.steps
         if self.step >= total:
             return self._finish()
         until = min(total, self.step + self.config.cluster.chunk_steps)
-        interval = self.config.checkpoint.interval_steps
-        if interval:
-            until = min(until, (self.step // interval + 1) * interval)
-        outcome = self._train_until(until)
+        for interval in (self.config.checkpoint.interval_steps, self.config.probes.interval_steps):
+            if interval:
+                until = min(until, (self.step // interval + 1) * interval)
+        started = time.monotonic()
+        outcome = run_chunk(self.members, until, self._hang_after_s(), self._deadline(until - self.step))
         if outcome.failed():
             return self._on_failure(outcome)
-        self._on_heartbeat(outcome, until)
+        self._on_heartbeat(outcome, until, started)
+        finding = self.health.after_chunk(self, outcome)
+        if finding is not None:
+            return self.on_event(*finding)
+        interval = self.config.checkpoint.interval_steps
         if interval and self.step % interval == 0 and self.step < total:
-            self._save()
+            self.save()
         return State.RUNNING
 
     def _recover(self) -> State:
-        assert self.pending is not None
+        assert self.pending is not None and self.group is not None
         decision, outcome = self.pending
         self.pending = None
         started = time.monotonic()
-        gone = set(outcome.lost) | set(outcome.late) | set(decision.ranks)
+        gone = set(outcome.lost) | set(outcome.hung) | set(decision.ranks)
         alive = {rank: r for rank, r in outcome.results.items() if rank not in gone}
-        self.group.leave_all([self.group.members[r] for r in alive])
+        self.group.leave_all([self.members[r] for r in alive])
         self.group.replace(tuple(sorted(gone)))
         if alive:
-            source_rank = max(alive, key=lambda r: alive[r]["step"])
-            snap = self.group.members[source_rank].snapshot.remote()
-            steps = ray.get([m.load_snapshot.remote(snap, rank) for rank, m in enumerate(self.group.members)])
-            origin = f"peer snapshot from rank {source_rank}"
+            source = max(alive, key=lambda r: alive[r].get("step", -1))
+            snap = self.members[source].snapshot.remote()
+            steps = ray.get([m.load_snapshot.remote(snap, rank) for rank, m in enumerate(self.members)])
+            origin = f"peer snapshot from rank {source}"
         else:
             keep = self.config.checkpoint.keep_last
-            restored = ray.get(
-                [m.restore.remote(str(self.checkpoint_root), keep) for m in self.group.members]
-            )
+            restored = ray.get([m.restore.remote(str(self.checkpoint_root), keep) for m in self.members])
             steps = [r["step"] if r else 0 for r in restored]
             origin = "disk checkpoint" if restored[0] else "initial state (no checkpoint yet)"
         self.step = int(steps[0])
-        self.group.form(self._collective_timeout())
+        self.group.form(self.collective_timeout())
         entry = {
             "step": self.step,
+            "action": decision.action.value,
             "replaced_ranks": sorted(gone),
             "state_from": origin,
             "recover_s": time.monotonic() - started,
             "incarnation": self.group.incarnation,
         }
         self.recoveries.append(entry)
-        self.journal.record("recovered", **entry)
+        self.journal.record("recovered", family=self.family, **entry)
         print(f"recovered at step {self.step} from {origin}; replaced ranks {sorted(gone)}")
         return State.RUNNING
 
     def _finish(self) -> State:
-        eval_loss = float(ray.get(self.group.members[0].evaluate.remote()))
+        eval_loss = float(ray.get(self.members[0].evaluate.remote()))
         if self.last_saved != self.step:
-            self._save({"eval_loss": eval_loss})
-        self._committed(ray.get(self.group.members[0].flush.remote()))
+            self.save({"eval_loss": eval_loss})
+        self._committed(ray.get(self.members[0].flush.remote()))
         self.journal.record(
             "run_finished",
             step=self.step,
             loss=self.last_loss,
             eval_loss=eval_loss,
+            family=self.family,
+            families=self.families_used,
             recoveries=len(self.recoveries),
         )
-        print(f"finished at step {self.step}: loss {self.last_loss:.4f}, held-out loss {eval_loss:.4f}")
+        print(
+            f"finished at step {self.step} on {self.family}: loss {self.last_loss:.4f}, held-out {eval_loss:.4f}"
+        )
         return State.FINISHED
 
-    # --- helpers -------------------------------------------------------------------------------------
-    def _train_until(self, until: int) -> ChunkOutcome:
-        refs = {m.train.remote(until): rank for rank, m in enumerate(self.group.members)}
-        ready, not_ready = ray.wait(
-            list(refs), num_returns=len(refs), timeout=self._deadline(until - self.step)
-        )
-        outcome = ChunkOutcome(late=sorted(refs[r] for r in not_ready))
-        for ref in ready:
-            rank = refs[ref]
-            try:
-                outcome.results[rank] = ray.get(ref)
-            except ray.exceptions.RayActorError as exc:
-                log.warning("rank %d lost: %s", rank, exc)
-                outcome.lost.append(rank)
-        return outcome
-
-    def _on_heartbeat(self, outcome: ChunkOutcome, until: int) -> None:
-        first = outcome.results[0]
-        self.step_times.extend(first["step_times"])
-        losses = [
-            statistics.fmean(r["losses"][i] for r in outcome.results.values())
-            for i in range(len(first["losses"]))
-        ]
-        if losses:
-            self.last_loss = losses[-1]
-        if self.failure_time is not None:
-            self.journal.record(
-                "first_step_after_recovery", step=until, kill_to_step_s=time.monotonic() - self.failure_time
-            )
-            self.failure_time = None
-        self.step = until
-        log_every = self.config.train.log_interval
-        for offset, loss in enumerate(losses):
-            step = until - len(losses) + offset + 1
-            if step % log_every == 0 or step == self.config.train.steps:
-                print(
-                    f"step {step}/{self.config.train.steps}  loss {loss:.4f}  "
-                    f"({self.adapter.name} x{self.group.size})"
-                )
-
+    # --- events --------------------------------------------------------------------------------------
     def _on_failure(self, outcome: ChunkOutcome) -> State:
         self.failure_time = time.monotonic()
         if outcome.lost:
             kind, ranks = FailureKind.WORKER_LOST, tuple(outcome.lost)
-        elif outcome.late:
-            kind, ranks = FailureKind.DEADLINE, tuple(outcome.late)
+        elif outcome.hung:
+            kind, ranks = FailureKind.DEADLINE, tuple(outcome.hung)
+            self.journal.record(
+                "hang_detected",
+                ranks=list(ranks),
+                silent_s=outcome.hang_detected_after_s,
+                threshold_s=self._hang_after_s(),
+                step=self.step,
+            )
         else:
             kind, ranks = FailureKind.COLLECTIVE_FAILED, ()
         detail = "; ".join(f"rank {r}: {res['error']}" for r, res in outcome.results.items() if not res["ok"])
-        event = FailureEvent(kind, ranks, self.step, self.adapter.name, time.time(), detail[:1000])
-        self.failures.append(event)
-        decision = decide(self.failures, Budget(self.config.cluster.max_restarts))
+        return self.on_event(kind, ranks, detail, outcome)
+
+    def on_event(
+        self, kind: FailureKind, ranks: tuple[int, ...], detail: str, outcome: ChunkOutcome | None = None
+    ) -> State:
+        """Record an event, ask the policy, and return the state that carries out its decision."""
+        event = FailureEvent(kind, ranks, self.step, self.family, time.time(), detail[:1000])
+        self.events.append(event)
+        decision = decide(self.events, self._policy())
         self.journal.record(
-            "failure", kind=kind.value, ranks=list(ranks), step=self.step, detail=event.detail
+            "failure",
+            kind=kind.value,
+            family=self.family,
+            ranks=list(ranks),
+            step=self.step,
+            detail=event.detail,
         )
         self.journal.record(
-            "decision", action=decision.action.value, reason=decision.reason, ranks=list(decision.ranks)
+            "decision",
+            action=decision.action.value,
+            reason=decision.reason,
+            ranks=list(decision.ranks),
+            family=decision.family,
+            step=self.step,
         )
-        print(
-            f"failure: {kind.value} on ranks {list(ranks)} near step {self.step}; decision: {decision.reason}"
-        )
+        print(f"{kind.value} on {self.family} (ranks {list(ranks)}) at step {self.step} -> {decision.reason}")
         if decision.action is Action.ABORT:
+            self.abort_reason = decision.reason
             self.journal.record("run_aborted", step=self.step, reason=decision.reason)
+            print(f"aborting: {decision.reason}")
             return State.ABORTED
-        self.pending = (decision, outcome)
+        if decision.action is Action.CONTINUE:
+            return State.RUNNING
+        if decision.action is Action.FALLBACK:
+            self.handover.prepare(decision, outcome)
+            return State.HANDING_OVER
+        self.pending = (
+            decision,
+            outcome
+            or ChunkOutcome(results={r: {"ok": True, "step": self.step} for r in range(len(self.members))}),
+        )
         return State.RECOVERING
 
-    def _save(self, metrics: dict[str, float] | None = None) -> None:
+    def _policy(self) -> PolicyConfig:
+        ft = self.config.fault_tolerance
+        return PolicyConfig(
+            max_restarts=self.config.cluster.max_restarts,
+            fallback_chain=tuple(ft.fallback_chain),
+            max_failures_per_family=ft.max_failures_per_family,
+            max_degraded_probes=ft.max_degraded_probes,
+            window_s=ft.window_s,
+            retry_given_up_families=ft.retry_given_up_families,
+            given_up=frozenset(self.given_up),
+        )
+
+    # --- heartbeats and checkpoints ------------------------------------------------------------------
+    def _on_heartbeat(self, outcome: ChunkOutcome, until: int, started: float) -> None:
+        first = outcome.results[0]
+        self.step_times.extend(first["step_times"])
+        n = len(first["losses"])
+        losses = [statistics.fmean(r["losses"][i] for r in outcome.results.values()) for i in range(n)]
+        if losses:
+            self.last_loss = losses[-1]
+        if self.failure_time is not None:
+            first_step_done = started + (first["step_times"][0] if first["step_times"] else 0.0)
+            self.journal.record(
+                "first_step_after_recovery",
+                step=until - n + 1,
+                family=self.family,
+                failure_to_step_s=first_step_done - self.failure_time,
+            )
+            self.failure_time = None
+        self.handover.on_first_heartbeat(until - n + 1, started, first, losses)
+        self.step = until
+        self.journal.record(
+            "heartbeat",
+            step=until,
+            family=self.family,
+            loss=self.last_loss,
+            step_time_s=statistics.median(first["step_times"]) if n else None,
+        )
+        for offset, loss in enumerate(losses):
+            step = until - n + offset + 1
+            if step % self.config.train.log_interval == 0 or step == self.config.train.steps:
+                print(
+                    f"step {step}/{self.config.train.steps}  loss {loss:.4f}  ({self.family} x{len(self.members)})"
+                )
+
+    def save(self, metrics: dict[str, float] | None = None) -> None:
         """Rank 0 stages a checkpoint (replicas hold the same state); it commits in the background."""
         keep = self.config.checkpoint.keep_last
-        reply = ray.get(self.group.members[0].save.remote(str(self.checkpoint_root), keep, metrics))
+        reply = ray.get(self.members[0].save.remote(str(self.checkpoint_root), keep, metrics))
         self._committed(reply["committed"])
         self.last_saved = self.step
         self.journal.record("checkpoint_started", step=self.step, blocking_s=reply["blocking_s"])
@@ -251,19 +323,25 @@ class Controller:
         if path is not None:
             self.journal.record("checkpoint_saved", path=path, step=int(Path(path).name[5:14]))
 
-    def _median_step_s(self) -> float | None:
+    # --- deadlines -----------------------------------------------------------------------------------
+    def median_step_s(self) -> float | None:
         recent = self.step_times[-50:]
         return statistics.median(recent) if recent else None
 
+    def _hang_after_s(self) -> float:
+        ft = self.config.fault_tolerance
+        median = self.median_step_s()
+        return ft.hang_floor_s if median is None else max(ft.hang_factor * median, ft.hang_floor_s)
+
     def _deadline(self, steps: int) -> float:
         cluster = self.config.cluster
-        median = self._median_step_s()
+        median = self.median_step_s()
         if median is None:
             return cluster.deadline_floor_s
         return max(cluster.deadline_factor * median * steps, cluster.deadline_floor_s)
 
-    def _collective_timeout(self) -> float:
+    def collective_timeout(self) -> float:
         """Collective timeout for the next incarnation: a multiple of the measured step time, not minutes."""
-        median = self._median_step_s()
+        median = self.median_step_s()
         floor = self.config.cluster.deadline_floor_s
         return floor if median is None else max(floor, self.config.cluster.deadline_factor * 10 * median)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 import ray
@@ -32,11 +33,25 @@ def bundle_for(adapter: DeviceAdapter, cpus: float) -> dict[str, float]:
 
 
 class WorkerGroup:
-    def __init__(self, config: Config, adapter: DeviceAdapter, driver_host: str) -> None:
-        self.config = config
+    def __init__(
+        self,
+        config: Config,
+        adapter: DeviceAdapter,
+        driver_host: str,
+        workers: int | None = None,
+        arm_faults: bool = True,
+    ) -> None:
+        # The group's own view of the config: its family and world size may differ from the run's start.
+        size = workers or config.cluster.workers
+        self.config = replace(
+            config,
+            device=replace(config.device, family=adapter.name),
+            cluster=replace(config.cluster, workers=size),
+        )
         self.adapter = adapter
         self.driver_host = driver_host
-        self.size = config.cluster.workers
+        self.size = size
+        self.arm_faults = arm_faults
         self.members: list[Any] = []
         self.spares: list[Any] = []
         self._bundle_of: dict[Any, int] = {}
@@ -44,6 +59,7 @@ class WorkerGroup:
         self.pg: PlacementGroup | None = None
         self.store: dist.TCPStore | None = None
         self.incarnation = -1
+        self.arm_faults = arm_faults
 
     # --- life cycle ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -51,6 +67,14 @@ class WorkerGroup:
         cluster = self.config.cluster
         total = self.size + cluster.spares
         bundle = bundle_for(self.adapter, cluster.cpus_per_worker)
+        if self.config.faults.for_family(self.adapter.name).unavailable:
+            raise DeviceUnavailableError(f"family {self.adapter.name!r} made unavailable by faults.families")
+        missing = [k for k in bundle if ray.cluster_resources().get(k, 0) <= 0]
+        if missing:
+            raise DeviceUnavailableError(
+                f"the Ray cluster has no {missing} resource for family {self.adapter.name!r}; "
+                f"resources: {sorted(ray.cluster_resources())}"
+            )
         self.pg = placement_group([dict(bundle) for _ in range(total)], strategy="PACK")
         ready, _ = ray.wait([self.pg.ready()], timeout=cluster.start_timeout_s)
         if not ready:
@@ -63,7 +87,13 @@ class WorkerGroup:
                 f"cluster.spares={cluster.spares}); available now: {available}"
             )
         actors = [self._spawn(i) for i in range(total)]
-        infos = ray.get([a.info.remote() for a in actors], timeout=cluster.start_timeout_s)
+        try:
+            infos = ray.get([a.info.remote() for a in actors], timeout=cluster.start_timeout_s)
+        except (ray.exceptions.RayError, TimeoutError) as exc:
+            self.shutdown()
+            raise DeviceUnavailableError(
+                f"workers of family {self.adapter.name!r} failed to start: {exc}"
+            ) from exc
         log.info("worker actors up: %s", infos)
         self.members, self.spares = actors[: self.size], actors[self.size :]
 
@@ -73,6 +103,8 @@ class WorkerGroup:
         options: dict[str, Any] = {
             "num_cpus": self.config.cluster.cpus_per_worker,
             "max_restarts": 0,
+            # Threaded, so that progress() is answered while train() runs.
+            "max_concurrency": 4,
             "scheduling_strategy": PlacementGroupSchedulingStrategy(
                 placement_group=self.pg, placement_group_bundle_index=bundle_index
             ),
@@ -92,8 +124,9 @@ class WorkerGroup:
             self.driver_host, 0, self.size + 1, is_master=True, wait_for_workers=False, use_libuv=True
         )
         port = self.store.port
+        arm = self.arm_faults and self.incarnation == 0
         refs = [
-            m.join.remote(rank, self.size, self.driver_host, port, self.incarnation, timeout_s)
+            m.join.remote(rank, self.size, self.driver_host, port, timeout_s, arm)
             for rank, m in enumerate(self.members)
         ]
         return ray.get(refs, timeout=timeout_s + 30)
@@ -124,6 +157,11 @@ class WorkerGroup:
             )
             (self.spares if ready else still).append(actor)
         self._pending_spares = still
+
+    def kill(self, ranks: list[int]) -> None:
+        """Kill the workers of ``ranks`` now (hung ones); their peers' collectives then fail fast."""
+        for rank in ranks:
+            ray.kill(self.members[rank], no_restart=True)
 
     def leave_all(self, actors: list[Any]) -> None:
         """Ask live workers to drop their process group; ignore ones that are gone."""

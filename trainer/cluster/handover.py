@@ -1,0 +1,149 @@
+"""Handing a live run over to another device family.
+
+1. take the newest state from the family being given up: a live worker's in-memory snapshot (through
+   Ray's object store) and its held-out loss, else the newest committed checkpoint and the held-out loss
+   its manifest recorded;
+2. stop the old group; start a group on the new family (its Ray resource, its backend); load the state
+   (RNG re-derived from (seed, step, rank));
+3. parity check: the held-out loss on the new family against the old family's at the same step, within a
+   tolerance set by the precision; a failure is an event the policy sees;
+4. preflight probes on the new family, then training goes on.
+
+Every step is journalled; the hand-over time runs from the decision to the first completed step on the
+new family.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+import ray
+
+from trainer.cluster.watch import ChunkOutcome
+from trainer.errors import DeviceUnavailableError
+from trainer.policy import Decision, FailureKind
+
+if TYPE_CHECKING:
+    from trainer.cluster.controller import Controller, State
+
+
+class HandOver:
+    def __init__(self, ctl: Controller) -> None:
+        self.ctl = ctl
+        self.decision: Decision | None = None
+        self.outcome: ChunkOutcome | None = None
+        self.decided_at = 0.0
+        self.awaiting: dict[str, Any] | None = None
+        self.completed: list[dict[str, Any]] = []
+
+    def prepare(self, decision: Decision, outcome: ChunkOutcome | None) -> None:
+        self.decision, self.outcome, self.decided_at = decision, outcome, time.monotonic()
+
+    def run(self) -> State:
+        ctl, decision = self.ctl, self.decision
+        assert decision is not None and decision.family is not None
+        old, target = ctl.family, decision.family
+        ctl.given_up.add(old)
+        ctl.journal.record(
+            "handover_started", from_family=old, to_family=target, step=ctl.step, reason=decision.reason
+        )
+        print(f"handing over from {old} to {target} at step {ctl.step}")
+        snap, reference_loss, origin = self._newest_state()
+        if ctl.group is not None:
+            ctl.group.shutdown()
+            ctl.group = None
+        try:
+            ctl.launch(target, form=False)  # joined after the state is loaded, so DDP broadcasts it
+        except DeviceUnavailableError as exc:
+            return ctl.on_event(FailureKind.FAMILY_UNAVAILABLE, (), str(exc))
+        if snap is not None:
+            steps = ray.get([m.load_snapshot.remote(snap, rank) for rank, m in enumerate(ctl.members)])
+            ctl.step = int(steps[0])
+        else:
+            keep = ctl.config.checkpoint.keep_last
+            restored = ray.get([m.restore.remote(str(ctl.checkpoint_root), keep) for m in ctl.members])
+            ctl.step = int(restored[0]["step"]) if restored[0] else 0
+            reference_loss = (
+                float(restored[0]["metrics"].get("eval_loss", math.nan)) if restored[0] else math.nan
+            )
+        assert ctl.group is not None
+        ctl.group.form(ctl.collective_timeout())
+        failed = self._parity(old, target, reference_loss, origin)
+        if failed is not None:
+            return failed
+        self.awaiting = {"from_family": old, "to_family": target, "state_from": origin}
+        return ctl.preflight()
+
+    def _newest_state(self) -> tuple[Any, float, str]:
+        """(snapshot ref or None, held-out loss of that state on the old family, where it came from)."""
+        ctl = self.ctl
+        if ctl.group is not None and ctl.group.members:
+            outcome = self.outcome
+            if outcome is None:
+                alive = list(range(len(ctl.members)))
+            else:
+                gone = set(outcome.lost) | set(outcome.hung)
+                alive = [r for r in outcome.results if r not in gone]
+            if alive:
+                steps = {
+                    r: (self.outcome.results[r].get("step", -1) if self.outcome else ctl.step) for r in alive
+                }
+                source = max(alive, key=lambda r: steps[r])
+                member = ctl.members[source]
+                try:
+                    snap = member.snapshot.remote()
+                    ray.wait([snap], timeout=60)
+                    loss = float(ray.get(member.evaluate.remote(), timeout=60))
+                    return snap, loss, f"peer snapshot from rank {source} on {ctl.family}"
+                except (ray.exceptions.RayError, TimeoutError):
+                    pass
+        return None, math.nan, "newest committed checkpoint"
+
+    def _parity(self, old: str, target: str, reference: float, origin: str) -> State | None:
+        ctl = self.ctl
+        observed = float(ray.get(ctl.members[0].evaluate.remote()))
+        rtol = ctl.config.fault_tolerance.parity_rtol.get(ctl.config.device.precision, 1e-4)
+        checked = not math.isnan(reference)
+        passed = checked and abs(observed - reference) <= rtol * abs(reference)
+        ctl.journal.record(
+            "parity_check",
+            step=ctl.step,
+            from_family=old,
+            to_family=target,
+            state_from=origin,
+            reference_loss=reference,
+            observed_loss=observed,
+            rtol=rtol,
+            checked=checked,
+            passed=passed,
+        )
+        print(
+            f"parity check at step {ctl.step}: held-out loss {reference:.6f} on {old}, {observed:.6f} on "
+            f"{target} (rtol {rtol:g}) -> {'passed' if passed else 'FAILED' if checked else 'no reference'}"
+        )
+        if checked and not passed:
+            return ctl.on_event(FailureKind.PARITY_FAILED, (), f"held-out loss {observed} vs {reference}")
+        return None
+
+    def on_first_heartbeat(
+        self, first_step: int, chunk_started: float, reply: dict[str, Any], losses: list[float]
+    ) -> None:
+        """Close the hand-over's books at the first completed step on the new family."""
+        if self.awaiting is None:
+            return
+        done_at = chunk_started + (reply["step_times"][0] if reply["step_times"] else 0.0)
+        entry = {
+            **self.awaiting,
+            "step": first_step,
+            "handover_s": done_at - self.decided_at,
+            "first_loss": losses[0] if losses else None,
+        }
+        self.completed.append(entry)
+        self.ctl.journal.record("handover_completed", **entry)
+        print(
+            f"hand-over done: first step {first_step} on {entry['to_family']} "
+            f"{entry['handover_s']:.1f} s after the decision"
+        )
+        self.awaiting = None

@@ -1,0 +1,354 @@
+"""``python -m trainer.probe``: the interconnect and device probes as a standalone command, like nccl-tests.
+
+Under torchrun (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` set) every process joins that
+group and rank 0 prints; otherwise the command spawns ``--world-size`` local processes that meet through a
+TCPStore on 127.0.0.1 (port chosen by the OS). Either way each rank runs the interconnect probe over the
+family's backend and a device probe of its own device.
+
+    python -m trainer.probe --device sim_npu --world-size 3 --sizes 4K,1M,8M --iters 5 --json
+    python -m trainer.probe --world-size 3 --slow-rank 1     # injected: names rank 1, exits 1
+
+Exit code 0 when the interconnect and every device are healthy, 1 when something is degraded or failed,
+2 for a bad argument or an unknown device family.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from trainer.devices import get_adapter
+from trainer.errors import ConfigError, ExitCode
+from trainer.faults import CollectiveFaults
+from trainer.health import (
+    DeviceReport,
+    InterconnectReport,
+    assess,
+    compare_timings,
+    probe_device,
+    probe_interconnect,
+    run_with_deadline,
+)
+
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+#: Seconds a spawned rank may take to start (import torch, join the group) on top of the probe deadlines.
+_START_GRACE_S = 60.0
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+@dataclass(frozen=True)
+class ProbeOptions:
+    """Everything a rank needs to run the probes (picklable: it travels to spawned processes)."""
+
+    device: str = "cpu"
+    sizes_bytes: tuple[int, ...] = (4096, 1 << 20, 8 << 20)
+    iters: int = 5
+    warmup: int = 1
+    pairwise: bool = True
+    timeout_s: float = 30.0
+    baseline_busbw: float | None = None
+    degraded_fraction: float = 0.8
+    delay_s: float = 0.0
+    slow_rank: int | None = None
+    slow_rank_delay_s: float = 0.05
+    error_rate: float = 0.0
+    wrong_compute_rank: int | None = None
+
+    def faults(self, rank: int) -> CollectiveFaults:
+        slow = (self.slow_rank,) if self.slow_rank is not None else ()
+        return CollectiveFaults(
+            rank=rank,
+            delay_s=self.delay_s,
+            slow_ranks=slow,
+            slow_rank_delay_s=self.slow_rank_delay_s,
+            error_rate=self.error_rate,
+        )
+
+
+def parse_size(text: str) -> int:
+    """``4096``, ``4K``, ``1M``, ``8MiB``, ``1G`` → bytes (binary units)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([KMG]?)(?:I?B)?\s*", text.upper())
+    if not match or int(match.group(1)) < 1:
+        raise argparse.ArgumentTypeError(f"size {text!r}: allowed: a positive integer with K, M or G")
+    return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+def parse_sizes(text: str) -> tuple[int, ...]:
+    """``4K,1M,8M`` → ``(4096, 1048576, 8388608)``; at least one size."""
+    sizes = tuple(parse_size(s) for s in text.split(",") if s.strip())
+    if not sizes:
+        raise argparse.ArgumentTypeError(f"sizes {text!r}: allowed: comma-separated sizes such as 4K,1M,8M")
+    return sizes
+
+
+def _parse(argv: list[str] | None) -> tuple[ProbeOptions, int | None, bool]:
+    p = argparse.ArgumentParser(prog="python -m trainer.probe", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", help="device family (cpu, cuda, npu, sim_npu, ...)")
+    p.add_argument("--world-size", type=int, help="ranks to spawn (default: 2 on CPU, else device count)")
+    p.add_argument(
+        "--sizes",
+        type=parse_sizes,
+        default=(4096, 1 << 20, 8 << 20),
+        help="all-reduce sizes, comma-separated (4K,1M,8M)",
+    )
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--no-pairwise", action="store_true", help="skip the ring point-to-point test")
+    p.add_argument("--timeout", type=float, default=30.0, help="deadline of each probe, seconds")
+    p.add_argument("--baseline-busbw", type=float, help="expected bus bandwidth, bytes/s")
+    p.add_argument("--degraded-fraction", type=float, default=0.8)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    g = p.add_argument_group("injected faults (for demos and tests)")
+    g.add_argument("--delay-s", type=float, default=0.0, help="seconds added to every collective")
+    g.add_argument("--slow-rank", type=int, help="a rank whose links are slow")
+    g.add_argument("--slow-rank-delay-s", type=float, default=0.05)
+    g.add_argument("--error-rate", type=float, default=0.0, help="probability that a collective fails")
+    g.add_argument("--wrong-compute-rank", type=int, help="a rank whose matmul is corrupted")
+    a = p.parse_args(argv)
+    if a.iters < 1 or a.warmup < 0 or a.timeout <= 0 or not 0 < a.degraded_fraction <= 1:
+        p.error("allowed: --iters >= 1, --warmup >= 0, --timeout > 0, --degraded-fraction in (0, 1]")
+    if not 0 <= a.error_rate <= 1 or a.delay_s < 0 or a.slow_rank_delay_s < 0:
+        p.error("allowed: --error-rate in [0, 1], --delay-s >= 0, --slow-rank-delay-s >= 0")
+    if a.world_size is not None and a.world_size < 1:
+        p.error(f"--world-size={a.world_size}: allowed: an integer >= 1")
+    options = ProbeOptions(
+        device=a.device,
+        sizes_bytes=a.sizes,
+        iters=a.iters,
+        warmup=a.warmup,
+        pairwise=not a.no_pairwise,
+        timeout_s=a.timeout,
+        baseline_busbw=a.baseline_busbw,
+        degraded_fraction=a.degraded_fraction,
+        delay_s=a.delay_s,
+        slow_rank=a.slow_rank,
+        slow_rank_delay_s=a.slow_rank_delay_s,
+        error_rate=a.error_rate,
+        wrong_compute_rank=a.wrong_compute_rank,
+    )
+    return options, a.world_size, a.json
+
+
+def probe_rank(
+    options: ProbeOptions, rank: int, device: torch.device
+) -> tuple[InterconnectReport, DeviceReport]:
+    """Both probes on this rank of the current default group (collective); never raises."""
+    interconnect = probe_interconnect(
+        device,
+        sizes_bytes=options.sizes_bytes,
+        iters=options.iters,
+        warmup=options.warmup,
+        pairwise=options.pairwise,
+        faults=options.faults(rank),
+        timeout_s=options.timeout_s,
+    )
+    adapter = get_adapter(options.device)
+    wrong = options.wrong_compute_rank == rank
+    return interconnect, probe_device(
+        adapter, device, faults_wrong_compute=wrong, timeout_s=options.timeout_s
+    )
+
+
+def summarise(
+    options: ProbeOptions,
+    interconnect: InterconnectReport | None,
+    devices: dict[int, DeviceReport],
+    errors: dict[int, str],
+) -> dict[str, Any]:
+    """The command's result: reports, verdict and findings, JSON-ready. ``healthy`` decides the exit code."""
+    verdict = None
+    if interconnect is not None:
+        verdict = assess(interconnect, options.baseline_busbw, options.degraded_fraction)
+    wrong = sorted(r for r, d in devices.items() if d.wrong_result)
+    failed = sorted(r for r, d in devices.items() if not d.ok and not d.wrong_result)
+    timings = {r: d.matmul_s for r, d in devices.items() if d.ok and d.matmul_s is not None}
+    healthy = verdict is not None and verdict.healthy and not wrong and not failed and not errors
+    return {
+        "healthy": healthy,
+        "device_family": options.device,
+        "interconnect": None if interconnect is None else interconnect.to_dict(),
+        "assessment": None if verdict is None else asdict(verdict),
+        "devices": {str(r): devices[r].to_dict() for r in sorted(devices)},
+        "wrong_compute_ranks": wrong,
+        "failed_device_ranks": failed,
+        # Informational only: ranks sharing one host's CPUs make matmul times too noisy to fail on.
+        "slow_device_ranks": compare_timings(timings),
+        "rank_errors": {str(r): e for r, e in sorted(errors.items())},
+    }
+
+
+# --- running the ranks ------------------------------------------------------------------------------------
+def _join_group(backend: str, rank: int, world: int, timeout_s: float, port: int | None) -> None:
+    timeout = timedelta(seconds=timeout_s * 2 + _START_GRACE_S)
+    if port is None:
+        dist.init_process_group(backend, init_method="env://", timeout=timeout)
+        return
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+
+
+def _spawned_rank(rank: int, world: int, port: int, options: ProbeOptions, results: Any) -> None:
+    """Body of one spawned process: join, probe, hand the reports to the parent, leave without hanging."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    ok = False
+    try:
+        adapter = get_adapter(options.device)
+        device = adapter.bind(rank)
+        _join_group(adapter.distributed_backend(), rank, world, options.timeout_s, port)
+        interconnect, device_report = probe_rank(options, rank, device)
+        results.put((rank, interconnect, device_report, None))
+        ok = interconnect.ok
+    except Exception as exc:
+        results.put((rank, None, None, f"{type(exc).__name__}: {exc}"))
+    results.close()
+    results.join_thread()
+    if ok:
+        dist.destroy_process_group()
+    else:
+        os._exit(1)  # a probe thread may still be blocked in a collective; don't wait for it
+
+
+def run_spawned(options: ProbeOptions, world: int) -> dict[str, Any]:
+    """Spawn ``world`` local ranks, collect their reports (bounded wait), stop them all; the summary."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    procs = [
+        ctx.Process(target=_spawned_rank, args=(r, world, store.port, options, results), daemon=True)
+        for r in range(world)
+    ]
+    for proc in procs:
+        proc.start()
+    got: dict[int, tuple[Any, Any, str | None]] = {}
+    deadline = time.monotonic() + 3 * options.timeout_s + _START_GRACE_S
+    try:
+        while len(got) < world and time.monotonic() < deadline:
+            try:
+                rank, interconnect, device, error = results.get(timeout=0.5)
+                got[rank] = (interconnect, device, error)
+            except queue.Empty:
+                if not any(p.is_alive() for p in procs) and results.empty():
+                    break
+    finally:
+        _stop(procs)
+    errors = {r: "exited without a result" for r in range(world) if r not in got}
+    errors.update({r: e for r, (_, _, e) in got.items() if e is not None})
+    devices = {r: d for r, (_, d, _) in got.items() if d is not None}
+    reports = [got[r][0] for r in sorted(got) if got[r][0] is not None]
+    return summarise(options, reports[0] if reports else None, devices, errors)
+
+
+def _stop(procs: list[Any]) -> None:
+    for proc in procs:
+        proc.join(timeout=5)
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(timeout=2)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(timeout=2)
+
+
+def run_torchrun(options: ProbeOptions) -> tuple[dict[str, Any] | None, bool]:
+    """Join torchrun's group; rank 0 gets the summary. Returns (summary or None, this rank's health)."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    adapter = get_adapter(options.device)
+    device = adapter.bind(int(os.environ.get("LOCAL_RANK", "0")))
+    _join_group(adapter.distributed_backend(), rank, world, options.timeout_s, None)
+    interconnect, device_report = probe_rank(options, rank, device)
+    gathered: list[Any] = [None] * world
+    if interconnect.ok:  # after a timeout the group is unusable: report this rank alone
+        run_with_deadline(dist.all_gather_object, options.timeout_s, gathered, device_report)
+    devices = {r: d for r, d in enumerate(gathered) if isinstance(d, DeviceReport)} or {rank: device_report}
+    summary = summarise(options, interconnect, devices, {})
+    return (summary if rank == 0 else None), bool(summary["healthy"])
+
+
+# --- output -----------------------------------------------------------------------------------------------
+def format_table(summary: dict[str, Any]) -> str:
+    """The summary as nccl-tests-like text."""
+    lines = []
+    ic = summary["interconnect"]
+    if ic is not None:
+        lines += [
+            f"# {summary['device_family']}: backend {ic['backend']}, {ic['world_size']} ranks, "
+            f"probe {ic['duration_s']:.2f} s" + ("" if ic["ok"] else f"  FAILED: {ic['error']}"),
+            f"# {'size (B)':>12} {'time (us)':>12} {'algbw (GB/s)':>13} {'busbw (GB/s)':>13}",
+        ]
+        for pt in ic["points"]:
+            lines.append(
+                f"  {pt['bytes']:>12} {pt['seconds'] * 1e6:>12.1f} {pt['algbw_bytes_per_s'] / 1e9:>13.3f} "
+                f"{pt['busbw_bytes_per_s'] / 1e9:>13.3f}"
+            )
+        if ic["small_message_latency_s"] is not None:
+            lines.append(f"# small-message latency: {ic['small_message_latency_s'] * 1e6:.1f} us")
+        for link in ic["links"]:
+            lines.append(
+                f"# link {link['src']}<->{link['dst']}: {link['bandwidth_bytes_per_s'] / 1e9:.3f} GB/s "
+                f"({link['bytes']} B one way in {link['seconds'] * 1e6:.1f} us)"
+            )
+        slowest = ic["slowest_link"]
+        if slowest is not None:
+            lines.append(f"# slowest link: {slowest['src']}<->{slowest['dst']}; slow rank: {ic['slow_rank']}")
+    lines.append(f"# {'rank':>4} {'ok':>5} {'matmul (ms)':>12} {'max abs err':>12}  note")
+    for rank, d in summary["devices"].items():
+        matmul = "-" if d["matmul_s"] is None else f"{d['matmul_s'] * 1e3:.3f}"
+        err = "-" if d["max_abs_error"] is None else f"{d['max_abs_error']:.3g}"
+        note = "WRONG RESULT" if d["wrong_result"] else (d["error"] or "")
+        lines.append(f"  {rank:>4} {d['ok']!s:>5} {matmul:>12} {err:>12}  {note}")
+    for rank, error in summary["rank_errors"].items():
+        lines.append(f"# rank {rank}: {error}")
+    if summary["slow_device_ranks"]:
+        lines.append(f"# slow device ranks (informational): {summary['slow_device_ranks']}")
+    verdict = summary["assessment"]
+    reason = "no interconnect report" if verdict is None else verdict["reason"]
+    lines.append(f"# {'healthy' if summary['healthy'] else 'NOT HEALTHY'}: {reason}")
+    return "\n".join(lines)
+
+
+def _default_world_size(device: str) -> int:
+    adapter = get_adapter(device)
+    return 2 if adapter.torch_device_type() == "cpu" else max(1, adapter.device_count())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the probes; print; the exit code (0 healthy, 1 degraded or failed, 2 bad arguments)."""
+    options, world, as_json = _parse(argv)
+    try:
+        adapter = get_adapter(options.device)
+    except ConfigError as exc:
+        print(f"trainer.probe: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG_ERROR
+    if not adapter.is_available():
+        print(f"trainer.probe: {options.device} unavailable: {adapter.unavailable_reason()}", file=sys.stderr)
+        return ExitCode.FAILED
+    if all(v in os.environ for v in _TORCHRUN_VARS):
+        summary, healthy = run_torchrun(options)
+    else:
+        summary = run_spawned(options, world or _default_world_size(options.device))
+        healthy = bool(summary["healthy"])
+    if summary is not None:
+        print(json.dumps(summary, indent=2) if as_json else format_table(summary), flush=True)
+    return ExitCode.FINISHED if healthy else ExitCode.FAILED
+
+
+if __name__ == "__main__":
+    code = main()
+    if dist.is_initialized() and code != ExitCode.FINISHED:
+        os._exit(int(code))  # a probe thread may be blocked in a collective; leave without waiting for it
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(int(code))
