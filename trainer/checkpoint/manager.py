@@ -174,7 +174,11 @@ class CheckpointManager:
             raise
         except CheckpointException as exc:
             # DCP wraps errors raised while reading; an unsafe or unreadable item surfaces here.
-            inner = [e for e in _exceptions(exc) if isinstance(e, CheckpointCorruptError)]
+            failures = _exceptions(exc)
+            for failure in failures:
+                if not isinstance(failure, Exception):  # KeyboardInterrupt, SystemExit: not damage
+                    raise failure from None
+            inner = [e for e in failures if isinstance(e, CheckpointCorruptError)]
             if inner:
                 raise inner[0] from None
             raise CheckpointCorruptError(f"{path}: DCP could not read the tensors ({exc})") from None

@@ -107,10 +107,8 @@ class Manifest:
         names = {f.name for f in fields(cls)}
         if set(body) != names:
             raise CheckpointCorruptError(f"{path}: unexpected manifest keys {sorted(set(body) ^ names)}")
-        try:
-            return cls(**body)
-        except TypeError as exc:
-            raise CheckpointCorruptError(f"{path}: {exc}") from None
+        _check_types(body, path)
+        return cls(**body)
 
     def verify_files(self, directory: Path) -> None:
         """Check every listed file's size and digest, and that no unlisted file appeared."""
@@ -141,3 +139,44 @@ class Manifest:
 def _self_digest(body: dict[str, Any]) -> str:
     canonical = json.dumps({k: v for k, v in body.items() if k != "manifest_sha256"}, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+_INT_FIELDS = ("step", "samples_seen", "world_size", "format_version")
+_STR_FIELDS = ("family", "rng_key", "torch_version")
+_DICT_FIELDS = ("adapter", "tensors", "optimizer", "scaler", "config", "files", "metrics")
+
+
+def _check_types(body: dict[str, Any], path: Path) -> None:
+    """Field types of a self-consistent manifest; a wrong one is damage, reported like any other."""
+
+    def bad(what: str) -> CheckpointCorruptError:
+        return CheckpointCorruptError(f"{path}: manifest field {what}")
+
+    for key in _INT_FIELDS:
+        if not isinstance(body[key], int) or isinstance(body[key], bool):
+            raise bad(f"{key}={body[key]!r} is not an integer")
+    for key in _STR_FIELDS:
+        if not isinstance(body[key], str):
+            raise bad(f"{key}={body[key]!r} is not a string")
+    for key in _DICT_FIELDS:
+        if not isinstance(body[key], dict):
+            raise bad(f"{key} is a {type(body[key]).__name__}, not an object")
+    if not isinstance(body["history"], list) or not all(isinstance(h, dict) for h in body["history"]):
+        raise bad("history is not a list of objects")
+    if not isinstance(body["created_at"], int | float) or isinstance(body["created_at"], bool):
+        raise bad(f"created_at={body['created_at']!r} is not a number")
+    for name, entry in body["files"].items():
+        if not (
+            isinstance(entry, dict)
+            and type(entry.get("bytes")) is int
+            and isinstance(entry.get("xxh3_128"), str)
+        ):
+            raise bad(f"files[{name!r}] is not {{bytes: int, xxh3_128: str}}")
+    for name, entry in body["tensors"].items():
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not (
+            isinstance(shape, list)
+            and all(type(d) is int for d in shape)
+            and isinstance(entry.get("dtype"), str)
+        ):
+            raise bad(f"tensors[{name!r}] is not {{dtype: str, shape: [int]}}")
