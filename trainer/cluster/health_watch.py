@@ -96,6 +96,9 @@ class HealthWatch:
                 wrong,
                 f"device probe: matmul result wrong on ranks {list(wrong)}",
             )
+        if report.timed_out:
+            # A thread is still blocked in the probe's collective: the group must be re-formed.
+            return FailureKind.COLLECTIVE_FAILED, (), f"{phase} probe timed out: {report.error}"
         if verdict.degraded:
             return FailureKind.DEGRADED_PROBE, (), f"{phase} probe: {verdict.reason}"
         return None
