@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -14,3 +16,24 @@ from trainer.testing.configs import make_config as _make_config
 def make_config() -> Callable[..., Config]:
     """``make_config("train.steps=4", ...)``: the composed, validated config with those overrides."""
     return _make_config
+
+
+@pytest.fixture(scope="session")
+def local_ray() -> Iterator[None]:
+    """One local Ray for the whole session, advertising the simulated device families."""
+    import ray
+
+    # Ray's socket paths must stay short, so its temp dir lives directly under /tmp; the test owns it.
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    ray.init(
+        num_cpus=2,
+        resources={"sim_npu": 4.0, "sim_cuda": 4.0},
+        include_dashboard=False,
+        log_to_driver=False,
+        _temp_dir=temp_dir,
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)

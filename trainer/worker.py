@@ -66,6 +66,8 @@ class Worker:
         self.progress: dict[str, Any] = {"step": 0, "phase": "idle", "since": time.time()}
         self.compute_s = float("nan")
         self._step_started = 0.0
+        #: Injected slowness of this worker's device (seconds per step); set by fault injection only.
+        self.extra_compute_s = 0.0
 
     # --- set-up --------------------------------------------------------------------------------------
     def setup(self, adapter: DeviceAdapter | None = None) -> None:
@@ -170,9 +172,8 @@ class Worker:
         self.compute_s = float("nan")
         self.mark("compute")
         self.model.train()
-        faults = self.config.faults.for_family(self.adapter.name)
-        if faults.straggler_rank == self.rank and faults.straggler_delay_s > 0:
-            time.sleep(faults.straggler_delay_s)  # injected straggler: slow compute on this rank
+        if self.extra_compute_s > 0:
+            time.sleep(self.extra_compute_s)  # injected straggler: this device computes slowly
         loss = self._loss(self._batch(self.sampler.indices(self.step)))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()

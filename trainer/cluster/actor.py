@@ -57,6 +57,10 @@ class WorkerActor:
         )
         self.worker.attach(rank, world_size)
         self.armed = arm_faults
+        # Device faults belong to the devices of the first incarnation: a replacement is healthy.
+        family_faults = self.config.faults.for_family(self.worker.adapter.name)
+        slow = arm_faults and family_faults.straggler_rank == rank
+        self.worker.extra_compute_s = family_faults.straggler_delay_s if slow else 0.0
         return self.worker.step
 
     def leave(self) -> None:
@@ -179,7 +183,7 @@ class WorkerActor:
         device = probe_device(
             worker.adapter,
             worker.device,
-            faults_wrong_compute=family_faults.wrong_compute_rank == worker.rank,
+            faults_wrong_compute=self.armed and family_faults.wrong_compute_rank == worker.rank,
             timeout_s=timeout_s,
         )
         return {"rank": worker.rank, "interconnect": interconnect, "device": device}

@@ -172,10 +172,12 @@ class Controller:
             restored = ray.get([m.restore.remote(str(self.checkpoint_root), keep) for m in self.members])
             steps = [r["step"] if r else 0 for r in restored]
             origin = "disk checkpoint" if restored[0] else "initial state (no checkpoint yet)"
-        self.step = int(steps[0])
+        previous, self.step = self.step, int(steps[0])
         self.group.form(self.collective_timeout())
         entry = {
             "step": self.step,
+            # Steps completed by the survivors after the last heartbeat, kept through the snapshot.
+            "kept_steps": [previous + 1, self.step] if self.step > previous else None,
             "action": decision.action.value,
             "replaced_ranks": sorted(gone),
             "state_from": origin,
@@ -299,6 +301,7 @@ class Controller:
         self.step = until
         self.journal.record(
             "heartbeat",
+            first_step=until - n + 1,
             step=until,
             family=self.family,
             loss=self.last_loss,

@@ -58,6 +58,7 @@ class HandOver:
             ctl.launch(target, form=False)  # joined after the state is loaded, so DDP broadcasts it
         except DeviceUnavailableError as exc:
             return ctl.on_event(FailureKind.FAMILY_UNAVAILABLE, (), str(exc))
+        previous = ctl.step
         if snap is not None:
             steps = ray.get([m.load_snapshot.remote(snap, rank) for rank, m in enumerate(ctl.members)])
             ctl.step = int(steps[0])
@@ -73,7 +74,14 @@ class HandOver:
         failed = self._parity(old, target, reference_loss, origin)
         if failed is not None:
             return failed
-        self.awaiting = {"from_family": old, "to_family": target, "state_from": origin}
+        self.awaiting = {
+            "from_family": old,
+            "to_family": target,
+            "state_from": origin,
+            "state_step": ctl.step,
+            # Steps completed on the old family after its last heartbeat, kept through the snapshot.
+            "kept_steps": [previous + 1, ctl.step] if ctl.step > previous else None,
+        }
         return ctl.preflight()
 
     def _newest_state(self) -> tuple[Any, float, str]:
