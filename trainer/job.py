@@ -19,6 +19,7 @@ from trainer.checkpoint.async_writer import AsyncCheckpointer
 from trainer.config import Config, validate
 from trainer.errors import ConfigError, ExitCode
 from trainer.journal import Journal
+from trainer.summary import format_summary, summarize
 from trainer.worker import Worker
 
 log = logging.getLogger("trainer")
@@ -177,5 +178,6 @@ def _run_on_ray(config: Config, home: Path, journal: Journal, manager: Checkpoin
     finally:
         if started_here:
             ray.shutdown()
+    print("\n== summary\n" + format_summary(summarize(journal.read())))
     print(f"the run lives in {home} (journal.jsonl, {manager.root.name}/)")
     return code
