@@ -160,6 +160,23 @@ class TrainConfig:
         _require("train.eval_samples", self.eval_samples, self.eval_samples >= 0, "an integer >= 0")
 
 
+@dataclass
+class PrometheusConfig:
+    """The Prometheus exporter (``monitoring.exporter.PrometheusSink``), served by the driver."""
+
+    _target_: str = "monitoring.exporter.PrometheusSink"
+    host: str = "127.0.0.1"
+    #: Port of ``/metrics``; 0 picks any free port (printed at start).
+    port: int = 9400
+    #: When ``port`` is in use, try the next N ports instead of failing.
+    port_search: int = 0
+
+    def __post_init__(self) -> None:
+        _require("monitoring.port", self.port, 0 <= self.port <= 65535, "0..65535 (0: any free port)")
+        _require("monitoring.port_search", self.port_search, self.port_search >= 0, "an integer >= 0")
+        _require("monitoring.host", self.host, bool(self.host), "an address to bind, e.g. 127.0.0.1")
+
+
 CLUSTER_MODES = ("process", "ray")
 
 
@@ -358,6 +375,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    #: A ``_target_`` node building the trainer.metrics.MetricsSink (prometheus, or off: NullSink).
+    monitoring: Any = MISSING
     fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
     probes: ProbesConfig = field(default_factory=ProbesConfig)
     #: Name of the experiment preset applied (``experiment=<name>``), for journals and metrics.
@@ -372,6 +391,7 @@ def register_configs() -> None:
     cs.store(group="data", name="synthetic_schema", node=SyntheticDataConfig)
     cs.store(group="optim", name="adamw_schema", node=AdamWConfig)
     cs.store(group="optim", name="sgd_schema", node=SGDConfig)
+    cs.store(group="monitoring", name="prometheus_schema", node=PrometheusConfig)
 
 
 register_configs()
@@ -408,7 +428,7 @@ def validate(cfg: DictConfig | Config) -> Config:
         raise ConfigError(
             "the configuration does not follow trainer.config.Config (is config_schema in defaults?)"
         )
-    for group in ("model", "data", "optim"):
+    for group in ("model", "data", "optim", "monitoring"):
         _plugin_node(group, getattr(typed, group))
     if typed.train.global_batch_size % typed.cluster.workers:
         raise ConfigError(

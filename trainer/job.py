@@ -12,13 +12,16 @@ import time
 from concurrent.futures import Future
 from pathlib import Path
 
-from omegaconf import DictConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 
 from trainer.checkpoint import CheckpointManager
 from trainer.checkpoint.async_writer import AsyncCheckpointer
 from trainer.config import Config, validate
 from trainer.errors import ConfigError, ExitCode
+from trainer.goodput import Goodput
 from trainer.journal import Journal
+from trainer.metrics import MetricsSink
 from trainer.summary import format_summary, summarize
 from trainer.worker import Worker
 
@@ -143,6 +146,17 @@ def _checkpoint(
     committed(worker.save(manager, metrics), time.perf_counter() - started)
 
 
+def make_sink(config: Config) -> MetricsSink:
+    """The metrics sink named by the ``monitoring`` group (the Prometheus exporter, or a do-nothing one)."""
+    node = config.monitoring
+    sink = instantiate(node if isinstance(node, dict) else OmegaConf.structured(node))
+    if not isinstance(sink, MetricsSink):
+        raise ConfigError(
+            f"monitoring._target_ builds a {type(sink).__name__}; allowed: a trainer.metrics.MetricsSink"
+        )
+    return sink
+
+
 def _run_on_ray(config: Config, home: Path, journal: Journal, manager: CheckpointManager) -> ExitCode:
     """The worker-group path: a controller on this process drives Ray actors."""
     import ray
@@ -161,6 +175,8 @@ def _run_on_ray(config: Config, home: Path, journal: Journal, manager: Checkpoin
         else:
             ray.init(address=config.cluster.address, log_to_driver=False)
     driver_host = "127.0.0.1" if config.cluster.address is None else ray.util.get_node_ip_address()
+    goodput = Goodput()
+    goodput.resume_from(journal.read())  # a re-launched driver continues the previous account
     journal.record(
         "run_started",
         run_dir=str(home),
@@ -173,9 +189,11 @@ def _run_on_ray(config: Config, home: Path, journal: Journal, manager: Checkpoin
     print(
         f"device family: {config.device.family} x{config.cluster.workers} on Ray, checkpoints: {manager.root}"
     )
+    sink = make_sink(config)
     try:
-        code = Controller(config, home, manager.root, journal, driver_host).run()
+        code = Controller(config, home, manager.root, journal, driver_host, sink, goodput).run()
     finally:
+        sink.close()
         if started_here:
             ray.shutdown()
     print("\n== summary\n" + format_summary(summarize(journal.read())))

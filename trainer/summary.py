@@ -51,6 +51,7 @@ def summarize(events: list[dict[str, Any]]) -> dict[str, Any]:
         "final_loss": finished[-1]["loss"] if finished else None,
         "final_eval_loss": finished[-1].get("eval_loss") if finished else None,
         "abort_reason": aborted[-1]["reason"] if aborted else None,
+        "goodput": of("goodput")[-1] if of("goodput") else None,
     }
 
 
@@ -73,6 +74,10 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.append(
             f"final step {s['final_step']}: loss {_f(s['final_loss'])}, held-out loss {_f(s['final_eval_loss'])}"
         )
+    if s["goodput"]:
+        g = s["goodput"]
+        buckets = ", ".join(f"{k} {v:.1f} s" for k, v in g["badput_s"].items() if v >= 0.05) or "none"
+        lines.append(f"goodput: {g['ratio']:.1%} of {g['wall_s']:.1f} s wall time; badput: {buckets}")
     if s["abort_reason"]:
         lines.append(f"aborted: {s['abort_reason']}")
     return "\n".join(lines)

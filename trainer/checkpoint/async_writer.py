@@ -79,6 +79,11 @@ class AsyncCheckpointer:
                 del self._staging[key]
             return dict(self._staging)
 
+    @property
+    def staged_bytes(self) -> int:
+        """Bytes of tensor state in the staging buffers (the last save's size)."""
+        return sum(t.numel() * t.element_size() for t in self._staging.values())
+
     def wait(self) -> Path | None:
         """Block until the pending save (if any) has committed; re-raise its error."""
         pending, self._pending = self._pending, None

@@ -148,6 +148,7 @@ class WorkerActor:
         return {
             "committed": None if previous is None else str(previous),
             "blocking_s": self.checkpointer.last_blocking_s,
+            "bytes": self.checkpointer.staged_bytes,
         }
 
     def flush(self) -> str | None:

@@ -26,7 +26,9 @@ from trainer.cluster.watch import ChunkOutcome, run_chunk
 from trainer.config import Config
 from trainer.devices import get_adapter
 from trainer.errors import DeviceUnavailableError, ExitCode
+from trainer.goodput import Goodput
 from trainer.journal import Journal
+from trainer.metrics import MetricsSink, NullSink
 from trainer.policy import Action, Decision, FailureEvent, FailureKind, PolicyConfig, decide
 
 log = logging.getLogger(__name__)
@@ -45,18 +47,31 @@ class State(StrEnum):
         return self in (State.FINISHED, State.ABORTED)
 
 
+#: States whose whole duration is badput, and its bucket.
+_BADPUT_STATES = {State.STARTING: "startup", State.RECOVERING: "recovery", State.HANDING_OVER: "handover"}
+
+
 class Controller:
     def __init__(
-        self, config: Config, run_dir: Path, checkpoint_root: Path, journal: Journal, driver_host: str
+        self,
+        config: Config,
+        run_dir: Path,
+        checkpoint_root: Path,
+        journal: Journal,
+        driver_host: str,
+        sink: MetricsSink | None = None,
+        goodput: Goodput | None = None,
     ):
         self.config = config
+        self.sink = sink or NullSink()
+        self.goodput = goodput or Goodput()
         self.run_dir = run_dir
         self.checkpoint_root = checkpoint_root
         self.journal = journal
         self.driver_host = driver_host
         self.family = get_adapter(config.device.family).name
         self.group: WorkerGroup | None = None
-        self.health = HealthWatch(config, journal)
+        self.health = HealthWatch(config, journal, self.sink, self.goodput)
         self.handover = HandOver(self)
         self.state = State.STARTING
         self.step = 0
@@ -80,7 +95,10 @@ class Controller:
     def run(self) -> ExitCode:
         try:
             while not self.state.terminal:
-                self.state = self._handlers[self.state]()
+                state, started = self.state, time.monotonic()
+                self.state = self._handlers[state]()
+                if state in _BADPUT_STATES:  # the whole state is unproductive (its probes included)
+                    self.goodput.bad(_BADPUT_STATES[state], time.monotonic() - started)
         finally:
             if self.group is not None:
                 self.group.shutdown()
@@ -122,6 +140,7 @@ class Controller:
         if form:
             self.group.form(self.collective_timeout())
         self.families_used.append(family)
+        self.sink.run_info(self.config.name, family, self.group.size, self.config.train.steps)
         self.journal.record("group_started", family=family, world_size=self.group.size, step=self.step)
         print(f"worker group up: {family} x{self.group.size}")
 
@@ -143,6 +162,7 @@ class Controller:
         started = time.monotonic()
         outcome = run_chunk(self.members, until, self._hang_after_s(), self._deadline(until - self.step))
         if outcome.failed():
+            self.goodput.bad("lost_work", time.monotonic() - started)
             return self._on_failure(outcome)
         self._on_heartbeat(outcome, until, started)
         finding = self.health.after_chunk(self, outcome)
@@ -185,6 +205,7 @@ class Controller:
             "incarnation": self.group.incarnation,
         }
         self.recoveries.append(entry)
+        self.sink.recovery(decision.action.value, time.monotonic() - started)
         self.journal.record("recovered", family=self.family, **entry)
         print(f"recovered at step {self.step} from {origin}; replaced ranks {sorted(gone)}")
         return State.RUNNING
@@ -194,6 +215,8 @@ class Controller:
         if self.last_saved != self.step:
             self.save({"eval_loss": eval_loss})
         self._committed(ray.get(self.members[0].flush.remote()))
+        self.sink.eval_loss(eval_loss)
+        totals = self.record_goodput()
         self.journal.record(
             "run_finished",
             step=self.step,
@@ -202,6 +225,7 @@ class Controller:
             family=self.family,
             families=self.families_used,
             recoveries=len(self.recoveries),
+            goodput=totals["ratio"],
         )
         print(
             f"finished at step {self.step} on {self.family}: loss {self.last_loss:.4f}, held-out {eval_loss:.4f}"
@@ -284,6 +308,7 @@ class Controller:
     def _on_heartbeat(self, outcome: ChunkOutcome, until: int, started: float) -> None:
         first = outcome.results[0]
         self.step_times.extend(first["step_times"])
+        self.goodput.productive(sum(first["step_times"]))
         n = len(first["losses"])
         losses = [statistics.fmean(r["losses"][i] for r in outcome.results.values()) for i in range(n)]
         if losses:
@@ -303,10 +328,25 @@ class Controller:
             "heartbeat",
             first_step=until - n + 1,
             step=until,
+            busy_s=sum(first["step_times"]),
             family=self.family,
             loss=self.last_loss,
             step_time_s=statistics.median(first["step_times"]) if n else None,
         )
+        samples = n * self.config.train.global_batch_size
+        self.sink.steps(
+            until,
+            self.last_loss,
+            list(first["step_times"]),
+            samples,
+            samples * _seq_len(self.config),
+            {
+                r: statistics.median(res["step_times"])
+                for r, res in outcome.results.items()
+                if res["step_times"]
+            },
+        )
+        self.sink.goodput(self.goodput.snapshot()["ratio"], self.goodput.snapshot()["badput_s"])
         for offset, loss in enumerate(losses):
             step = until - n + offset + 1
             if step % self.config.train.log_interval == 0 or step == self.config.train.steps:
@@ -317,14 +357,27 @@ class Controller:
     def save(self, metrics: dict[str, float] | None = None) -> None:
         """Rank 0 stages a checkpoint (replicas hold the same state); it commits in the background."""
         keep = self.config.checkpoint.keep_last
+        started = time.monotonic()
         reply = ray.get(self.members[0].save.remote(str(self.checkpoint_root), keep, metrics))
+        self.goodput.bad("checkpoint", time.monotonic() - started)
+        self.sink.checkpoint("save", reply["blocking_s"], reply["bytes"], self.step)
         self._committed(reply["committed"])
         self.last_saved = self.step
         self.journal.record("checkpoint_started", step=self.step, blocking_s=reply["blocking_s"])
+        self.record_goodput()
 
     def _committed(self, path: str | None) -> None:
         if path is not None:
-            self.journal.record("checkpoint_saved", path=path, step=int(Path(path).name[5:14]))
+            step = int(Path(path).name[5:14])
+            self.journal.record("checkpoint_saved", path=path, step=step)
+            self.sink.checkpoint("commit", 0.0, _dir_bytes(Path(path)), step)
+
+    def record_goodput(self) -> dict[str, Any]:
+        """Journal and export the goodput account so far (a re-launched driver continues from it)."""
+        totals = self.goodput.snapshot()
+        self.journal.record("goodput", **totals)
+        self.sink.goodput(totals["ratio"], totals["badput_s"])
+        return totals
 
     # --- deadlines -----------------------------------------------------------------------------------
     def median_step_s(self) -> float | None:
@@ -348,3 +401,12 @@ class Controller:
         median = self.median_step_s()
         floor = self.config.cluster.deadline_floor_s
         return floor if median is None else max(floor, self.config.cluster.deadline_factor * 10 * median)
+
+
+def _seq_len(config: Config) -> int:
+    model = config.model
+    return int(model.get("seq_len", 0) if isinstance(model, dict) else getattr(model, "seq_len", 0))
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

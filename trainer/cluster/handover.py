@@ -149,6 +149,7 @@ class HandOver:
             "first_loss": losses[0] if losses else None,
         }
         self.completed.append(entry)
+        self.ctl.sink.handover(entry["from_family"], entry["to_family"], entry["handover_s"])
         self.ctl.journal.record("handover_completed", **entry)
         print(
             f"hand-over done: first step {first_step} on {entry['to_family']} "

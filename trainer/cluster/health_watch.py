@@ -16,9 +16,11 @@ import ray
 
 from trainer.cluster.watch import ChunkOutcome
 from trainer.config import Config
+from trainer.goodput import Goodput
 from trainer.health.device import compare_timings
 from trainer.health.interconnect import assess
 from trainer.journal import Journal
+from trainer.metrics import MetricsSink
 from trainer.policy import FailureKind
 
 if TYPE_CHECKING:
@@ -28,9 +30,11 @@ Finding = tuple[FailureKind, tuple[int, ...], str]
 
 
 class HealthWatch:
-    def __init__(self, config: Config, journal: Journal) -> None:
+    def __init__(self, config: Config, journal: Journal, sink: MetricsSink, goodput: Goodput) -> None:
         self.config = config
         self.journal = journal
+        self.sink = sink
+        self.goodput = goodput
         #: Measured baselines per (family, message size): a light probe compares with the same size.
         self.baselines: dict[tuple[str, int], float] = {}
         self.strikes: Counter[int] = Counter()
@@ -61,6 +65,7 @@ class HealthWatch:
         elapsed = time.monotonic() - started
         if phase.startswith("in-flight"):
             self.probe_s += elapsed
+            self.goodput.bad("probe", elapsed)
         report = replies[0]["interconnect"]
         size = max(p.bytes for p in report.points) if report.points else 0
         baseline = cfg.baseline_busbw.get(family, self.baselines.get((family, size)))
@@ -68,6 +73,14 @@ class HealthWatch:
         if verdict.healthy and report.ok and family not in cfg.baseline_busbw:
             for point in report.points:  # the first healthy measurement of each size is the baseline
                 self.baselines.setdefault((family, point.bytes), point.busbw_bytes_per_s)
+        self.sink.probe(
+            family,
+            report.busbw_bytes_per_s,
+            verdict.baseline,
+            report.small_message_latency_s,
+            {link.name: link.bandwidth_bytes_per_s for link in report.links},
+            verdict.degraded,
+        )
         wrong = tuple(r["rank"] for r in replies if r["device"].wrong_result)
         slow_devices = compare_timings({r["rank"]: r["device"].matmul_s for r in replies if r["device"].ok})
         self.journal.record(
@@ -127,6 +140,7 @@ class HealthWatch:
         flagged = sorted(r for r, t in per_rank.items() if t > ft.straggler_factor * median)
         for rank in flagged:
             self.strikes[rank] += 1
+            self.sink.straggler(rank)
             self.journal.record(
                 "straggler_flagged",
                 rank=rank,
