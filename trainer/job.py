@@ -7,23 +7,19 @@ and at the end, and resumes from the newest good checkpoint when the run directo
 from __future__ import annotations
 
 import logging
-import math
-import time
-from concurrent.futures import Future
 from pathlib import Path
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from trainer.checkpoint import CheckpointManager
-from trainer.checkpoint.async_writer import AsyncCheckpointer
 from trainer.config import Config, validate
 from trainer.errors import ConfigError, ExitCode
 from trainer.goodput import Goodput
 from trainer.journal import Journal
+from trainer.local import run_in_process
 from trainer.metrics import MetricsSink
 from trainer.summary import format_summary, summarize
-from trainer.worker import Worker
 
 log = logging.getLogger("trainer")
 
@@ -60,90 +56,11 @@ def run(cfg: DictConfig | Config, run_dir: str | Path | None = None) -> ExitCode
     if config.cluster.mode == "ray":
         return _run_on_ray(config, home, journal, manager)
 
-    worker = Worker(config)
-    worker.setup()
-    journal.record(
-        "run_started", run_dir=str(home), family=worker.adapter.name, world_size=1, name=config.name
-    )
-    print(f"run directory: {home}")
-    print(f"device family: {worker.adapter.name} ({worker.device}), checkpoints: {manager.root}")
-
-    restored = worker.restore(manager) if config.checkpoint.resume == "latest" else None
-    if restored is not None:
-        for path, why in restored.skipped:
-            journal.record("checkpoint_skipped", path=str(path), reason=why)
-            print(f"warning: skipped damaged checkpoint {path}: {why}")
-        journal.record(
-            "resumed",
-            path=str(restored.path),
-            step=worker.step,
-            from_family=restored.manifest.family,
-            family=worker.adapter.name,
-            rng_restored=restored.rng_restored,
-        )
-        rng = "restored" if restored.rng_restored else "re-derived from (seed, step, rank)"
-        print(
-            f"resumed from {restored.path} at step {worker.step} (saved on {restored.manifest.family}; RNG {rng})"
-        )
-
-    steps, interval = config.train.steps, config.checkpoint.interval_steps
-    last_saved = worker.step if restored is not None else -1
-    checkpointer = AsyncCheckpointer(manager)
-    started = time.perf_counter()
+    sink = make_sink(config)
     try:
-        while worker.step < steps:
-            result = worker.train_step()
-            if result.step % config.train.log_interval == 0 or result.step == steps:
-                rate = result.samples / result.step_time_s if result.step_time_s > 0 else math.inf
-                print(f"step {result.step}/{steps}  loss {result.loss:.4f}  {rate:.0f} samples/s")
-            if interval and result.step % interval == 0 and result.step < steps:
-                _checkpoint(worker, manager, checkpointer, journal, config.checkpoint.async_save)
-                last_saved = result.step
-
-        eval_loss = worker.evaluate()
-        if last_saved != worker.step:
-            _checkpoint(worker, manager, checkpointer, journal, False, {"eval_loss": eval_loss})
+        return run_in_process(config, home, journal, manager, sink)
     finally:
-        checkpointer.close()
-    elapsed = time.perf_counter() - started
-    journal.record(
-        "run_finished", step=worker.step, loss=worker.last_loss, eval_loss=eval_loss, train_seconds=elapsed
-    )
-    print(f"finished at step {worker.step}: loss {worker.last_loss:.4f}, held-out loss {eval_loss:.4f}")
-    print(f"the run lives in {home} (journal.jsonl, {manager.root.name}/)")
-    log.debug("run finished in %.1f s", elapsed)
-    return ExitCode.FINISHED
-
-
-def _checkpoint(
-    worker: Worker,
-    manager: CheckpointManager,
-    checkpointer: AsyncCheckpointer,
-    journal: Journal,
-    background: bool,
-    metrics: dict[str, float] | None = None,
-) -> None:
-    """Save now or in the background; the journal records the commit when it happens."""
-    step, loss = worker.step, worker.last_loss
-
-    def committed(path: Path, blocking_s: float) -> None:
-        journal.record("checkpoint_saved", step=step, path=str(path), loss=loss, blocking_s=blocking_s)
-
-    if background:
-        future = worker.save_async(checkpointer, metrics)
-        blocking = checkpointer.last_blocking_s
-
-        def on_done(f: Future[Path]) -> None:
-            if f.exception() is None:
-                committed(f.result(), blocking)
-            else:  # surfaces again, as an exception, at the next save or at close()
-                journal.record("checkpoint_failed", step=step, error=str(f.exception()))
-
-        future.add_done_callback(on_done)
-        return
-    checkpointer.wait()
-    started = time.perf_counter()
-    committed(worker.save(manager, metrics), time.perf_counter() - started)
+        sink.close()
 
 
 def make_sink(config: Config) -> MetricsSink:

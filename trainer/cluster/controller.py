@@ -30,6 +30,7 @@ from trainer.goodput import Goodput
 from trainer.journal import Journal
 from trainer.metrics import MetricsSink, NullSink
 from trainer.policy import Action, Decision, FailureEvent, FailureKind, PolicyConfig, decide
+from trainer.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class Controller:
         self.driver_host = driver_host
         self.family = get_adapter(config.device.family).name
         self.group: WorkerGroup | None = None
+        self.progress = Progress(config.train.steps, config.train.log_interval)
         self.health = HealthWatch(config, journal, self.sink, self.goodput)
         self.handover = HandOver(self)
         self.state = State.STARTING
@@ -211,6 +213,7 @@ class Controller:
         return State.RUNNING
 
     def _finish(self) -> State:
+        self.progress.close()
         eval_loss = float(ray.get(self.members[0].evaluate.remote()))
         if self.last_saved != self.step:
             self.save({"eval_loss": eval_loss})
@@ -347,12 +350,11 @@ class Controller:
             },
         )
         self.sink.goodput(self.goodput.snapshot()["ratio"], self.goodput.snapshot()["badput_s"])
+        rate = self.config.train.global_batch_size / statistics.median(first["step_times"]) if n else 0.0
+        restarts = len(self.recoveries) + len(self.handover.completed)
+        family = f"{self.family} x{len(self.members)}"
         for offset, loss in enumerate(losses):
-            step = until - n + offset + 1
-            if step % self.config.train.log_interval == 0 or step == self.config.train.steps:
-                print(
-                    f"step {step}/{self.config.train.steps}  loss {loss:.4f}  ({self.family} x{len(self.members)})"
-                )
+            self.progress.update(until - n + offset + 1, loss, rate, family, restarts)
 
     def save(self, metrics: dict[str, float] | None = None) -> None:
         """Rank 0 stages a checkpoint (replicas hold the same state); it commits in the background."""

@@ -1,0 +1,144 @@
+"""The single-process path (``cluster.mode=process``): one worker in the driver, no Ray.
+
+Trains to ``train.steps``, checkpoints every ``checkpoint.interval_steps`` (asynchronously) and at the end,
+and resumes from the newest good checkpoint when the run directory already has one.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future
+from pathlib import Path
+
+from trainer.checkpoint import CheckpointManager, Restored
+from trainer.checkpoint.async_writer import AsyncCheckpointer
+from trainer.config import Config
+from trainer.errors import ExitCode
+from trainer.goodput import Goodput
+from trainer.journal import Journal
+from trainer.metrics import MetricsSink
+from trainer.progress import Progress
+from trainer.worker import Worker
+
+
+def run_in_process(
+    config: Config, home: Path, journal: Journal, manager: CheckpointManager, sink: MetricsSink
+) -> ExitCode:
+    goodput = Goodput()
+    goodput.resume_from(journal.read())
+    worker = Worker(config)
+    worker.setup()
+    journal.record(
+        "run_started", run_dir=str(home), family=worker.adapter.name, world_size=1, name=config.name
+    )
+    print(f"run directory: {home}")
+    print(f"device family: {worker.adapter.name} ({worker.device}), checkpoints: {manager.root}")
+    sink.run_info(config.name, worker.adapter.name, 1, config.train.steps)
+    restored = worker.restore(manager) if config.checkpoint.resume == "latest" else None
+    if restored is not None:
+        _report_restore(restored, worker, journal)
+    goodput.bad("startup", time.time() - goodput.session_start)
+
+    steps, interval = config.train.steps, config.checkpoint.interval_steps
+    last_saved = worker.step if restored is not None else -1
+    checkpointer = AsyncCheckpointer(manager)
+    progress = Progress(steps, config.train.log_interval)
+    tokens_per_sample = int(getattr(worker.data, "seq_len", 0))
+    try:
+        while worker.step < steps:
+            result = worker.train_step()
+            goodput.productive(result.step_time_s)
+            samples = config.train.global_batch_size
+            sink.steps(
+                result.step,
+                result.loss,
+                [result.step_time_s],
+                samples,
+                samples * tokens_per_sample,
+                {0: result.step_time_s},
+            )
+            progress.update(
+                result.step, result.loss, samples / max(result.step_time_s, 1e-9), worker.adapter.name, 0
+            )
+            if interval and result.step % interval == 0 and result.step < steps:
+                _checkpoint(worker, checkpointer, journal, sink, goodput, config.checkpoint.async_save)
+                last_saved = result.step
+        progress.close()
+        eval_loss = worker.evaluate()
+        sink.eval_loss(eval_loss)
+        if last_saved != worker.step:
+            _checkpoint(worker, checkpointer, journal, sink, goodput, False, {"eval_loss": eval_loss})
+    finally:
+        checkpointer.close()
+    totals = goodput.snapshot()
+    journal.record("goodput", **totals)
+    sink.goodput(totals["ratio"], totals["badput_s"])
+    journal.record(
+        "run_finished",
+        step=worker.step,
+        loss=worker.last_loss,
+        eval_loss=eval_loss,
+        family=worker.adapter.name,
+        families=[worker.adapter.name],
+        goodput=totals["ratio"],
+    )
+    print(f"finished at step {worker.step}: loss {worker.last_loss:.4f}, held-out loss {eval_loss:.4f}")
+    print(f"goodput: {totals['ratio']:.1%} of {totals['wall_s']:.1f} s")
+    print(f"the run lives in {home} (journal.jsonl, {manager.root.name}/)")
+    return ExitCode.FINISHED
+
+
+def _report_restore(restored: Restored, worker: Worker, journal: Journal) -> None:
+    for path, why in restored.skipped:
+        journal.record("checkpoint_skipped", path=str(path), reason=why)
+        print(f"warning: skipped damaged checkpoint {path}: {why}")
+    journal.record(
+        "resumed",
+        path=str(restored.path),
+        step=worker.step,
+        from_family=restored.manifest.family,
+        family=worker.adapter.name,
+        rng_restored=restored.rng_restored,
+    )
+    rng = "restored" if restored.rng_restored else "re-derived from (seed, step, rank)"
+    print(
+        f"resumed from {restored.path} at step {worker.step} (saved on {restored.manifest.family}; RNG {rng})"
+    )
+
+
+def _checkpoint(
+    worker: Worker,
+    checkpointer: AsyncCheckpointer,
+    journal: Journal,
+    sink: MetricsSink,
+    goodput: Goodput,
+    background: bool,
+    metrics: dict[str, float] | None = None,
+) -> None:
+    """Save in the background (blocking only for the copy), or now; the journal records the commit."""
+    step, loss = worker.step, worker.last_loss
+    started = time.monotonic()
+
+    def committed(path: Path, blocking_s: float) -> None:
+        journal.record("checkpoint_saved", step=step, path=str(path), loss=loss, blocking_s=blocking_s)
+        sink.checkpoint("commit", time.monotonic() - started, checkpointer.staged_bytes, step)
+
+    if background:
+        future = worker.save_async(checkpointer, metrics)
+        blocking = checkpointer.last_blocking_s
+
+        def on_done(f: Future[Path]) -> None:
+            if f.exception() is None:
+                committed(f.result(), blocking)
+            else:  # raised again, as an exception, at the next save or at close()
+                journal.record("checkpoint_failed", step=step, error=str(f.exception()))
+
+        future.add_done_callback(on_done)
+    else:
+        checkpointer.wait()
+        committed(worker.save(checkpointer.manager, metrics), time.monotonic() - started)
+    elapsed = time.monotonic() - started
+    goodput.bad("checkpoint", elapsed if not background else checkpointer.last_blocking_s)
+    sink.checkpoint(
+        "save", checkpointer.last_blocking_s if background else elapsed, checkpointer.staged_bytes, step
+    )
