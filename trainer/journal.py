@@ -20,14 +20,19 @@ class Journal:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()  # background checkpoint writers record too
 
-    def record(self, event: str, **fields: Any) -> dict[str, Any]:
-        """Append ``event`` with ``fields`` (JSON-serialisable; others are written as strings)."""
+    def record(self, event: str, *, durable: bool = True, **fields: Any) -> dict[str, Any]:
+        """Append ``event`` with ``fields`` (JSON-serialisable; others are written as strings).
+
+        ``durable=False`` skips the fsync: for frequent, reconstructible entries (heartbeats), whose loss in
+        a machine crash costs nothing but detail.
+        """
         entry = {"time": time.time(), "event": event, **fields}
         line = json.dumps(entry, default=str, sort_keys=False)
         with self._lock, open(self.path, "a") as f:
             f.write(line + "\n")
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         return entry
 
     def read(self) -> list[dict[str, Any]]:

@@ -329,6 +329,7 @@ class Controller:
         self.step = until
         self.journal.record(
             "heartbeat",
+            durable=False,
             first_step=until - n + 1,
             step=until,
             busy_s=sum(first["step_times"]),
