@@ -196,7 +196,7 @@ class Controller:
             origin = "disk checkpoint" if restored[0] else "initial state (no checkpoint yet)"
         previous, self.step = self.step, int(steps[0])
         self.group.form(self.collective_timeout())
-        entry = {
+        entry: dict[str, Any] = {
             "step": self.step,
             # Steps completed by the survivors after the last heartbeat, kept through the snapshot.
             "kept_steps": [previous + 1, self.step] if self.step > previous else None,
