@@ -7,7 +7,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from trainer.errors import ConfigError, ExitCode
+from trainer.errors import ConfigError, ExitCode, TrainerError
 from trainer.job import run
 
 
@@ -18,6 +18,9 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         code = ExitCode.CONFIG_ERROR
+    except TrainerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = ExitCode.FAILED
     sys.exit(int(code))
 
 

@@ -204,6 +204,8 @@ class ClusterConfig:
     deadline_floor_s: float = 30.0
     #: Seconds to wait for Ray to grant the worker group's resources before failing.
     start_timeout_s: float = 120.0
+    #: Seconds to wait for an existing cluster (cluster.address) to answer before failing.
+    connect_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         _require("cluster.mode", self.mode, self.mode in CLUSTER_MODES, ", ".join(CLUSTER_MODES))
@@ -270,6 +272,9 @@ class FaultsConfig:
     hang_at_step: int | None = None
     #: Damage the newest committed checkpoint (flip a byte) before the run starts.
     corrupt_latest_checkpoint: bool = False
+    #: SIGKILL the checkpoint-writing worker (rank 0) while it writes the checkpoint of this step, after
+    #: the files are written aside and before the commit (worker group runs, first incarnation only).
+    kill_during_checkpoint_step: int | None = None
     #: Per-family misbehaviour, keyed by family name.
     families: dict[str, FamilyFaults] = field(default_factory=dict)
     seed: int = 0

@@ -39,6 +39,10 @@ class DeviceUnavailableError(DeviceError):
     """The family is registered but cannot be used on this machine (driver, package or device missing)."""
 
 
+class ClusterUnreachableError(TrainerError):
+    """The configured Ray cluster cannot be reached, or never grants the resources asked for."""
+
+
 class CheckpointError(TrainerError):
     """Base class of checkpoint problems."""
 
@@ -48,6 +52,11 @@ class CheckpointCorruptError(CheckpointError):
 
     Recoverable: the loader skips it and falls back to the previous committed checkpoint.
     """
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint could not be written (disk full, I/O error). Nothing was committed; the previous
+    checkpoint is untouched, and training may go on."""
 
 
 class CheckpointIncompatibleError(CheckpointError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -62,3 +63,20 @@ def corrupt_matmul(result: torch.Tensor) -> torch.Tensor:
     flat = bad.view(-1)
     flat[:: max(1, flat.numel() // 7)] += 1.0e3
     return bad
+
+
+def corrupt_newest_checkpoint(root: Path) -> Path | None:
+    """Flip one byte in the middle of the newest committed checkpoint's largest file; returns that file."""
+    from trainer.checkpoint.store import CheckpointStore
+
+    committed = CheckpointStore(root).committed()
+    if not committed:
+        return None
+    files = [p for p in committed[-1].rglob("*") if p.is_file() and p.name != "manifest.json"]
+    target = max(files, key=lambda p: p.stat().st_size)
+    with open(target, "r+b") as f:
+        f.seek(target.stat().st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    return target

@@ -7,6 +7,7 @@ and at the end, and resumes from the newest good checkpoint when the run directo
 from __future__ import annotations
 
 import logging
+import socket
 from pathlib import Path
 
 from hydra.utils import instantiate
@@ -14,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainer.checkpoint import CheckpointManager
 from trainer.config import Config, validate
-from trainer.errors import ConfigError, ExitCode
+from trainer.errors import ClusterUnreachableError, ConfigError, ExitCode
+from trainer.faults import corrupt_newest_checkpoint
 from trainer.goodput import Goodput
 from trainer.journal import Journal
 from trainer.local import run_in_process
@@ -53,6 +55,9 @@ def run(cfg: DictConfig | Config, run_dir: str | Path | None = None) -> ExitCode
             "a new run's; allowed: checkpoint.resume=latest, or another hydra.run.dir / checkpoint.dir"
         )
 
+    if config.faults.corrupt_latest_checkpoint:
+        damaged = corrupt_newest_checkpoint(manager.root)
+        journal.record("fault_injected", fault="corrupt_latest_checkpoint", path=str(damaged))
     if config.cluster.mode == "ray":
         return _run_on_ray(config, home, journal, manager)
 
@@ -61,6 +66,39 @@ def run(cfg: DictConfig | Config, run_dir: str | Path | None = None) -> ExitCode
         return run_in_process(config, home, journal, manager, sink)
     finally:
         sink.close()
+
+
+def _check_reachable(address: str, timeout_s: float) -> None:
+    """Fail within ``timeout_s`` when a ``host:port`` Ray address does not answer (``ray.init`` would
+    otherwise retry for minutes). ``auto`` is left to Ray, which fails fast when no local cluster runs."""
+    if address == "auto":
+        return
+    target = address.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"cluster.address={address!r}; allowed: null, auto, host:port or ray://host:port")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ClusterUnreachableError(
+            f"the Ray cluster at cluster.address={address!r} is unreachable ({exc}) within "
+            f"cluster.connect_timeout_s={timeout_s}; start it (ray start --head) or fix the address"
+        ) from None
+
+
+def _check_capacity(config: Config) -> None:
+    """Refuse a world size the cluster can never hold, before anything is launched."""
+    from trainer.cluster.group import bundle_for, capacity
+    from trainer.devices import get_adapter
+
+    adapter = get_adapter(config.device.family)
+    most = capacity(adapter, config.cluster.cpus_per_worker)
+    if adapter.is_available() and 0 < most < config.cluster.workers:
+        bundle = bundle_for(adapter, config.cluster.cpus_per_worker)
+        raise ConfigError(
+            f"cluster.workers={config.cluster.workers} does not fit the Ray cluster: each worker needs {bundle}, "
+            f"the cluster holds {most}; allowed: 1..{most} (or lower cluster.cpus_per_worker)"
+        )
 
 
 def make_sink(config: Config) -> MetricsSink:
@@ -90,7 +128,9 @@ def _run_on_ray(config: Config, home: Path, journal: Journal, manager: Checkpoin
                 log_to_driver=False,
             )
         else:
+            _check_reachable(config.cluster.address, config.cluster.connect_timeout_s)
             ray.init(address=config.cluster.address, log_to_driver=False)
+    _check_capacity(config)
     driver_host = "127.0.0.1" if config.cluster.address is None else ray.util.get_node_ip_address()
     goodput = Goodput()
     goodput.resume_from(journal.read())  # a re-launched driver continues the previous account

@@ -6,6 +6,7 @@ and resumes from the newest good checkpoint when the run directory already has o
 
 from __future__ import annotations
 
+import contextlib
 import time
 from concurrent.futures import Future
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 from trainer.checkpoint import CheckpointManager, Restored
 from trainer.checkpoint.async_writer import AsyncCheckpointer
 from trainer.config import Config
-from trainer.errors import ExitCode
+from trainer.errors import CheckpointWriteError, ExitCode
 from trainer.goodput import Goodput
 from trainer.journal import Journal
 from trainer.metrics import MetricsSink
@@ -68,8 +69,12 @@ def run_in_process(
         sink.eval_loss(eval_loss)
         if last_saved != worker.step:
             _checkpoint(worker, checkpointer, journal, sink, goodput, False, {"eval_loss": eval_loss})
+    except CheckpointWriteError:
+        journal.record("run_failed", step=worker.step, reason="the final checkpoint could not be written")
+        return ExitCode.FAILED
     finally:
-        checkpointer.close()
+        with contextlib.suppress(CheckpointWriteError):  # journalled by its callback
+            checkpointer.close()
     totals = goodput.snapshot()
     journal.record("goodput", **totals)
     sink.goodput(totals["ratio"], totals["badput_s"])
@@ -130,13 +135,20 @@ def _checkpoint(
         def on_done(f: Future[Path]) -> None:
             if f.exception() is None:
                 committed(f.result(), blocking)
-            else:  # raised again, as an exception, at the next save or at close()
+            else:  # training goes on; the previous checkpoint is intact
                 journal.record("checkpoint_failed", step=step, error=str(f.exception()))
+                print(f"error: {f.exception()}")
 
         future.add_done_callback(on_done)
     else:
-        checkpointer.wait()
-        committed(worker.save(checkpointer.manager, metrics), time.monotonic() - started)
+        with contextlib.suppress(CheckpointWriteError):  # journalled by its callback already
+            checkpointer.wait()
+        try:
+            committed(worker.save(checkpointer.manager, metrics), time.monotonic() - started)
+        except CheckpointWriteError as exc:
+            journal.record("checkpoint_failed", step=step, error=str(exc))
+            print(f"error: {exc}")
+            raise
     elapsed = time.monotonic() - started
     goodput.bad("checkpoint", elapsed if not background else checkpointer.last_blocking_s)
     sink.checkpoint(

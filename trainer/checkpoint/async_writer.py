@@ -20,6 +20,7 @@ import torch
 from trainer.checkpoint.manager import CheckpointManager, TrainingProgress
 from trainer.checkpoint.state import PortableState
 from trainer.devices import DeviceAdapter
+from trainer.errors import CheckpointWriteError
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ class AsyncCheckpointer:
         self._lock = threading.Lock()
         #: Seconds the caller was blocked by the most recent :meth:`save` (waiting + copying).
         self.last_blocking_s = 0.0
+        #: Background saves that could not be written, oldest first (reported, not raised, by save()).
+        self.failures: list[CheckpointWriteError] = []
 
     def save(
         self,
@@ -44,10 +47,15 @@ class AsyncCheckpointer:
     ) -> Future[Path]:
         """Stage the state and write it in the background; the future yields the committed directory.
 
-        Raises the previous save's error, if it failed, before staging this one.
+        A previous save that failed to write (:class:`CheckpointWriteError`, e.g. a full disk) does not stop
+        this one: it is kept in :attr:`failures` for the caller to report. Other errors are raised.
         """
         started = time.perf_counter()
-        self.wait()
+        try:
+            self.wait()
+        except CheckpointWriteError as exc:
+            log.error("%s", exc)
+            self.failures.append(exc)
         staged = self._stage(state.tensors)
         device = next(iter(state.tensors.values())).device if state.tensors else torch.device("cpu")
         if device.type != "cpu":

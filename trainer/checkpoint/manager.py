@@ -9,6 +9,7 @@ model is a hard error, since an older one of the same run would not fit either.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from trainer.checkpoint.manifest import Manifest, checksum_files
 from trainer.checkpoint.safe_dcp import SafeFileSystemReader, TensorOnlyLoadPlanner
 from trainer.checkpoint.store import CheckpointStore
 from trainer.devices import DeviceAdapter
-from trainer.errors import CheckpointCorruptError, NoCheckpointError
+from trainer.errors import CheckpointCorruptError, CheckpointWriteError, NoCheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +87,23 @@ class CheckpointManager:
             rng_io.write_rng(tmp, 0, adapter.rng_key(), rng_states)
             manifest = self._manifest(tmp, state, adapter, progress, config)
             return self.store.commit(tmp, manifest)
-        except BaseException:
+        except BaseException as exc:
+            free = shutil.disk_usage(tmp).free if tmp.exists() else None
             self.store.abandon(tmp)
-            raise
+            cause = _write_failure(exc)
+            if cause is None:
+                raise
+            needed = sum(t.numel() * t.element_size() for t in state.tensors.values())
+            disk = (
+                f" (No space left on device: {free} bytes free, {needed} needed)"
+                if free is not None and free < needed
+                else ""
+            )
+            previous = self.store.latest_pointer()
+            raise CheckpointWriteError(
+                f"checkpoint of step {progress.step} could not be written to {self.root}: {cause}{disk}; nothing "
+                f"was committed, the previous checkpoint ({previous.name if previous else 'none'}) is intact"
+            ) from exc
 
     def _manifest(
         self,
@@ -216,6 +231,17 @@ class CheckpointManager:
                 }
             )
         return False, history
+
+
+def _write_failure(exc: BaseException) -> BaseException | None:
+    """The error that kept the files from being written: an I/O error, or any error of DCP's writers
+    (a full disk surfaces there as a RuntimeError of the serialiser). None for anything else."""
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, CheckpointException):
+        failures = [e for e in _exceptions(exc) if isinstance(e, Exception)]
+        return next((e for e in failures if isinstance(e, OSError)), failures[0] if failures else exc)
+    return None
 
 
 def _exceptions(exc: CheckpointException) -> list[BaseException]:

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from trainer.checkpoint import CheckpointManager
 from trainer.checkpoint.async_writer import AsyncCheckpointer
 from trainer.config import from_container
+from trainer.errors import CheckpointWriteError
 from trainer.worker import Worker
 
 
@@ -142,21 +143,37 @@ class WorkerActor:
         """
         if self.checkpointer is None or self.checkpointer.manager.root != Path(root):
             self.checkpointer = AsyncCheckpointer(CheckpointManager(Path(root), keep_last))
-        previous = self.checkpointer.wait()
+        previous = self.flush()
+        if self.armed and self.config.faults.kill_during_checkpoint_step == self.worker.step:
+            self._die_before_commit(self.checkpointer)
         # The held-out loss at this step is the reference for a parity check after a later hand-over.
         self.worker.save_async(self.checkpointer, {"eval_loss": self.worker.evaluate(), **(metrics or {})})
         return {
-            "committed": None if previous is None else str(previous),
+            **previous,
             "blocking_s": self.checkpointer.last_blocking_s,
             "bytes": self.checkpointer.staged_bytes,
         }
 
-    def flush(self) -> str | None:
-        """Wait for the background save to commit; its path, or None when none was pending."""
+    @staticmethod
+    def _die_before_commit(checkpointer: AsyncCheckpointer) -> None:
+        """Injected fault: the writer thread kills this process with the checkpoint written aside."""
+        store = checkpointer.manager.store
+
+        def commit(tmp: Path, manifest: Any) -> Path:
+            os.kill(os.getpid(), signal.SIGKILL)
+            raise AssertionError("unreachable")
+
+        store.commit = commit  # type: ignore[method-assign]
+
+    def flush(self) -> dict[str, str | None]:
+        """Wait for the background save: ``committed`` (its path) or ``failed`` (why it was not written)."""
         if self.checkpointer is None:
-            return None
-        path = self.checkpointer.wait()
-        return None if path is None else str(path)
+            return {"committed": None, "failed": None}
+        try:
+            path = self.checkpointer.wait()
+        except CheckpointWriteError as exc:
+            return {"committed": None, "failed": str(exc)}
+        return {"committed": None if path is None else str(path), "failed": None}
 
     def parameters(self) -> dict[str, torch.Tensor]:
         """CPU copies of the model's parameters and buffers (for tests and parity checks)."""

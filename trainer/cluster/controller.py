@@ -364,12 +364,17 @@ class Controller:
         reply = ray.get(self.members[0].save.remote(str(self.checkpoint_root), keep, metrics))
         self.goodput.bad("checkpoint", time.monotonic() - started)
         self.sink.checkpoint("save", reply["blocking_s"], reply["bytes"], self.step)
-        self._committed(reply["committed"])
+        self._committed(reply)
         self.last_saved = self.step
         self.journal.record("checkpoint_started", step=self.step, blocking_s=reply["blocking_s"])
         self.record_goodput()
 
-    def _committed(self, path: str | None) -> None:
+    def _committed(self, reply: dict[str, Any]) -> None:
+        """Journal the outcome of rank 0's previous background save (committed, or failed to write)."""
+        if reply.get("failed"):
+            self.journal.record("checkpoint_failed", error=reply["failed"], step=self.step)
+            self.progress.message(f"error: {reply['failed']}")
+        path = reply.get("committed")
         if path is not None:
             step = int(Path(path).name[5:14])
             self.journal.record("checkpoint_saved", path=path, step=step)

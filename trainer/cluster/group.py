@@ -32,6 +32,13 @@ def bundle_for(adapter: DeviceAdapter, cpus: float) -> dict[str, float]:
     return {"CPU": cpus, resource: 1.0}
 
 
+def capacity(adapter: DeviceAdapter, cpus_per_worker: float) -> int:
+    """How many worker bundles of this family the Ray cluster could hold at most (ignoring current use)."""
+    resources = ray.cluster_resources()
+    bundle = bundle_for(adapter, cpus_per_worker)
+    return int(min(resources.get(key, 0.0) // amount for key, amount in bundle.items()))
+
+
 class WorkerGroup:
     def __init__(
         self,
@@ -65,7 +72,9 @@ class WorkerGroup:
     def start(self) -> None:
         """Reserve the bundles and start workers and spares; raises if Ray cannot grant them in time."""
         cluster = self.config.cluster
-        total = self.size + cluster.spares
+        # Spares are best effort: as many as fit beside the workers.
+        spares = max(0, min(cluster.spares, capacity(self.adapter, cluster.cpus_per_worker) - self.size))
+        total = self.size + spares
         bundle = bundle_for(self.adapter, cluster.cpus_per_worker)
         if self.config.faults.for_family(self.adapter.name).unavailable:
             raise DeviceUnavailableError(f"family {self.adapter.name!r} made unavailable by faults.families")
