@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from trainer.errors import ConfigError
 from trainer.metrics import MetricsSink
 
+_RECOVERY_ACTIONS = ("retry", "replace_worker", "exclude")
 _STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -66,7 +67,9 @@ class PrometheusSink(MetricsSink):
             ["rank"],
             registry=r,
         )
-        self.recoveries = Counter("trainer_recoveries_total", "Recoveries by reason", ["reason"], registry=r)
+        self.recoveries = Counter(
+            "trainer_recoveries_total", "Recoveries by the policy's action", ["action"], registry=r
+        )
         self.recovery_seconds = Gauge(
             "trainer_last_recovery_duration_seconds", "Last recovery's duration", registry=r
         )
@@ -158,6 +161,12 @@ class PrometheusSink(MetricsSink):
         self.info.labels(name=name, family=family, world_size=str(world_size)).set(1)
         self.world_size.set(world_size)
         self.total_steps.set(total_steps)
+        # Known label sets start at 0, so that rate()/increase() see their first event.
+        for action in _RECOVERY_ACTIONS:
+            self.recoveries.labels(action=action)
+        for rank in range(world_size):
+            self.stragglers.labels(rank=str(rank))
+        self.degraded.labels(family=family)
         for rank in list(self._last_heartbeat):
             if rank >= world_size:
                 del self._last_heartbeat[rank]
@@ -199,7 +208,7 @@ class PrometheusSink(MetricsSink):
         self.eval_loss_g.set(loss)
 
     def recovery(self, reason: str, seconds: float) -> None:
-        self.recoveries.labels(reason=reason).inc()
+        self.recoveries.labels(action=reason).inc()
         self.recovery_seconds.set(seconds)
 
     def handover(self, from_family: str, to_family: str, seconds: float) -> None:

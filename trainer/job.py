@@ -10,6 +10,7 @@ import logging
 import socket
 from pathlib import Path
 
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -104,7 +105,12 @@ def _check_capacity(config: Config) -> None:
 def make_sink(config: Config) -> MetricsSink:
     """The metrics sink named by the ``monitoring`` group (the Prometheus exporter, or a do-nothing one)."""
     node = config.monitoring
-    sink = instantiate(node if isinstance(node, dict) else OmegaConf.structured(node))
+    try:
+        sink = instantiate(node if isinstance(node, dict) else OmegaConf.structured(node))
+    except InstantiationException as exc:  # Hydra wraps the sink's own errors
+        if isinstance(exc.__cause__, ConfigError):
+            raise exc.__cause__ from None
+        raise
     if not isinstance(sink, MetricsSink):
         raise ConfigError(
             f"monitoring._target_ builds a {type(sink).__name__}; allowed: a trainer.metrics.MetricsSink"
@@ -146,7 +152,12 @@ def _run_on_ray(config: Config, home: Path, journal: Journal, manager: Checkpoin
     print(
         f"device family: {config.device.family} x{config.cluster.workers} on Ray, checkpoints: {manager.root}"
     )
-    sink = make_sink(config)
+    try:
+        sink = make_sink(config)
+    except BaseException:
+        if started_here:
+            ray.shutdown()
+        raise
     try:
         code = Controller(config, home, manager.root, journal, driver_host, sink, goodput).run()
     finally:
