@@ -16,14 +16,12 @@ from pathlib import Path
 
 import pytest
 import ray
-import torch
 
-from trainer.checkpoint import CheckpointManager
 from trainer.config import Config
 from trainer.errors import ExitCode
 from trainer.job import run
 from trainer.journal import Journal
-from trainer.worker import Worker
+from trainer.testing.state import mismatched, restored_state
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 
@@ -38,16 +36,6 @@ OVERRIDES = (
     "checkpoint.interval_steps=10",
     "cluster.chunk_steps=2",
 )
-
-
-def _state(config: Config, run_dir: Path) -> dict[str, torch.Tensor]:
-    worker = Worker(config)
-    worker.setup()
-    assert worker.restore(CheckpointManager(run_dir / "checkpoints")) is not None
-    out = {f"model/{k}": v.clone() for k, v in worker.module.state_dict().items()}
-    for i, st in enumerate(worker.optimizer.state.values()):
-        out.update({f"optim/{i}/{k}": v.clone() for k, v in st.items()})
-    return out
 
 
 def _latest_step(run_dir: Path) -> int:
@@ -89,6 +77,5 @@ def test_driver_killed_and_relaunched_resumes(make_config: Callable[..., Config]
     assert len(resumed) == 1 and resumed[0]["step"] >= killed_after
     assert _latest_step(run_dir) == 40
 
-    a, b = _state(reference, tmp_path / "clean"), _state(reference, run_dir)
-    assert a.keys() == b.keys()
-    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    a = restored_state(reference, tmp_path / "clean" / "checkpoints")
+    assert mismatched(a, restored_state(reference, run_dir / "checkpoints")) == []

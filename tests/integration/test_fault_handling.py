@@ -7,15 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
-from trainer.checkpoint import CheckpointManager
 from trainer.checkpoint.manifest import checksum_files
 from trainer.config import Config
 from trainer.errors import ExitCode
 from trainer.job import run
 from trainer.journal import Journal
-from trainer.worker import Worker
+from trainer.testing.state import mismatched, restored_state
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 
@@ -37,13 +35,6 @@ def _events(run_dir: Path, name: str) -> list[dict[str, Any]]:
     return [e for e in Journal(run_dir / "journal.jsonl").read() if e["event"] == name]
 
 
-def _params(config: Config, run_dir: Path) -> dict[str, torch.Tensor]:
-    worker = Worker(config)
-    worker.setup()
-    assert worker.restore(CheckpointManager(run_dir / "checkpoints")) is not None
-    return {k: v.clone() for k, v in worker.module.state_dict().items()}
-
-
 @pytest.fixture
 def small(make_config: Callable[..., Config]) -> Callable[..., Config]:
     return lambda *extra: make_config(*SMALL, *extra)
@@ -62,8 +53,8 @@ def test_hung_rank_is_detected_by_progress_and_replaced(small: Callable[..., Con
     [recovered] = _events(tmp_path / "hung", "recovered")
     assert recovered["replaced_ranks"] == [1] and recovered["state_from"] == "peer snapshot from rank 0"
     assert recovered["step"] == 6
-    a, b = _params(clean, tmp_path / "clean"), _params(clean, tmp_path / "hung")
-    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    a = restored_state(clean, tmp_path / "clean" / "checkpoints")
+    assert mismatched(a, restored_state(clean, tmp_path / "hung" / "checkpoints")) == []
 
 
 def test_straggler_is_flagged_then_excluded(small: Callable[..., Config], tmp_path: Path) -> None:
@@ -133,4 +124,4 @@ def test_every_family_failing_aborts_and_keeps_the_last_checkpoint(
     assert "no family left to fall back to" in aborted["reason"]
     assert "sim_cuda" in aborted["reason"] and "sim_npu" in aborted["reason"]
     assert checksum_files(run_dir / "checkpoints") == before
-    assert _params(first, run_dir)  # still restorable
+    assert restored_state(first, run_dir / "checkpoints")  # still restorable

@@ -10,14 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
-from trainer.checkpoint import CheckpointManager, CheckpointStore
+from trainer.checkpoint import CheckpointStore
 from trainer.config import Config
 from trainer.errors import ConfigError, ExitCode
 from trainer.job import run
 from trainer.journal import Journal
-from trainer.worker import Worker
+from trainer.testing.state import mismatched, restored_state
 
 SMALL = (
     "model.n_layer=1",
@@ -31,21 +30,6 @@ GROUP = ("cluster=ray_local", "device=sim_npu", "cluster.chunk_steps=5", "probes
 
 def _events(run_dir: Path, name: str) -> list[dict[str, Any]]:
     return [e for e in Journal(run_dir / "journal.jsonl").read() if e["event"] == name]
-
-
-def _state(config: Config, root: Path) -> dict[str, torch.Tensor]:
-    worker = Worker(config)
-    worker.setup()
-    assert worker.restore(CheckpointManager(root)) is not None
-    out = {f"model/{k}": v.clone() for k, v in worker.module.state_dict().items()}
-    for i, st in enumerate(worker.optimizer.state.values()):
-        out.update({f"optim/{i}/{k}": v.clone() for k, v in st.items()})
-    return out
-
-
-def _assert_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    assert [k for k in a if not torch.equal(a[k], b[k])] == []
 
 
 @pytest.mark.usefixtures("local_ray")
@@ -65,7 +49,12 @@ def test_worker_killed_while_writing_a_checkpoint(make_config: Callable[..., Con
     for path in store.committed():  # every committed checkpoint is whole
         store.verify(path)
     assert [p.name for p in store.committed()][-1] == "step_000000020"
-    _assert_equal(_state(clean, tmp_path / "clean" / "checkpoints"), _state(clean, store.root))
+    assert (
+        mismatched(
+            restored_state(clean, tmp_path / "clean" / "checkpoints"), restored_state(clean, store.root)
+        )
+        == []
+    )
 
 
 def test_corrupted_newest_checkpoint_is_skipped_in_a_run(
@@ -83,10 +72,8 @@ def test_corrupted_newest_checkpoint_is_skipped_in_a_run(
     assert resumed["step"] == 10
     reference = make_config(*base, "train.steps=30")
     assert run(reference, run_dir=tmp_path / "reference") == ExitCode.FINISHED
-    _assert_equal(
-        _state(reference, tmp_path / "reference" / "checkpoints"),
-        _state(reference, tmp_path / "run" / "checkpoints"),
-    )
+    expected = restored_state(reference, tmp_path / "reference" / "checkpoints")
+    assert mismatched(expected, restored_state(reference, tmp_path / "run" / "checkpoints")) == []
 
 
 @pytest.fixture

@@ -12,15 +12,13 @@ from pathlib import Path
 
 import pytest
 import ray
-import torch
 
-from trainer.checkpoint import CheckpointManager
 from trainer.cluster.controller import Controller
 from trainer.config import Config
 from trainer.errors import ExitCode
 from trainer.job import run
 from trainer.journal import Journal
-from trainer.worker import Worker
+from trainer.testing.state import mismatched, restored_state
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
 
@@ -40,16 +38,6 @@ SOAK = (
     "probes.preflight=false",
     "monitoring=off",
 )
-
-
-def _state(config: Config, root: Path) -> dict[str, torch.Tensor]:
-    worker = Worker(config)
-    worker.setup()
-    assert worker.restore(CheckpointManager(root)) is not None
-    out = {f"model/{k}": v.clone() for k, v in worker.module.state_dict().items()}
-    for i, st in enumerate(worker.optimizer.state.values()):
-        out.update({f"optim/{i}/{k}": v.clone() for k, v in st.items()})
-    return out
 
 
 def test_many_worker_losses_end_in_the_uninterrupted_state(
@@ -86,8 +74,5 @@ def test_many_worker_losses_end_in_the_uninterrupted_state(
         f"goodput {goodput['ratio']:.1%}"
     )
     assert kills >= 5 and len(recoveries) >= 5
-    a, b = (
-        _state(config, tmp_path / "clean" / "checkpoints"),
-        _state(config, tmp_path / "soak" / "checkpoints"),
-    )
-    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    expected = restored_state(config, tmp_path / "clean" / "checkpoints")
+    assert mismatched(expected, restored_state(config, tmp_path / "soak" / "checkpoints")) == []

@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.checkpoint import CheckpointManager
 from trainer.config import Config
 from trainer.errors import ExitCode
 from trainer.job import run
 from trainer.journal import Journal
-from trainer.worker import Worker
+from trainer.testing.state import mismatched, restored_state
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 
@@ -26,19 +25,6 @@ SMALL = (
     "checkpoint.interval_steps=10",
     "train.log_interval=10",
 )
-
-
-def _final_state(config: Config, run_dir: Path) -> dict[str, torch.Tensor]:
-    """Model and optimizer state of the run's newest checkpoint, restored into a fresh worker."""
-    worker = Worker(config)
-    worker.setup()
-    restored = worker.restore(CheckpointManager(run_dir / "checkpoints"))
-    assert restored is not None
-    out = {f"model/{k}": v.clone() for k, v in worker.module.state_dict().items()}
-    for i, st in enumerate(worker.optimizer.state.values()):
-        out.update({f"optim/{i}/{k}": v.clone() for k, v in st.items()})
-    out["step"] = torch.tensor(worker.step)
-    return out
 
 
 @pytest.fixture
@@ -64,10 +50,12 @@ def test_killed_worker_is_replaced_and_the_run_matches_an_uninterrupted_one(
     # Nothing beyond the step in flight is repeated: rank 0 completed step 6, the kill hit step 7.
     assert recoveries[0]["step"] == 6
 
-    a, b = _final_state(clean, tmp_path / "clean"), _final_state(faulty, tmp_path / "faulty")
+    a, b = (
+        restored_state(clean, tmp_path / "clean" / "checkpoints"),
+        restored_state(faulty, tmp_path / "faulty" / "checkpoints"),
+    )
     assert int(a["step"]) == int(b["step"]) == 20
-    assert a.keys() == b.keys()
-    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert mismatched(a, b) == []
 
 
 def test_two_worker_checkpoint_resumes_on_one_worker_and_back(
@@ -90,9 +78,9 @@ def test_two_worker_checkpoint_resumes_on_one_worker_and_back(
     assert run(make_config("device=sim_npu", *SMALL, *sgd, "train.steps=10"), run_dir=tmp_path / "back") == 0
     assert run(group_config(), run_dir=tmp_path / "back") == ExitCode.FINISHED
 
-    reference = _final_state(single, tmp_path / "single")
+    reference = restored_state(single, tmp_path / "single" / "checkpoints")
     for name in ("mixed", "back"):
-        state = _final_state(single, tmp_path / name)
+        state = restored_state(single, tmp_path / name / "checkpoints")
         assert int(state["step"]) == 20
         for key in reference:
             # Same samples in the same order; DDP's averaged gradients differ only by rounding.

@@ -1,0 +1,33 @@
+"""Comparing training states in tests: what a run's newest checkpoint holds, bit for bit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from trainer.checkpoint import CheckpointManager
+from trainer.config import Config
+from trainer.worker import Worker
+
+
+def live_state(worker: Worker) -> dict[str, torch.Tensor]:
+    """Copies of the worker's model parameters and buffers and its optimizer state, by name."""
+    out = {f"model/{k}": v.detach().clone() for k, v in worker.module.state_dict().items()}
+    for i, per_param in enumerate(worker.optimizer.state.values()):
+        out.update({f"optim/{i}/{k}": v.detach().clone() for k, v in per_param.items()})
+    return out
+
+
+def restored_state(config: Config, checkpoint_root: Path) -> dict[str, torch.Tensor]:
+    """The state of the newest good checkpoint under ``checkpoint_root``, restored into a fresh worker."""
+    worker = Worker(config)
+    worker.setup()
+    if worker.restore(CheckpointManager(checkpoint_root)) is None:
+        raise AssertionError(f"no checkpoint under {checkpoint_root}")
+    return {**live_state(worker), "step": torch.tensor(worker.step)}
+
+
+def mismatched(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
+    """Names whose tensors differ in any bit, or that only one side has."""
+    return sorted(set(a) ^ set(b)) + [k for k in a if k in b and not torch.equal(a[k], b[k])]
