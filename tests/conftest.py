@@ -11,11 +11,22 @@ import pytest
 from trainer.config import Config
 from trainer.testing.configs import make_config as _make_config
 
+#: Test runs serve metrics on a free port, never the default one: test sessions and a running demo on the
+#: same host must not collide.
+FREE_METRICS_PORT = "monitoring.port=0"
+
 
 @pytest.fixture
 def make_config() -> Callable[..., Config]:
-    """``make_config("train.steps=4", ...)``: the composed, validated config with those overrides."""
-    return _make_config
+    """``make_config("train.steps=4", ...)``: the composed, validated config with those overrides
+    (metrics on a free port unless the test chooses the monitoring settings itself)."""
+
+    def make(*overrides: str) -> Config:
+        if any(o.lstrip("+~").startswith("monitoring") for o in overrides):
+            return _make_config(*overrides)
+        return _make_config(*overrides, FREE_METRICS_PORT)
+
+    return make
 
 
 @pytest.fixture(scope="session")

@@ -65,6 +65,7 @@ def job_overrides(steps: int, kill_at: int) -> list[str]:
         "faults.kill_rank=1",
         f"faults.kill_at_step={kill_at}",
         "cluster.chunk_steps=1",
+        "monitoring=off",
     ]
 
 

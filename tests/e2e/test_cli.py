@@ -11,7 +11,13 @@ import pytest
 
 from trainer.errors import ExitCode
 
-QUICK = ["experiment=quick", "model.n_embd=32", "model.seq_len=16", "train.log_interval=5"]
+QUICK = [
+    "experiment=quick",
+    "model.n_embd=32",
+    "model.seq_len=16",
+    "train.log_interval=5",
+    "monitoring.port=0",
+]
 
 
 def _trainer(*overrides: str, cwd: Path) -> subprocess.CompletedProcess[str]:

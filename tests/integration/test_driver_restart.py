@@ -35,6 +35,7 @@ OVERRIDES = (
     "train.steps=40",
     "checkpoint.interval_steps=10",
     "cluster.chunk_steps=2",
+    "monitoring.port=0",
 )
 
 
