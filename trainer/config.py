@@ -356,9 +356,18 @@ class ProbesConfig:
     #: In-flight probes are light (these sizes, no pairwise test) to stay near 1% of training time; a
     #: degraded light probe is followed by the full sweep with the pairwise test to name the link.
     inflight_sizes_bytes: list[int] = field(default_factory=lambda: [1 << 20])
+    #: In-flight probing may cost at most this fraction of training time: a due probe that would exceed
+    #: it is skipped (and journalled as skipped).
+    max_cost_fraction: float = 0.01
 
     def __post_init__(self) -> None:
         _require("probes.interval_steps", self.interval_steps, self.interval_steps >= 0, "an integer >= 0")
+        _require(
+            "probes.max_cost_fraction",
+            self.max_cost_fraction,
+            0 < self.max_cost_fraction <= 1,
+            "a float in (0, 1]",
+        )
         _require("probes.iters", self.iters, self.iters >= 1, "an integer >= 1")
         _require("probes.timeout_s", self.timeout_s, self.timeout_s > 0, "a float > 0")
         _require(

@@ -60,6 +60,7 @@ class Goodput:
         # Heartbeats after that account were productive, but their steps will be trained again.
         later = [e for e in events if e["time"] > last["time"] and e["event"] == "heartbeat"]
         redone = sum(float(e.get("busy_s", 0.0)) for e in later)
-        self.previous_wall_s += events[-1]["time"] - last["time"]
+        down = (time.time() if now is None else now) - events[-1]["time"]  # no driver was running
+        self.previous_wall_s += events[-1]["time"] - last["time"] + down
         self.bad("lost_work", redone)
-        self.bad("restart", (time.time() if now is None else now) - events[-1]["time"])
+        self.bad("restart", down)

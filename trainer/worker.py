@@ -123,6 +123,7 @@ class Worker:
 
         base = self.collective_faults(rank)
         rng = base.rng(salt=self.config.train.seed)
+        injected = self.adapter.name in self.config.faults.families
 
         # Unannotated on purpose: DDP checks a hook's annotations by identity, and this module's
         # postponed annotations would be strings.
@@ -130,9 +131,10 @@ class Worker:
             if self.progress["phase"] == "compute":
                 self.compute_s = time.perf_counter() - self._step_started
                 self.mark("collective")
-            faults = self.collective_faults(rank)  # the profile may switch on mid-run
-            if faults.active:
-                faults.before_collective(rng)
+            if injected:
+                faults = self.collective_faults(rank)  # the profile may switch on mid-run
+                if faults.active:
+                    faults.before_collective(rng)
             return allreduce_hook(state, bucket)
 
         return hook

@@ -121,7 +121,8 @@ def main() -> None:
         "--dir", default=None, help="where to write (default: a temp dir on the working disk)"
     )
     args = parser.parse_args()
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+    # What a single-process job uses (Worker.setup: the host's cores divided by the workers on it).
+    torch.set_num_threads(os.cpu_count() or 1)
 
     device = torch.device(args.device)
     model, optimizer = build_state(args.megabytes, device)

@@ -12,10 +12,12 @@ Goal: ≥ 0.95.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -40,6 +42,12 @@ def kill_a_worker(ctl: Controller, rank: int) -> dict[str, Any] | None:
         return None
     os.kill(int(info["pid"]), signal.SIGKILL)
     return {"time": time.time(), "rank": rank, "pid": info["pid"], "step": ctl.step}
+
+
+def _quietly(ctl: Controller) -> None:
+    """Run the controller with its progress output on stderr: stdout carries only the JSON result."""
+    with contextlib.redirect_stdout(sys.stderr):
+        ctl.run()
 
 
 def main() -> None:
@@ -74,7 +82,7 @@ def main() -> None:
         )
         journal = Journal(work / "journal.jsonl")
         ctl = Controller(config, work, work / "checkpoints", journal, "127.0.0.1")
-        runner = threading.Thread(target=ctl.run, daemon=True)
+        runner = threading.Thread(target=_quietly, args=(ctl,), daemon=True)
         runner.start()
         next_kill = time.monotonic() + args.kill_every
         while runner.is_alive():

@@ -16,12 +16,14 @@ Interleaved A B A B …; prints JSON with medians and ``ratio`` = toolkit ÷ pla
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import shutil
 import socket
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -64,7 +66,8 @@ def toolkit_step_s(steps: int, chunk: int) -> float:
             "monitoring.port=0",
             *[f"model.{k}={v}" for k, v in MODEL.items()],
         )
-        run(config, run_dir=work)
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON result
+            run(config, run_dir=work)
         beats = [e for e in Journal(work / "journal.jsonl").read() if e["event"] == "heartbeat"]
         steady = [b for b in beats if b["first_step"] > WARMUP_STEPS]
         first, last = steady[0], steady[-1]

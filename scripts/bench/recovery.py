@@ -128,7 +128,8 @@ def run_toolkit(config: Config, base: Path, kill_log: Path) -> dict[str, Any]:
     take_kills(kill_log)
     run_dir = Path(tempfile.mkdtemp(prefix="toolkit-", dir=base))
     try:
-        code = run(config, run_dir=run_dir)
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON result
+            code = run(config, run_dir=run_dir)
         events = Journal(run_dir / "journal.jsonl").read()
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -77,6 +77,12 @@ def test_driver_killed_and_relaunched_resumes(make_config: Callable[..., Config]
     resumed = [e for e in events if e["event"] == "resumed"]
     assert len(resumed) == 1 and resumed[0]["step"] >= killed_after
     assert _latest_step(run_dir) == 40
+    # The goodput account spans both drivers and books the gap as restart time.
+    final = [e for e in events if e["event"] == "goodput"][-1]
+    first_start = next(e["time"] for e in events if e["event"] == "run_started")
+    assert final["badput_s"]["restart"] > 0
+    assert final["wall_s"] >= 0.9 * (final["time"] - first_start)
+    assert final["productive_s"] < final["wall_s"]
 
     a = restored_state(reference, tmp_path / "clean" / "checkpoints")
     assert mismatched(a, restored_state(reference, run_dir / "checkpoints")) == []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -159,3 +160,21 @@ def test_device_flags_are_not_carried_across(small: Callable[..., Config], tmp_p
     assert group["foreach"] is False
     assert group["lr"] == 0.004  # the trajectory's hyper-parameters come from the checkpoint
     assert isinstance(group["betas"], tuple)
+
+
+def test_capture_keys_match_dcp_state_dict_helpers(small: Callable[..., Config]) -> None:
+    """The fast capture on the save path names every tensor exactly as DCP's helpers (used on load) do."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    from trainer.checkpoint.state import capture
+
+    worker = _trained(small("device=cpu", "model.n_layer=2"), 2)
+    fast = capture(worker.module, worker.optimizer, worker.scaler)
+    osd: Any = get_optimizer_state_dict(worker.module, worker.optimizer)
+    expected = {f"model/{k}" for k in get_model_state_dict(worker.module)}
+    expected |= {f"optim/{fqn}/{name}" for fqn, st in osd["state"].items() for name in st}
+    assert set(fast.tensors) == expected
+    assert [g["params"] for g in fast.optimizer["param_groups"]] == [g["params"] for g in osd["param_groups"]]
+    for fqn, st in osd["state"].items():
+        for name, value in st.items():
+            assert torch.equal(fast.tensors[f"optim/{fqn}/{name}"], value), (fqn, name)

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
@@ -51,33 +50,33 @@ def _json_value(value: Any, where: str) -> Any:
 def capture(
     model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
 ) -> PortableState:
-    """The current state with tensors *not yet copied* (they may alias live parameters).
+    """The current state with tensors *not yet copied* (they alias the live parameters and optimizer state).
 
     Callers that keep training while the state is written must copy the tensors first (see the async
-    writer); a synchronous save can write them directly.
+    writer); a synchronous save can write them directly. ``model`` is the bare module (not a DDP wrapper).
+    Keys are the parameter FQNs that DCP's ``get_optimizer_state_dict`` uses, without its per-call
+    overhead: this runs inside the time a save blocks training.
     """
-    tensors: dict[str, torch.Tensor] = {}
-    model_sd: dict[str, Any] = dict(get_model_state_dict(model))
-    for fqn, t in model_sd.items():
-        tensors[_MODEL + fqn] = t.detach()
-    # DCP's helpers key optimizer state by parameter FQN (and strip DDP's "module." prefix).
-    osd: Any = get_optimizer_state_dict(model, optimizer)
-    for fqn, per_param in osd["state"].items():
-        for name, value in per_param.items():
-            if not isinstance(value, torch.Tensor):
-                raise CheckpointIncompatibleError(
-                    f"optimizer state {fqn}.{name} is a {type(value).__name__}; only tensors are supported"
-                )
-            tensors[f"{_OPTIM}{fqn}/{name}"] = value.detach()
+    tensors = {_MODEL + fqn: t.detach() for fqn, t in model.state_dict().items()}
+    names = {id(p): fqn for fqn, p in model.named_parameters()}
     groups = []
-    for i, group in enumerate(osd["param_groups"]):
-        groups.append(
-            {
-                k: (list(v) if k == "params" else _json_value(v, f"optimizer param_groups[{i}].{k}"))
-                for k, v in group.items()
-                if k not in DEVICE_FLAGS
-            }
-        )
+    for i, group in enumerate(optimizer.param_groups):
+        fqns = []
+        for param in group["params"]:
+            fqn = names[id(param)]
+            fqns.append(fqn)
+            for name, value in optimizer.state.get(param, {}).items():
+                if not isinstance(value, torch.Tensor):
+                    raise CheckpointIncompatibleError(
+                        f"optimizer state {fqn}.{name} is a {type(value).__name__}; only tensors are supported"
+                    )
+                tensors[f"{_OPTIM}{fqn}/{name}"] = value.detach()
+        meta = {
+            k: _json_value(v, f"optimizer param_groups[{i}].{k}")
+            for k, v in group.items()
+            if k not in DEVICE_FLAGS and k != "params"
+        }
+        groups.append({**meta, "params": fqns})
     return PortableState(
         tensors=tensors,
         optimizer={"class": type(optimizer).__name__, "param_groups": groups},
@@ -87,6 +86,8 @@ def capture(
 
 def template(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     """Empty CPU tensors of the shapes and dtypes :func:`capture` would produce, for loading into."""
+    # DCP's helper materialises the state of an optimizer that has not stepped yet (a fresh one on load).
+    get_optimizer_state_dict(model, optimizer)
     live = capture(model, optimizer, torch.amp.GradScaler("cpu", enabled=False)).tensors
     return {k: torch.empty(t.shape, dtype=t.dtype, device="cpu") for k, t in live.items()}
 

@@ -40,6 +40,8 @@ class HealthWatch:
         self.strikes: Counter[int] = Counter()
         self.probe_s = 0.0
         self.train_s = 0.0
+        #: Duration of the last in-flight probe: what the next one is expected to cost.
+        self.last_inflight_s = 0.0
 
     def probe(self, members: list[Any], family: str, step: int, phase: str) -> Finding | None:
         """Probe every rank (a collective); a finding when a device is wrong or the interconnect degraded.
@@ -65,6 +67,7 @@ class HealthWatch:
         elapsed = time.monotonic() - started
         if phase.startswith("in-flight"):
             self.probe_s += elapsed
+            self.last_inflight_s = elapsed
             self.goodput.bad("probe", elapsed)
         report = replies[0]["interconnect"]
         size = max(p.bytes for p in report.points) if report.points else 0
@@ -123,9 +126,19 @@ class HealthWatch:
         if finding is not None:
             return finding
         interval = self.config.probes.interval_steps
-        if interval and ctl.step % interval == 0 and ctl.step < self.config.train.steps:
-            return self.probe(ctl.members, ctl.family, ctl.step, "in-flight")
-        return None
+        if not interval or ctl.step % interval or ctl.step >= self.config.train.steps:
+            return None
+        budget = self.config.probes.max_cost_fraction
+        if (self.probe_s + self.last_inflight_s) > budget * self.train_s:
+            self.journal.record(
+                "probe_skipped",
+                step=ctl.step,
+                family=ctl.family,
+                cost_fraction=self.cost_fraction(),
+                max_cost_fraction=budget,
+            )
+            return None
+        return self.probe(ctl.members, ctl.family, ctl.step, "in-flight")
 
     def _stragglers(self, ctl: Controller, outcome: ChunkOutcome) -> Finding | None:
         ft = self.config.fault_tolerance

@@ -40,12 +40,17 @@ def run_chunk(members: list[Any], until: int, hang_after_s: float, deadline_s: f
     refs = {m.train.remote(until): rank for rank, m in enumerate(members)}
     outcome = ChunkOutcome()
     pending = list(refs)
-    give_up_at = time.monotonic() + deadline_s
+    started = time.monotonic()
+    give_up_at = started + deadline_s
     while pending:
         done, pending = ray.wait(pending, num_returns=len(pending), timeout=_POLL_S)
         _collect(done, refs, outcome)
         if not pending:
             break
+        # Each rank's progress mark is refreshed when its train() starts, so nobody can have been silent
+        # for longer than the chunk has run: no need to ask before then (asking costs the workers time).
+        if time.monotonic() - started < hang_after_s and time.monotonic() < give_up_at:
+            continue
         hung, silent_for = _find_hung(members, [refs[r] for r in pending], hang_after_s)
         if not hung and time.monotonic() > give_up_at:
             hung, silent_for = sorted(refs[r] for r in pending), deadline_s
