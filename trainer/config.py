@@ -270,6 +270,9 @@ class FaultsConfig:
     #: This rank stops making progress (sleeps) when it is about to run ``hang_at_step`` (first incarnation).
     hang_rank: int | None = None
     hang_at_step: int | None = None
+    #: Where the hung rank stops: ``compute`` (before the step: data loading, forward) or ``collective``
+    #: (inside the step's gradient all-reduce, so every peer waits in the collective too).
+    hang_phase: str = "compute"
     #: Damage the newest committed checkpoint (flip a byte) before the run starts.
     corrupt_latest_checkpoint: bool = False
     #: SIGKILL the checkpoint-writing worker (rank 0) while it writes the checkpoint of this step, after
@@ -291,6 +294,12 @@ class FaultsConfig:
                 _require(f"faults.{step_key}", step, step >= 1, "an integer >= 1")
         for family, faults in self.families.items():
             faults.check(family)
+        _require(
+            "faults.hang_phase",
+            self.hang_phase,
+            self.hang_phase in ("compute", "collective"),
+            "compute, collective",
+        )
 
     def for_family(self, family: str) -> FamilyFaults:
         return self.families.get(family, FamilyFaults())

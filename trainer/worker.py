@@ -68,6 +68,8 @@ class Worker:
         self._step_started = 0.0
         #: Injected slowness of this worker's device (seconds per step); set by fault injection only.
         self.extra_compute_s = 0.0
+        #: Injected hang inside the gradient collective of this step; set by fault injection only.
+        self.hang_in_collective_at: int | None = None
 
     # --- set-up --------------------------------------------------------------------------------------
     def setup(self, adapter: DeviceAdapter | None = None) -> None:
@@ -131,6 +133,9 @@ class Worker:
             if self.progress["phase"] == "compute":
                 self.compute_s = time.perf_counter() - self._step_started
                 self.mark("collective")
+            if self.hang_in_collective_at == self.step + 1:
+                while True:  # injected fault: stuck inside the collective, peers wait in it too
+                    time.sleep(1.0)
             if injected:
                 faults = self.collective_faults(rank)  # the profile may switch on mid-run
                 if faults.active:

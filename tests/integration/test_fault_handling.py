@@ -125,3 +125,22 @@ def test_every_family_failing_aborts_and_keeps_the_last_checkpoint(
     assert "sim_cuda" in aborted["reason"] and "sim_npu" in aborted["reason"]
     assert checksum_files(run_dir / "checkpoints") == before
     assert restored_state(first, run_dir / "checkpoints")  # still restorable
+
+
+def test_rank_stuck_inside_a_collective_is_caught_by_the_chunk_deadline(
+    small: Callable[..., Config], tmp_path: Path
+) -> None:
+    """Every rank waits in the all-reduce, so progress names no culprit: the chunk's deadline (a multiple of
+    the measured step time, floored at cluster.deadline_floor_s) replaces the whole group from disk."""
+    base = ("checkpoint.interval_steps=5", "cluster.deadline_floor_s=4")
+    clean = small(*base)
+    assert run(clean, run_dir=tmp_path / "clean") == ExitCode.FINISHED
+    stuck = small(*base, "faults.hang_rank=1", "faults.hang_at_step=7", "faults.hang_phase=collective")
+    assert run(stuck, run_dir=tmp_path / "stuck") == ExitCode.FINISHED
+
+    [detected] = _events(tmp_path / "stuck", "hang_detected")
+    assert detected["ranks"] == [0, 1]
+    [recovered] = _events(tmp_path / "stuck", "recovered")
+    assert recovered["state_from"] == "disk checkpoint" and recovered["step"] == 5
+    a = restored_state(clean, tmp_path / "clean" / "checkpoints")
+    assert mismatched(a, restored_state(clean, tmp_path / "stuck" / "checkpoints")) == []

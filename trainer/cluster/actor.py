@@ -102,6 +102,9 @@ class WorkerActor:
         if faults.kill_rank == self.worker.rank and next_step == faults.kill_at_step:
             os.kill(os.getpid(), signal.SIGKILL)  # injected fault: this process vanishes mid-run
         if faults.hang_rank == self.worker.rank and next_step == faults.hang_at_step:
+            if faults.hang_phase == "collective":
+                self.worker.hang_in_collective_at = next_step  # the comm hook stops there
+                return
             self.worker.mark("compute")
             while True:  # injected fault: alive, holding its resources, making no progress
                 time.sleep(1.0)
