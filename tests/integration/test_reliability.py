@@ -152,3 +152,25 @@ def test_unreachable_cluster_fails_within_the_connect_timeout(tmp_path: Path) ->
     )
     assert result.returncode == ExitCode.FAILED
     assert f"cluster.address='127.0.0.1:{port}' is unreachable" in result.stderr
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_resources_never_granted_fail_within_the_start_timeout(
+    make_config: Callable[..., Config], tmp_path: Path
+) -> None:
+    import ray
+
+    @ray.remote(num_cpus=0, resources={"sim_cuda": 4})
+    class Hog:
+        def ready(self) -> bool:
+            return True
+
+    hog = Hog.remote()  # holds every sim_cuda slot of the cluster
+    try:
+        ray.get(hog.ready.remote(), timeout=60)
+        config = make_config(*GROUP, "device=sim_cuda", "train.steps=10", "cluster.start_timeout_s=3")
+        assert run(config, run_dir=tmp_path / "run") == ExitCode.ABORTED
+    finally:
+        ray.kill(hog)
+    [aborted] = _events(tmp_path / "run", "run_aborted")
+    assert "did not grant" in aborted["reason"] and "cluster.start_timeout_s=3.0" in aborted["reason"]
