@@ -1,0 +1,154 @@
+"""Typed configuration: dataclasses registered in Hydra's ConfigStore and validated before anything starts.
+
+YAML files under ``conf/`` only select and override. Groups whose implementation a user may swap
+(``model``, ``data``, ``optim``, ``monitoring``) are ``_target_`` nodes: the built-in choices are typed by
+the schemas, a user's own class is passed its node's keys as keyword arguments by ``hydra.utils.instantiate``.
+
+:func:`validate` turns a composed ``DictConfig`` into a :class:`Config` and raises :class:`ConfigError`
+naming the key, the value and what is allowed. The schemas live in :mod:`trainer.config.training` (what is
+trained) and :mod:`trainer.config.operations` (how the run is operated).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from trainer.config.operations import (
+    CLUSTER_MODES,
+    ClusterConfig,
+    FamilyFaults,
+    FaultsConfig,
+    FaultToleranceConfig,
+    ProbesConfig,
+    PrometheusConfig,
+)
+from trainer.config.training import (
+    PRECISIONS,
+    RESUME_MODES,
+    AdamWConfig,
+    CheckpointConfig,
+    DeviceConfig,
+    GPTConfig,
+    SGDConfig,
+    SyntheticDataConfig,
+    TrainConfig,
+)
+from trainer.errors import ConfigError
+
+__all__ = [
+    "CLUSTER_MODES",
+    "PRECISIONS",
+    "RESUME_MODES",
+    "AdamWConfig",
+    "CheckpointConfig",
+    "ClusterConfig",
+    "Config",
+    "DeviceConfig",
+    "FamilyFaults",
+    "FaultToleranceConfig",
+    "FaultsConfig",
+    "GPTConfig",
+    "ProbesConfig",
+    "PrometheusConfig",
+    "SGDConfig",
+    "SyntheticDataConfig",
+    "TrainConfig",
+    "from_container",
+    "register_configs",
+    "to_container",
+    "validate",
+]
+
+
+@dataclass
+class Config:
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    model: Any = MISSING
+    data: Any = MISSING
+    optim: Any = MISSING
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
+    #: A ``_target_`` node building the trainer.metrics.MetricsSink (prometheus, or off: NullSink).
+    monitoring: Any = MISSING
+    fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
+    probes: ProbesConfig = field(default_factory=ProbesConfig)
+    #: Name of the experiment preset applied (``experiment=<name>``), for journals and metrics.
+    name: str = "default"
+
+
+def register_configs() -> None:
+    """Register the schemas with Hydra. Idempotent; called on import of this module."""
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    cs.store(group="model", name="gpt_schema", node=GPTConfig)
+    cs.store(group="data", name="synthetic_schema", node=SyntheticDataConfig)
+    cs.store(group="optim", name="adamw_schema", node=AdamWConfig)
+    cs.store(group="optim", name="sgd_schema", node=SGDConfig)
+    cs.store(group="monitoring", name="prometheus_schema", node=PrometheusConfig)
+
+
+register_configs()
+
+
+def _plugin_node(group: str, node: Any) -> Any:
+    """A ``_target_`` group (model/data/optim): typed schemas were validated already; check the target."""
+    if isinstance(node, dict):
+        target = node.get("_target_")
+        if not isinstance(target, str) or not target:
+            raise ConfigError(f"{group}._target_ is missing; allowed: a dotted path to a class or function")
+    return node
+
+
+def validate(cfg: DictConfig | Config) -> Config:
+    """The typed, validated form of ``cfg``. Raises :class:`ConfigError` on any bad or missing value."""
+    if isinstance(cfg, Config):
+        return cfg
+    try:
+        typed = OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as exc:
+        key = exc.full_key or "?"
+        raise ConfigError(
+            f"{key} is missing (value '???'); set it, e.g. python -m trainer {key}=<value>"
+        ) from None
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as exc:
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise ConfigError(f"invalid configuration: {exc}") from None
+    if not isinstance(typed, Config):
+        raise ConfigError(
+            "the configuration does not follow trainer.config.Config (is config_schema in defaults?)"
+        )
+    for group in ("model", "data", "optim", "monitoring"):
+        _plugin_node(group, getattr(typed, group))
+    if typed.train.global_batch_size % typed.cluster.workers:
+        raise ConfigError(
+            f"train.global_batch_size={typed.train.global_batch_size} is not divisible by "
+            f"cluster.workers={typed.cluster.workers}; allowed: a multiple of the number of workers"
+        )
+    for key in ("kill_rank", "hang_rank"):
+        rank = getattr(typed.faults, key)
+        if rank is not None and rank >= typed.cluster.workers:
+            raise ConfigError(f"faults.{key}={rank} is not allowed; allowed: 0..{typed.cluster.workers - 1}")
+    return typed
+
+
+def from_container(container: dict[str, Any]) -> Config:
+    """A validated :class:`Config` from :func:`to_container`'s output (e.g. shipped to a Ray actor)."""
+    return validate(OmegaConf.merge(OmegaConf.structured(Config), container))  # type: ignore[arg-type]
+
+
+def to_container(cfg: Config) -> dict[str, Any]:
+    """Plain JSON-serialisable form of a validated config (for manifests and journals)."""
+    container = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    assert isinstance(container, dict)
+    return {str(k): v for k, v in container.items()}

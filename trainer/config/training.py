@@ -1,0 +1,144 @@
+"""What is trained and how: device, model, data, optimizer, checkpoints, the training loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import II
+
+from trainer.config.checks import require as _require
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+RESUME_MODES = ("latest", "none")
+
+
+@dataclass
+class DeviceConfig:
+    family: str = "auto"
+    precision: str = "fp32"
+    #: torch intra-op threads per worker; 0 = this host's cores divided by the workers on it.
+    num_threads: int = 0
+
+    def __post_init__(self) -> None:
+        from trainer.devices import family_names
+
+        _require("device.family", self.family, self.family in family_names(), ", ".join(family_names()))
+        _require("device.precision", self.precision, self.precision in PRECISIONS, ", ".join(PRECISIONS))
+        _require("device.num_threads", self.num_threads, self.num_threads >= 0, "an integer >= 0")
+
+
+@dataclass
+class GPTConfig:
+    _target_: str = "trainer.model.GPT"
+    vocab_size: int = 256
+    seq_len: int = 64
+    n_layer: int = 2
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        for key in ("vocab_size", "seq_len", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, key)
+            _require(f"model.{key}", value, value >= 1, "an integer >= 1")
+        _require(
+            "model.n_embd",
+            self.n_embd,
+            self.n_embd % self.n_head == 0,
+            f"a multiple of model.n_head={self.n_head}",
+        )
+        _require("model.dropout", self.dropout, 0.0 <= self.dropout < 1.0, "a float in [0, 1)")
+
+
+@dataclass
+class SyntheticDataConfig:
+    _target_: str = "trainer.data.SyntheticCorpus"
+    seed: int = 0
+    vocab_size: int = II("model.vocab_size")
+    seq_len: int = II("model.seq_len")
+    noise: float = 0.1
+
+    def __post_init__(self) -> None:
+        _require("data.noise", self.noise, 0.0 <= self.noise <= 1.0, "a float in [0, 1]")
+        _require("data.vocab_size", self.vocab_size, self.vocab_size >= 2, "an integer >= 2")
+
+
+@dataclass
+class AdamWConfig:
+    _target_: str = "torch.optim.AdamW"
+    _partial_: bool = True
+    lr: float = 3e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    foreach: bool | None = None
+    fused: bool | None = None
+
+    def __post_init__(self) -> None:
+        _require("optim.lr", self.lr, self.lr > 0, "a float > 0")
+        _require("optim.weight_decay", self.weight_decay, self.weight_decay >= 0, "a float >= 0")
+        _require(
+            "optim.betas",
+            self.betas,
+            len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
+            "two floats in [0, 1)",
+        )
+
+
+@dataclass
+class SGDConfig:
+    _target_: str = "torch.optim.SGD"
+    _partial_: bool = True
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    foreach: bool | None = None
+
+    def __post_init__(self) -> None:
+        _require("optim.lr", self.lr, self.lr > 0, "a float > 0")
+        _require("optim.momentum", self.momentum, 0.0 <= self.momentum < 1.0, "a float in [0, 1)")
+
+
+@dataclass
+class CheckpointConfig:
+    #: Directory of committed checkpoints; relative paths are inside the run directory.
+    dir: str = "checkpoints"
+    #: Save every N steps (0: only at the end of the run).
+    interval_steps: int = 50
+    #: Committed checkpoints kept; older ones are deleted after a newer one commits.
+    keep_last: int = 3
+    #: ``latest``: resume from the newest good checkpoint in ``dir`` if any; ``none``: start fresh
+    #: (refused when ``dir`` already holds checkpoints, so nothing is overwritten).
+    resume: str = "latest"
+    #: Block training only for the copy to CPU memory; write and commit in the background.
+    async_save: bool = True
+
+    def __post_init__(self) -> None:
+        _require("checkpoint.dir", self.dir, bool(self.dir), "a non-empty path")
+        _require(
+            "checkpoint.interval_steps", self.interval_steps, self.interval_steps >= 0, "an integer >= 0"
+        )
+        _require("checkpoint.keep_last", self.keep_last, self.keep_last >= 1, "an integer >= 1")
+        _require("checkpoint.resume", self.resume, self.resume in RESUME_MODES, ", ".join(RESUME_MODES))
+
+
+@dataclass
+class TrainConfig:
+    #: Total optimizer steps of the run (a resumed run stops at the same step).
+    steps: int = 200
+    global_batch_size: int = 16
+    seed: int = 1234
+    #: Max gradient norm; 0 disables clipping.
+    grad_clip: float = 1.0
+    log_interval: int = 10
+    #: Held-out samples used for the evaluation loss reported at checkpoints and the end of the run.
+    eval_samples: int = 16
+
+    def __post_init__(self) -> None:
+        _require("train.steps", self.steps, self.steps >= 1, "an integer >= 1")
+        _require(
+            "train.global_batch_size", self.global_batch_size, self.global_batch_size >= 1, "an integer >= 1"
+        )
+        _require("train.grad_clip", self.grad_clip, self.grad_clip >= 0, "a float >= 0 (0 disables clipping)")
+        _require("train.log_interval", self.log_interval, self.log_interval >= 1, "an integer >= 1")
+        _require("train.eval_samples", self.eval_samples, self.eval_samples >= 0, "an integer >= 0")
