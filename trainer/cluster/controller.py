@@ -179,6 +179,40 @@ class Controller:
         assert self.pending is not None and self.group is not None
         decision, outcome = self.pending
         self.pending = None
+        try:
+            return self._repair(decision, outcome)
+        except (ray.exceptions.RayError, DeviceUnavailableError, TimeoutError) as exc:
+            # Spares or survivors were lost too (their node went away): start the group anew.
+            return self._rebuild(f"repair in place failed: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+
+    def _rebuild(self, why: str) -> State:
+        """A new group on the same family from the newest committed checkpoint; if the family can no longer
+        start one (its nodes are gone), that is an event for the policy."""
+        self.journal.record("group_rebuild", family=self.family, step=self.step, reason=why)
+        self.progress.message(f"rebuilding the {self.family} group: {why}")
+        if self.group is not None:
+            self.group.shutdown()
+            self.group = None
+        try:
+            self.launch(self.family)
+        except DeviceUnavailableError as exc:
+            return self.on_event(FailureKind.FAMILY_UNAVAILABLE, (), str(exc))
+        keep = self.config.checkpoint.keep_last
+        restored = ray.get([m.restore.remote(str(self.checkpoint_root), keep) for m in self.members])
+        self.step = int(restored[0]["step"]) if restored[0] else 0
+        self.journal.record(
+            "recovered",
+            family=self.family,
+            step=self.step,
+            action="rebuild",
+            state_from="disk checkpoint" if restored[0] else "initial state",
+            replaced_ranks=[],
+        )
+        return State.RUNNING
+
+    def _repair(self, decision: Decision, outcome: ChunkOutcome) -> State:
+        """Replace the lost ranks from warm spares and re-form the group with a survivor's state."""
+        assert self.group is not None
         started = time.monotonic()
         gone = set(outcome.lost) | set(outcome.hung) | set(decision.ranks)
         alive = {rank: r for rank, r in outcome.results.items() if rank not in gone}

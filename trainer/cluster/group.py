@@ -150,7 +150,10 @@ class WorkerGroup:
             if not self.spares:
                 self._collect_pending(wait=True)
             if not self.spares:
-                raise DeviceUnavailableError(f"no spare worker to replace rank {rank} (cluster.spares=0)")
+                raise DeviceUnavailableError(
+                    f"no spare worker to replace rank {rank}: none left alive within cluster.start_timeout_s "
+                    f"(cluster.spares={self.config.cluster.spares})"
+                )
             self.members[rank] = self.spares.pop(0)
             self._pending_spares.append(self._wait_for_bundle_and_spawn(bundle))
 
