@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from trainer.config import Config
 from trainer.testing.configs import make_config as _make_config
+from trainer.testing.local_ray import local_ray as start_local_ray
 
 #: Test runs serve metrics on a free port, never the default one: test sessions and a running demo on the
 #: same host must not collide.
@@ -32,19 +31,5 @@ def make_config() -> Callable[..., Config]:
 @pytest.fixture(scope="session")
 def local_ray() -> Iterator[None]:
     """One local Ray for the whole session, advertising the simulated device families."""
-    import ray
-
-    # Ray's socket paths must stay short, so its temp dir lives directly under /tmp; the test owns it.
-    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    ray.init(
-        num_cpus=2,
-        resources={"sim_npu": 4.0, "sim_cuda": 4.0},
-        include_dashboard=False,
-        log_to_driver=False,
-        _temp_dir=temp_dir,
-    )
-    try:
+    with start_local_ray():
         yield
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ import ray
 from trainer.cluster.controller import Controller
 from trainer.journal import Journal
 from trainer.testing.configs import make_config
+from trainer.testing.local_ray import local_ray
 
 
 def kill_a_worker(ctl: Controller, rank: int) -> dict[str, Any] | None:
@@ -42,6 +44,14 @@ def kill_a_worker(ctl: Controller, rank: int) -> dict[str, Any] | None:
         return None
     os.kill(int(info["pid"]), signal.SIGKILL)
     return {"time": time.time(), "rank": rank, "pid": info["pid"], "step": ctl.step}
+
+
+@contextlib.contextmanager
+def _removed_after(path: Path) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _quietly(ctl: Controller) -> None:
@@ -58,16 +68,8 @@ def main() -> None:
     args = parser.parse_args()
     steps = int(args.minutes * 60 / args.step_s)
     work = Path(tempfile.mkdtemp(prefix="bench-goodput-"))
-    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    ray.init(
-        num_cpus=2,
-        resources={"sim_npu": 4, "sim_cuda": 4},
-        include_dashboard=False,
-        log_to_driver=False,
-        _temp_dir=temp,
-    )
     kills: list[dict[str, Any]] = []
-    try:
+    with local_ray(), _removed_after(work):
         config = make_config(
             "cluster=ray_local",
             "device=sim_npu",
@@ -93,10 +95,6 @@ def main() -> None:
                     kills.append(killed)
                     next_kill = time.monotonic() + args.kill_every
         events = journal.read()
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
     final = [e for e in events if e["event"] == "goodput"][-1]
     startup = final["badput_s"]["startup"]
     recovered = [e for e in events if e["event"] == "recovered"]

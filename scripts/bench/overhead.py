@@ -40,6 +40,7 @@ from trainer.job import run
 from trainer.journal import Journal
 from trainer.model import GPT
 from trainer.testing.configs import make_config
+from trainer.testing.local_ray import local_ray
 
 MODEL = {"vocab_size": 256, "seq_len": 64, "n_layer": 2, "n_head": 4, "n_embd": 128}
 BATCH = 16
@@ -122,22 +123,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chunk", type=int, default=10, help="cluster.chunk_steps of the toolkit run")
     args = parser.parse_args()
-    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    ray.init(
-        num_cpus=2,
-        resources={"sim_npu": 4, "sim_cuda": 4},
-        include_dashboard=False,
-        log_to_driver=False,
-        _temp_dir=temp,
-    )
     samples: dict[str, list[float]] = {"toolkit_step_s": [], "plain_ddp_step_s": []}
-    try:
+    with local_ray():
         for _ in range(args.repeats):
             samples["toolkit_step_s"].append(toolkit_step_s(args.steps, args.chunk))
             samples["plain_ddp_step_s"].append(plain_step_s(args.steps))
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in samples.items()}
     ratio = med["toolkit_step_s"] / med["plain_ddp_step_s"]
     print(
