@@ -45,6 +45,19 @@ def _start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     )
 
 
+def _wait_for(address: str, resource: str, timeout_s: float = 120.0) -> None:
+    """Until the cluster at ``address`` advertises ``resource`` (a node is up and registered)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = subprocess.run(
+            [RAY, "status", f"--address={address}"], env=ENV, capture_output=True, text=True, timeout=60
+        )
+        if status.returncode == 0 and resource in status.stdout:
+            return
+        time.sleep(1.0)
+    raise AssertionError(f"the test's Ray cluster at {address} never advertised {resource}")
+
+
 def _kill(proc: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
@@ -68,14 +81,15 @@ def two_nodes(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
         tmp_path / "head.log",
     )
     node = None
+    address = f"127.0.0.1:{port}"
     try:
-        time.sleep(5)
+        _wait_for(address, "sim_cuda")
         node = _start(
-            [f"--address=127.0.0.1:{port}", "--num-cpus=1", '--resources={"sim_npu": 3}'],
+            [f"--address={address}", "--num-cpus=1", '--resources={"sim_npu": 3}'],
             tmp_path / "node2.log",
         )
-        time.sleep(5)
-        yield f"127.0.0.1:{port}", node
+        _wait_for(address, "sim_npu")
+        yield address, node
     finally:
         if node is not None:
             _kill(node)
