@@ -384,7 +384,8 @@ class Controller:
                 if res["step_times"]
             },
         )
-        self.sink.goodput(self.goodput.snapshot()["ratio"], self.goodput.snapshot()["badput_s"])
+        totals = self.goodput.snapshot()
+        self.sink.goodput(totals["ratio"], totals["badput_s"])
         rate = self.config.train.global_batch_size / statistics.median(first["step_times"]) if n else 0.0
         restarts = len(self.recoveries) + len(self.handover.completed)
         family = f"{self.family} x{len(self.members)}"

@@ -155,11 +155,8 @@ class WorkerGroup:
                     f"(cluster.spares={self.config.cluster.spares})"
                 )
             self.members[rank] = self.spares.pop(0)
-            self._pending_spares.append(self._wait_for_bundle_and_spawn(bundle))
-
-    def _wait_for_bundle_and_spawn(self, bundle: int) -> Any:
-        # The killed actor's bundle frees asynchronously; the new actor simply queues until it does.
-        return self._spawn(bundle)
+            # The killed actor's bundle frees asynchronously; the new spare simply queues until it does.
+            self._pending_spares.append(self._spawn(bundle))
 
     def _collect_pending(self, wait: bool = False) -> None:
         still: list[Any] = []
