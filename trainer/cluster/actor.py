@@ -8,14 +8,17 @@ controller can tell a dead worker (the call raises) from one that merely noticed
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import signal
 import socket
+import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -26,17 +29,46 @@ from trainer.config import from_container
 from trainer.errors import CheckpointWriteError
 from trainer.worker import Worker
 
+_Call = TypeVar("_Call", bound=Callable[..., Any])
+
+
+def _fault_point(method: _Call) -> _Call:
+    """A call an injected fault may kill this worker in (``faults.families.<family>.die_in_call``)."""
+
+    @functools.wraps(method)
+    def call(self: WorkerActor, *args: Any, **kwargs: Any) -> Any:
+        if self.die_in == method.__name__:
+            os.kill(os.getpid(), signal.SIGKILL)  # injected fault: the process vanishes inside this call
+        return method(self, *args, **kwargs)
+
+    return call  # type: ignore[return-value]
+
 
 class WorkerActor:
-    def __init__(self, config: dict[str, Any], workers_per_node: int) -> None:
+    def __init__(self, config: dict[str, Any], workers_per_node: int, die_in: str | None = None) -> None:
+        """``die_in``: the name of a call this worker dies in (injected fault; None for healthy workers)."""
         self.config = from_container(config)
         self.worker = Worker(self.config, local_world_size=workers_per_node)
         self.worker.setup()
         self.armed = False
+        self.die_in = die_in
+        #: Whether this worker holds the run's state (restored or loaded); a fresh spare does not.
+        self.holds_state = False
+        #: Held while the state is replaced (restore, load_snapshot): info() answers after, not during.
+        self.loading = threading.Lock()
         self.checkpointer: AsyncCheckpointer | None = None
 
     def info(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "host": socket.gethostname(), "family": self.worker.adapter.name}
+        """Who this worker is and the step of the run's state it holds (None: a spare that holds none yet).
+        A cheap liveness check; it waits for a restore or snapshot load in progress."""
+        with self.loading:
+            step = self.worker.step if self.holds_state else None
+        return {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "family": self.worker.adapter.name,
+            "step": step,
+        }
 
     # --- group membership ----------------------------------------------------------------------------
     def join(
@@ -113,20 +145,28 @@ class WorkerActor:
         """What this rank is doing now; answered while :meth:`train` runs (the actor is threaded)."""
         return dict(self.worker.progress)
 
+    @_fault_point
     def evaluate(self) -> float:
         return self.worker.evaluate()
 
     # --- state ---------------------------------------------------------------------------------------
+    @_fault_point
     def snapshot(self) -> dict[str, Any]:
         return self.worker.snapshot()
 
+    @_fault_point
     def load_snapshot(self, snap: dict[str, Any], rank: int) -> int:
-        self.worker.rank = rank
-        self.worker.load_snapshot(snap)
-        return self.worker.step
+        with self.loading:
+            self.worker.rank = rank
+            self.worker.load_snapshot(snap)
+            self.holds_state = True
+            return self.worker.step
 
+    @_fault_point
     def restore(self, root: str, keep_last: int) -> dict[str, Any] | None:
-        restored = self.worker.restore(CheckpointManager(Path(root), keep_last))
+        with self.loading:
+            restored = self.worker.restore(CheckpointManager(Path(root), keep_last))
+            self.holds_state = True  # the checkpoint's state, or the initial state when there is none
         if restored is None:
             return None
         return {
@@ -138,6 +178,7 @@ class WorkerActor:
             "skipped": [(str(p), why) for p, why in restored.skipped],
         }
 
+    @_fault_point
     def save(self, root: str, keep_last: int, metrics: dict[str, float] | None = None) -> dict[str, Any]:
         """Stage a checkpoint and return once the copy is done; the write and commit go on in the background.
 
@@ -168,6 +209,7 @@ class WorkerActor:
 
         store.commit = commit  # type: ignore[method-assign]
 
+    @_fault_point
     def flush(self) -> dict[str, str | None]:
         """Wait for the background save: ``committed`` (its path) or ``failed`` (why it was not written)."""
         if self.checkpointer is None:
@@ -183,6 +225,7 @@ class WorkerActor:
         return {k: v.detach().to("cpu", copy=True) for k, v in self.worker.module.state_dict().items()}
 
     # --- health ----------------------------------------------------------------------------------------
+    @_fault_point
     def probe(
         self, sizes_bytes: list[int], iters: int, timeout_s: float, pairwise: bool = True
     ) -> dict[str, Any]:

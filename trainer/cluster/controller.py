@@ -22,6 +22,7 @@ import ray
 from trainer.cluster.group import WorkerGroup
 from trainer.cluster.handover import HandOver
 from trainer.cluster.health_watch import HealthWatch
+from trainer.cluster.newest_state import LOST_ERRORS, HeldState, Loaded, hold_newest, load
 from trainer.cluster.watch import ChunkOutcome, run_chunk
 from trainer.config import Config
 from trainer.devices import get_adapter
@@ -83,6 +84,8 @@ class Controller:
         self.given_up: set[str] = set()
         self.families_used: list[str] = []
         self.pending: tuple[Decision, ChunkOutcome] | None = None
+        #: The newest state taken from a live member while its group is being replaced (see newest_state).
+        self.held: HeldState | None = None
         self.last_loss = float("nan")
         self.failure_time: float | None = None
         self.recoveries: list[dict[str, Any]] = []
@@ -98,7 +101,11 @@ class Controller:
         try:
             while not self.state.terminal:
                 state, started = self.state, time.monotonic()
-                self.state = self._handlers[state]()
+                try:
+                    self.state = self._handlers[state]()
+                except LOST_ERRORS as exc:
+                    # A save, snapshot, restore, probe or hand-over step found a worker gone: a worker loss.
+                    self.state = self._on_lost(exc)
                 if state in _BADPUT_STATES:  # the whole state is unproductive (its probes included)
                     self.goodput.bad(_BADPUT_STATES[state], time.monotonic() - started)
         finally:
@@ -131,23 +138,34 @@ class Controller:
     def launch(self, family: str, workers: int | None = None, form: bool = True) -> None:
         """Start a worker group on ``family`` and (unless ``form`` is false) form its first incarnation.
 
-        Injected kill/hang faults are armed in the run's first incarnation only.
+        Injected kill/hang faults are armed in the run's first incarnation only, a family's ``die_in_call``
+        fault in the first group on that family.
         """
         self.family = family
-        first = not self.families_used
         self.group = WorkerGroup(
-            self.config, get_adapter(family), self.driver_host, workers, arm_faults=first
+            self.config,
+            get_adapter(family),
+            self.driver_host,
+            workers,
+            arm_faults=not self.families_used,
+            arm_call_faults=family not in self.families_used,
         )
         self.group.start()
-        if form:
-            self.group.form(self.collective_timeout())
         self.families_used.append(family)
         self.sink.run_info(self.config.name, family, self.group.size, self.config.train.steps)
         self.journal.record("group_started", family=family, world_size=self.group.size, step=self.step)
         print(f"worker group up: {family} x{self.group.size}")
+        if self.group.spares_short is not None:
+            self.journal.record("spares_short", family=family, reason=self.group.spares_short)
+            print(f"warning: {self.group.spares_short}")
+        if form:
+            self.group.form(self.collective_timeout())
 
     def preflight(self) -> State:
-        """Probe the new group's devices and interconnect before training on it."""
+        """A hand-over's parity check if one is due, then probe the group's devices and interconnect."""
+        failed = self.handover.check_parity()
+        if failed is not None:
+            return failed
         if not self.config.probes.preflight:
             return State.RUNNING
         finding = self.health.probe(self.members, self.family, self.step, "preflight")
@@ -176,9 +194,11 @@ class Controller:
         return State.RUNNING
 
     def _recover(self) -> State:
-        assert self.pending is not None and self.group is not None
+        assert self.pending is not None
         decision, outcome = self.pending
         self.pending = None
+        if self.group is None:
+            return self._rebuild("no worker group is left to repair")
         try:
             return self._repair(decision, outcome)
         except (ray.exceptions.RayError, DeviceUnavailableError, TimeoutError) as exc:
@@ -186,65 +206,71 @@ class Controller:
             return self._rebuild(f"repair in place failed: {type(exc).__name__}: {str(exc).splitlines()[0]}")
 
     def _rebuild(self, why: str) -> State:
-        """A new group on the same family from the newest committed checkpoint; if the family can no longer
-        start one (its nodes are gone), that is an event for the policy."""
+        """A new group on the same family with the newest state (a live member's, else the newest checkpoint's);
+        if the family can no longer start one (its nodes are gone), that is an event for the policy, and the
+        state held from a live member goes on to the hand-over."""
+        started, previous = time.monotonic(), self.step
         self.journal.record("group_rebuild", family=self.family, step=self.step, reason=why)
         self.progress.message(f"rebuilding the {self.family} group: {why}")
         if self.group is not None:
+            if self.held is None:
+                self.held = hold_newest(self.members, self.group.live_steps(), evaluate=True)
             self.group.shutdown()
             self.group = None
         try:
-            self.launch(self.family)
+            self.launch(self.family, form=False)
         except DeviceUnavailableError as exc:
             return self.on_event(FailureKind.FAMILY_UNAVAILABLE, (), str(exc))
-        keep = self.config.checkpoint.keep_last
-        restored = ray.get([m.restore.remote(str(self.checkpoint_root), keep) for m in self.members])
-        self.step = int(restored[0]["step"]) if restored[0] else 0
-        self.journal.record(
-            "recovered",
-            family=self.family,
-            step=self.step,
-            action="rebuild",
-            state_from="disk checkpoint" if restored[0] else "initial state",
-            replaced_ranks=[],
-        )
-        return State.RUNNING
+        loaded = self.load_newest()
+        assert self.group is not None
+        self.group.form(self.collective_timeout())
+        self._recovered("rebuild", [], loaded, previous, started)
+        return self.handover.check_parity() or State.RUNNING
 
     def _repair(self, decision: Decision, outcome: ChunkOutcome) -> State:
-        """Replace the lost ranks from warm spares and re-form the group with a survivor's state."""
+        """Replace the lost ranks from warm spares and re-form the group with the newest live state."""
         assert self.group is not None
-        started = time.monotonic()
+        started, previous = time.monotonic(), self.step
         gone = set(outcome.lost) | set(outcome.hung) | set(decision.ranks)
-        alive = {rank: r for rank, r in outcome.results.items() if rank not in gone}
+        alive = {rank: r.get("step") for rank, r in outcome.results.items() if rank not in gone}
         self.group.leave_all([self.members[r] for r in alive])
+        if self.held is None:
+            self.held = hold_newest(self.members, alive)  # before replace(): a rebuild would need it too
+            if self.held is None and alive:  # each died handing its state over?
+                gone |= set(alive) - set(self.group.live_steps())
         self.group.replace(tuple(sorted(gone)))
-        if alive:
-            source = max(alive, key=lambda r: alive[r].get("step", -1))
-            snap = self.members[source].snapshot.remote()
-            steps = ray.get([m.load_snapshot.remote(snap, rank) for rank, m in enumerate(self.members)])
-            origin = f"peer snapshot from rank {source}"
-        else:
-            keep = self.config.checkpoint.keep_last
-            restored = ray.get([m.restore.remote(str(self.checkpoint_root), keep) for m in self.members])
-            steps = [r["step"] if r else 0 for r in restored]
-            origin = "disk checkpoint" if restored[0] else "initial state (no checkpoint yet)"
-        previous, self.step = self.step, int(steps[0])
+        loaded = self.load_newest()
         self.group.form(self.collective_timeout())
+        self._recovered(decision.action.value, sorted(gone), loaded, previous, started)
+        return self.handover.check_parity() or State.RUNNING
+
+    def load_newest(self) -> Loaded:
+        """Give the group the held live state (else the newest checkpoint, else none); the step follows it."""
+        keep = self.config.checkpoint.keep_last
+        loaded = load(self.members, self.held, str(self.checkpoint_root), keep)
+        self.held = None
+        self.step = loaded.step
+        return loaded
+
+    def _recovered(
+        self, action: str, replaced: list[int], loaded: Loaded, previous: int, started: float
+    ) -> None:
+        assert self.group is not None
         entry: dict[str, Any] = {
             "step": self.step,
             # Steps completed by the survivors after the last heartbeat, kept through the snapshot.
             "kept_steps": [previous + 1, self.step] if self.step > previous else None,
-            "action": decision.action.value,
-            "replaced_ranks": sorted(gone),
-            "state_from": origin,
+            "action": action,
+            "replaced_ranks": replaced,
+            "state_from": loaded.origin,
+            "state_reason": loaded.reason,
             "recover_s": time.monotonic() - started,
             "incarnation": self.group.incarnation,
         }
         self.recoveries.append(entry)
-        self.sink.recovery(decision.action.value, time.monotonic() - started)
+        self.sink.recovery(action, entry["recover_s"])
         self.journal.record("recovered", family=self.family, **entry)
-        print(f"recovered at step {self.step} from {origin}; replaced ranks {sorted(gone)}")
-        return State.RUNNING
+        print(f"recovered at step {self.step} from {loaded.origin}; replaced ranks {replaced}")
 
     def _finish(self) -> State:
         self.progress.close()
@@ -287,6 +313,15 @@ class Controller:
             kind, ranks = FailureKind.COLLECTIVE_FAILED, ()
         detail = "; ".join(f"rank {r}: {res['error']}" for r, res in outcome.results.items() if not res["ok"])
         return self.on_event(kind, ranks, detail, outcome)
+
+    def _on_lost(self, exc: Exception) -> State:
+        """A worker found gone outside a training chunk: ask the others who is left, then tell the policy."""
+        self.failure_time = time.monotonic()
+        steps = self.group.live_steps() if self.group is not None else {}
+        lost = [r for r in range(len(self.group.members) if self.group else 0) if r not in steps]
+        outcome = ChunkOutcome(results={r: {"ok": True, "step": s} for r, s in steps.items()}, lost=lost)
+        detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return self.on_event(FailureKind.WORKER_LOST, tuple(lost), detail, outcome)
 
     def on_event(
         self, kind: FailureKind, ranks: tuple[int, ...], detail: str, outcome: ChunkOutcome | None = None

@@ -39,6 +39,10 @@ def capacity(adapter: DeviceAdapter, cpus_per_worker: float) -> int:
     return int(min(resources.get(key, 0.0) // amount for key, amount in bundle.items()))
 
 
+def _wanted(resources: dict[str, float], bundle: dict[str, float]) -> dict[str, float]:
+    return {key: resources.get(key, 0.0) for key in bundle}
+
+
 class WorkerGroup:
     def __init__(
         self,
@@ -47,7 +51,10 @@ class WorkerGroup:
         driver_host: str,
         workers: int | None = None,
         arm_faults: bool = True,
+        arm_call_faults: bool = False,
     ) -> None:
+        """``arm_faults``: injected kill/hang faults may fire in the first incarnation (the run's first group);
+        ``arm_call_faults``: the family's ``die_in_call`` fault is given to its slot (the family's first group)."""
         # The group's own view of the config: its family and world size may differ from the run's start.
         size = workers or config.cluster.workers
         self.config = replace(
@@ -66,16 +73,25 @@ class WorkerGroup:
         self.pg: PlacementGroup | None = None
         self.store: dist.TCPStore | None = None
         self.incarnation = -1
-        self.arm_faults = arm_faults
+        self.arm_call_faults = arm_call_faults
+        #: Why fewer warm spares than ``cluster.spares`` were started (None: all of them).
+        self.spares_short: str | None = None
 
     # --- life cycle ----------------------------------------------------------------------------------
     def start(self) -> None:
         """Reserve the bundles and start workers and spares; raises if Ray cannot grant them in time."""
         cluster = self.config.cluster
         # Spares are best effort: as many as fit beside the workers.
-        spares = max(0, min(cluster.spares, capacity(self.adapter, cluster.cpus_per_worker) - self.size))
+        most = capacity(self.adapter, cluster.cpus_per_worker)
+        spares = max(0, min(cluster.spares, most - self.size))
         total = self.size + spares
         bundle = bundle_for(self.adapter, cluster.cpus_per_worker)
+        if spares < cluster.spares:
+            self.spares_short = (
+                f"cluster.spares={cluster.spares} but {spares} fit beside {self.size} workers of family "
+                f"{self.adapter.name!r}: each takes a bundle of {bundle} and the cluster's resources "
+                f"{_wanted(ray.cluster_resources(), bundle)} hold {most}; a lost worker waits for a cold start"
+            )
         if self.config.faults.for_family(self.adapter.name).unavailable:
             raise DeviceUnavailableError(f"family {self.adapter.name!r} made unavailable by faults.families")
         missing = [k for k in bundle if ray.cluster_resources().get(k, 0) <= 0]
@@ -95,7 +111,9 @@ class WorkerGroup:
                 f"cluster.start_timeout_s={cluster.start_timeout_s}s (cluster.workers={self.size}, "
                 f"cluster.spares={cluster.spares}); available now: {available}"
             )
-        actors = [self._spawn(i) for i in range(total)]
+        faults = self.config.faults.for_family(self.adapter.name)
+        doomed = faults.die_in_call_slot if self.arm_call_faults and faults.die_in_call else None
+        actors = [self._spawn(i, faults.die_in_call if i == doomed else None) for i in range(total)]
         try:
             infos = ray.get([a.info.remote() for a in actors], timeout=cluster.start_timeout_s)
         except (ray.exceptions.RayError, TimeoutError) as exc:
@@ -106,7 +124,7 @@ class WorkerGroup:
         log.info("worker actors up: %s", infos)
         self.members, self.spares = actors[: self.size], actors[self.size :]
 
-    def _spawn(self, bundle_index: int) -> Any:
+    def _spawn(self, bundle_index: int, die_in: str | None = None) -> Any:
         assert self.pg is not None
         resource = self.adapter.ray_resource()
         options: dict[str, Any] = {
@@ -122,7 +140,9 @@ class WorkerGroup:
             options["num_gpus"] = 1
         elif resource != "CPU":
             options["resources"] = {resource: 1.0}
-        actor = ray.remote(WorkerActor).options(**options).remote(to_container(self.config), self.size)
+        actor = (
+            ray.remote(WorkerActor).options(**options).remote(to_container(self.config), self.size, die_in)
+        )
         self._bundle_of[actor] = bundle_index
         return actor
 
@@ -138,7 +158,24 @@ class WorkerGroup:
             m.join.remote(rank, self.size, self.driver_host, port, timeout_s, arm)
             for rank, m in enumerate(self.members)
         ]
-        return ray.get(refs, timeout=timeout_s + 30)
+        try:
+            return ray.get(refs, timeout=timeout_s + 30)  # raises as soon as one member is lost
+        except ray.exceptions.RayError:
+            self.store = None  # closing the rendezvous releases the members still waiting in it
+            raise
+
+    def live_steps(self, timeout_s: float = 10.0) -> dict[int, int | None]:
+        """Rank → step of the run's state held by each member that answers within ``timeout_s`` (None: it
+        holds none yet); the members missing are lost."""
+        refs = {m.info.remote(): rank for rank, m in enumerate(self.members)}
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+        steps: dict[int, int | None] = {}
+        for ref in ready:
+            try:
+                steps[refs[ref]] = ray.get(ref)["step"]
+            except ray.exceptions.RayError:
+                continue
+        return steps
 
     def replace(self, ranks: tuple[int, ...]) -> None:
         """Swap the workers of ``ranks`` for warm spares; refill their bundles with new spares."""
@@ -161,10 +198,18 @@ class WorkerGroup:
     def _collect_pending(self, wait: bool = False) -> None:
         still: list[Any] = []
         for actor in self._pending_spares:
-            ready, _ = ray.wait(
-                [actor.info.remote()], timeout=self.config.cluster.start_timeout_s if wait else 0
-            )
-            (self.spares if ready else still).append(actor)
+            ref = actor.info.remote()
+            ready, _ = ray.wait([ref], timeout=self.config.cluster.start_timeout_s if wait else 0)
+            if not ready:
+                still.append(actor)
+                continue
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError as exc:  # it died while starting: its bundle gets another
+                log.warning("a spare died while starting: %s", str(exc).splitlines()[0])
+                still.append(self._spawn(self._bundle_of.pop(actor)))
+                continue
+            self.spares.append(actor)
         self._pending_spares = still
 
     def kill(self, ranks: list[int]) -> None:

@@ -2,7 +2,7 @@
 
 1. take the newest state from the family being given up: a live worker's in-memory snapshot (through
    Ray's object store) and its held-out loss, else the newest committed checkpoint and the held-out loss
-   its manifest recorded;
+   its manifest recorded (``newest_state``);
 2. stop the old group; start a group on the new family (its Ray resource, its backend); load the state
    (RNG re-derived from (seed, step, rank));
 3. parity check: the held-out loss on the new family against the old family's at the same step, within a
@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
+from trainer.cluster.newest_state import HeldState, hold_newest
 from trainer.cluster.watch import ChunkOutcome
 from trainer.errors import DeviceUnavailableError
 from trainer.policy import Decision, FailureKind
@@ -35,6 +36,8 @@ class HandOver:
         self.decision: Decision | None = None
         self.outcome: ChunkOutcome | None = None
         self.decided_at = 0.0
+        #: (old family, new family, reference loss, state origin) while a parity check is due.
+        self.parity: tuple[str, str, float, str] | None = None
         self.awaiting: dict[str, Any] | None = None
         self.completed: list[dict[str, Any]] = []
 
@@ -50,7 +53,7 @@ class HandOver:
             "handover_started", from_family=old, to_family=target, step=ctl.step, reason=decision.reason
         )
         print(f"handing over from {old} to {target} at step {ctl.step}")
-        snap, reference_loss, origin = self._newest_state()
+        held = self._newest_state()
         if ctl.group is not None:
             ctl.group.shutdown()
             ctl.group = None
@@ -59,59 +62,52 @@ class HandOver:
         except DeviceUnavailableError as exc:
             return ctl.on_event(FailureKind.FAMILY_UNAVAILABLE, (), str(exc))
         previous = ctl.step
-        if snap is not None:
-            steps = ray.get([m.load_snapshot.remote(snap, rank) for rank, m in enumerate(ctl.members)])
-            ctl.step = int(steps[0])
-        else:
-            keep = ctl.config.checkpoint.keep_last
-            restored = ray.get([m.restore.remote(str(ctl.checkpoint_root), keep) for m in ctl.members])
-            ctl.step = int(restored[0]["step"]) if restored[0] else 0
-            reference_loss = (
-                float(restored[0]["metrics"].get("eval_loss", math.nan)) if restored[0] else math.nan
-            )
+        # Due before the state is loaded: a worker lost while loading it is repaired, then the check runs.
+        if held is not None:
+            self._due(old, target, held.reference_loss, f"{held.origin} on {old}", previous, held.step)
+        loaded = ctl.load_newest()
+        if held is None:
+            restored = loaded.restored
+            reference = float(restored["metrics"].get("eval_loss", math.nan)) if restored else math.nan
+            origin = "newest committed checkpoint" if restored else loaded.origin
+            self._due(old, target, reference, origin, previous, loaded.step)
         assert ctl.group is not None
         ctl.group.form(ctl.collective_timeout())
-        failed = self._parity(old, target, reference_loss, origin)
-        if failed is not None:
-            return failed
+        return ctl.preflight()  # the parity check first
+
+    def _due(self, old: str, target: str, reference: float, origin: str, previous: int, step: int) -> None:
+        """The parity check, and the hand-over's completion at the first step, are now due."""
+        self.parity = (old, target, reference, origin)
         self.awaiting = {
             "from_family": old,
             "to_family": target,
             "state_from": origin,
-            "state_step": ctl.step,
+            "state_step": step,
             # Steps completed on the old family after its last heartbeat, kept through the snapshot.
-            "kept_steps": [previous + 1, ctl.step] if ctl.step > previous else None,
+            "kept_steps": [previous + 1, step] if step > previous else None,
         }
-        return ctl.preflight()
 
-    def _newest_state(self) -> tuple[Any, float, str]:
-        """(snapshot ref or None, held-out loss of that state on the old family, where it came from)."""
+    def _newest_state(self) -> HeldState | None:
+        """A live member's snapshot and its held-out loss on the old family; None: no member has one."""
         ctl = self.ctl
-        if ctl.group is not None and ctl.group.members:
-            outcome = self.outcome
-            if outcome is None:
-                alive = list(range(len(ctl.members)))
+        if ctl.held is None and ctl.group is not None and ctl.group.members:
+            if self.outcome is None:
+                steps = ctl.group.live_steps()
             else:
-                gone = set(outcome.lost) | set(outcome.hung)
-                alive = [r for r in outcome.results if r not in gone]
-            if alive:
-                steps = {
-                    r: (self.outcome.results[r].get("step", -1) if self.outcome else ctl.step) for r in alive
-                }
-                source = max(alive, key=lambda r: steps[r])
-                member = ctl.members[source]
-                try:
-                    snap = member.snapshot.remote()
-                    ray.wait([snap], timeout=60)
-                    loss = float(ray.get(member.evaluate.remote(), timeout=60))
-                    return snap, loss, f"peer snapshot from rank {source} on {ctl.family}"
-                except (ray.exceptions.RayError, TimeoutError):
-                    pass
-        return None, math.nan, "newest committed checkpoint"
+                gone = set(self.outcome.lost) | set(self.outcome.hung)
+                steps = {r: res.get("step") for r, res in self.outcome.results.items() if r not in gone}
+            ctl.held = hold_newest(ctl.members, steps, evaluate=True)
+        return ctl.held
 
-    def _parity(self, old: str, target: str, reference: float, origin: str) -> State | None:
+    def check_parity(self) -> State | None:
+        """Run the parity check if one is due: the held-out loss on the new family against the old family's
+        at the same step, within a tolerance set by the precision. A failed check is an event for the policy
+        (its state is returned); None otherwise."""
+        if self.parity is None:
+            return None
         ctl = self.ctl
         observed = float(ray.get(ctl.members[0].evaluate.remote()))
+        (old, target, reference, origin), self.parity = self.parity, None
         rtol = ctl.config.fault_tolerance.parity_rtol.get(ctl.config.device.precision, 1e-4)
         checked = not math.isnan(reference)
         passed = checked and abs(observed - reference) <= rtol * abs(reference)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
+from trainer.cluster.newest_state import LOST_ERRORS
 from trainer.cluster.watch import ChunkOutcome
 from trainer.config import Config
 from trainer.goodput import Goodput
@@ -62,6 +63,8 @@ class HealthWatch:
         refs = [m.probe.remote(list(sizes), cfg.iters, cfg.timeout_s, not light) for m in members]
         try:
             replies = ray.get(refs, timeout=cfg.timeout_s * 2 + 30)
+        except LOST_ERRORS:
+            raise  # a worker gone during the probe is a worker loss, not a finding about the interconnect
         except (ray.exceptions.RayError, TimeoutError) as exc:
             return FailureKind.DEGRADED_PROBE, (), f"{phase} probe failed: {exc}"
         elapsed = time.monotonic() - started

@@ -68,6 +68,10 @@ class ClusterConfig:
         _require("cluster.local_num_cpus", self.local_num_cpus, self.local_num_cpus >= 0, "an integer >= 0")
 
 
+#: Worker calls an injected fault can die in (``faults.families.<family>.die_in_call``).
+DIE_IN_CALLS = ("restore", "save", "flush", "snapshot", "load_snapshot", "evaluate", "probe")
+
+
 @dataclass
 class FamilyFaults:
     """How one device family misbehaves (simulated families only make sense here)."""
@@ -88,6 +92,11 @@ class FamilyFaults:
     unavailable: bool = False
     #: Interconnect faults (delay, errors, slow rank) start at this step: a link that degrades mid-run.
     degrade_from_step: int = 0
+    #: SIGKILL a worker when the controller calls this method on it (one of ``DIE_IN_CALLS``): the worker
+    #: started in slot ``die_in_call_slot`` of the first group on this family (slots ``0..workers-1``
+    #: hold ranks ``0..workers-1``, the next ones the warm spares). A loss during each kind of remote call.
+    die_in_call: str | None = None
+    die_in_call_slot: int = 0
 
     def check(self, family: str) -> None:
         key = f"faults.families.{family}"
@@ -105,6 +114,15 @@ class FamilyFaults:
         )
         _require(
             f"{key}.straggler_delay_s", self.straggler_delay_s, self.straggler_delay_s >= 0, "a float >= 0"
+        )
+        _require(
+            f"{key}.die_in_call",
+            self.die_in_call,
+            self.die_in_call is None or self.die_in_call in DIE_IN_CALLS,
+            f"null or one of {', '.join(DIE_IN_CALLS)}",
+        )
+        _require(
+            f"{key}.die_in_call_slot", self.die_in_call_slot, self.die_in_call_slot >= 0, "an integer >= 0"
         )
 
 

@@ -1,0 +1,95 @@
+"""Where a group that changes — repaired, rebuilt, handed over — takes its training state from.
+
+The newest state of a run is in the memory of its live members; a committed checkpoint is older, the
+initial state older still. Before the old members go, :func:`hold_newest` snapshots the most advanced live
+member into Ray's object store (the driver owns the object, so it outlives the member and its group); once
+the new members are up, :func:`load` gives them that snapshot, else the newest good checkpoint, else
+nothing (the initial state). Both say where the state came from and why, for the journal.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+log = logging.getLogger(__name__)
+
+#: What a member that is gone raises, wherever it is noticed (its call, or an object it produced).
+LOST_ERRORS: tuple[type[Exception], ...] = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)
+
+#: What makes a member unable to hand its state over: gone, or too slow to answer.
+_UNABLE: tuple[type[Exception], ...] = (*LOST_ERRORS, ray.exceptions.GetTimeoutError, TimeoutError)
+
+#: Seconds a live member may take to snapshot (or evaluate) before the next one is asked.
+_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class HeldState:
+    """A live member's snapshot, held in Ray's object store while the group around it changes."""
+
+    ref: Any
+    step: int
+    #: Where it came from, e.g. "peer snapshot from rank 2".
+    origin: str
+    #: The held-out loss of this state on the family it came from (a hand-over's parity reference); NaN
+    #: when it was not asked for.
+    reference_loss: float = math.nan
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """What :func:`load` put into the members."""
+
+    step: int
+    #: "peer snapshot from rank N", "disk checkpoint" or "initial state (no checkpoint yet)".
+    origin: str
+    #: Why that source: the newest state a live member held, or why there was none.
+    reason: str
+    #: The first member's restore reply when the state came from a checkpoint (path, metrics, ...).
+    restored: dict[str, Any] | None = None
+
+
+def hold_newest(members: list[Any], steps: dict[int, int | None], evaluate: bool = False) -> HeldState | None:
+    """Snapshot the most advanced of the live members (``steps``: rank → step of the run's state it holds,
+    None for a spare that holds none); None when no member can.
+
+    A member that dies or stalls while snapshotting is passed over for the next most advanced one.
+    ``evaluate`` also measures the snapshot's held-out loss on its family (a hand-over's reference).
+    """
+    holding = {rank: step for rank, step in steps.items() if step is not None}
+    for rank in sorted(holding, key=lambda r: (-holding[r], r)):
+        member = members[rank]
+        ref = member.snapshot.remote()
+        ready, _ = ray.wait([ref], timeout=_TIMEOUT_S, fetch_local=False)
+        try:
+            if not ready:
+                raise TimeoutError(f"no snapshot within {_TIMEOUT_S:.0f} s")
+            # A member still answering after its snapshot finished produced it (a dead one raises here).
+            check = member.evaluate.remote() if evaluate else member.info.remote()
+            answer = ray.get(check, timeout=_TIMEOUT_S)
+        except _UNABLE as exc:
+            log.warning("rank %d could not hand over its state: %s", rank, str(exc).splitlines()[0])
+            continue
+        loss = float(answer) if evaluate else math.nan
+        return HeldState(ref, holding[rank], f"peer snapshot from rank {rank}", loss)
+    return None
+
+
+def load(members: list[Any], held: HeldState | None, checkpoint_root: str, keep_last: int) -> Loaded:
+    """Give every member the newest state there is: ``held``, else the newest good checkpoint, else none."""
+    if held is not None:
+        steps = ray.get([m.load_snapshot.remote(held.ref, rank) for rank, m in enumerate(members)])
+        return Loaded(int(steps[0]), held.origin, f"a live member held step {held.step}")
+    restored = ray.get([m.restore.remote(checkpoint_root, keep_last) for m in members])
+    if restored[0] is not None:
+        return Loaded(
+            int(restored[0]["step"]), "disk checkpoint", "no live member held the state", restored[0]
+        )
+    return Loaded(
+        0, "initial state (no checkpoint yet)", "no live member held the state and no checkpoint exists"
+    )
