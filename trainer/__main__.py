@@ -7,11 +7,13 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from trainer.config import CONFIG_MODULE
 from trainer.errors import ConfigError, ExitCode, TrainerError
 from trainer.job import run
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+# The configs are package data, so the entry point works the same from a wheel and from the repository.
+@hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
         code = run(cfg)

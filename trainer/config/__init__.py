@@ -1,8 +1,9 @@
 """Typed configuration: dataclasses registered in Hydra's ConfigStore and validated before anything starts.
 
-YAML files under ``conf/`` only select and override. Groups whose implementation a user may swap
-(``model``, ``data``, ``optim``, ``monitoring``) are ``_target_`` nodes: the built-in choices are typed by
-the schemas, a user's own class is passed its node's keys as keyword arguments by ``hydra.utils.instantiate``.
+YAML files under ``conf/`` (installed as the package :data:`CONFIG_MODULE`) only select and override. Groups
+whose implementation a user may swap (``model``, ``data``, ``optim``, ``monitoring``) are ``_target_`` nodes:
+the built-in choices are typed by the schemas, a user's own class is passed its node's keys as keyword
+arguments by ``hydra.utils.instantiate``.
 
 :func:`validate` turns a composed ``DictConfig`` into a :class:`Config` and raises :class:`ConfigError`
 naming the key, the value and what is allowed. The schemas live in :mod:`trainer.config.training` (what is
@@ -81,6 +82,11 @@ class Config:
     probes: ProbesConfig = field(default_factory=ProbesConfig)
     #: Name of the experiment preset applied (``experiment=<name>``), for journals and metrics.
     name: str = "default"
+
+
+#: The package holding the YAML configs: the top-level ``conf/`` directory, mapped onto ``trainer.conf`` by
+#: pyproject.toml so that a wheel carries it; Hydra reads it as ``pkg://trainer.conf``.
+CONFIG_MODULE = "trainer.conf"
 
 
 def register_configs() -> None:

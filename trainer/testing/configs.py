@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
-from trainer.config import Config, validate
+from trainer.config import CONFIG_MODULE, Config, validate
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+#: Where the installed configs lie: the repository's ``conf/`` for an editable install, the package's copy
+#: for a wheel.
+CONF_DIR = Path(str(resources.files(CONFIG_MODULE)))
 
 
 def compose_config(overrides: list[str] | None = None) -> DictConfig:
-    """The composed ``conf/config.yaml`` with Hydra command-line style ``overrides``."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    """The composed ``config.yaml`` of :data:`~trainer.config.CONFIG_MODULE` with Hydra command-line style
+    ``overrides``."""
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         return compose("config", overrides=list(overrides or []))
 
 
