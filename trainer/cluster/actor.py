@@ -117,6 +117,10 @@ class WorkerActor:
                 times.append(result.step_time_s)
                 compute.append(result.compute_s)
         except (RuntimeError, dist.DistBackendError) as exc:
+            # Drop the group at once: its connections close, so peers still waiting on this rank in a
+            # collective fail fast too, and so on around the group — every survivor is released, none waits
+            # for the collective timeout. (gloo's abort does not release a rank blocked in a collective.)
+            self.leave()
             return {"ok": False, "step": self.worker.step, "error": f"{type(exc).__name__}: {exc}"[:500]}
         return {
             "ok": True,

@@ -1,0 +1,60 @@
+"""Recovery with more than two workers, where a survivor need not be the lost rank's neighbour: only the
+lost rank is replaced; the others are released from their collective and keep their processes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from trainer.config import Config
+from trainer.errors import ExitCode
+from trainer.job import run
+from trainer.journal import Journal
+from trainer.testing.configs import make_config
+from trainer.testing.state import mismatched, restored_state
+
+pytestmark = pytest.mark.usefixtures("local_ray")
+
+# The session's local Ray advertises 4 sim_npu slots: 4 workers leave no room for a warm spare.
+FOUR = (
+    "cluster=ray_local",
+    "device=sim_npu",
+    "cluster.workers=4",
+    "cluster.cpus_per_worker=0.25",
+    "model.n_layer=1",
+    "model.n_embd=32",
+    "model.seq_len=16",
+    "train.global_batch_size=8",
+    "train.steps=15",
+    "checkpoint.interval_steps=10",
+    "cluster.chunk_steps=5",
+    "probes.preflight=false",
+    "monitoring=off",
+)
+
+
+def _config(*extra: str) -> Config:
+    return make_config(*FOUR, *extra)
+
+
+def _events(run_dir: Path, name: str) -> list[dict[str, Any]]:
+    return [e for e in Journal(run_dir / "journal.jsonl").read() if e["event"] == name]
+
+
+def test_one_rank_killed_out_of_four_is_the_only_one_replaced(tmp_path: Path) -> None:
+    assert run(_config(), run_dir=tmp_path / "clean") == ExitCode.FINISHED
+    [short] = _events(tmp_path / "clean", "spares_short")
+    assert "cluster.spares=1 but 0 fit beside 4 workers" in short["reason"] and "sim_npu" in short["reason"]
+
+    killed = _config("faults.kill_rank=1", "faults.kill_at_step=7")
+    assert run(killed, run_dir=tmp_path / "killed") == ExitCode.FINISHED
+    [failure] = _events(tmp_path / "killed", "failure")
+    assert failure["kind"] == "worker_lost" and failure["ranks"] == [1]
+    assert _events(tmp_path / "killed", "hang_detected") == []  # no survivor was taken for hung
+    [recovered] = _events(tmp_path / "killed", "recovered")
+    assert recovered["replaced_ranks"] == [1] and recovered["step"] == 6
+    assert recovered["state_from"].startswith("peer snapshot from rank ")
+    a = restored_state(killed, tmp_path / "clean" / "checkpoints")
+    assert mismatched(a, restored_state(killed, tmp_path / "killed" / "checkpoints")) == []
