@@ -23,6 +23,7 @@ from trainer.journal import Journal
 from trainer.local import run_in_process
 from trainer.metrics import MetricsSink
 from trainer.summary import format_summary, summarize
+from trainer.tasks import check_task
 
 log = logging.getLogger("trainer")
 
@@ -46,6 +47,7 @@ def checkpoint_dir(config: Config, run_dir: Path) -> Path:
 def run(cfg: DictConfig | Config, run_dir: str | Path | None = None) -> ExitCode:
     """Train to ``train.steps`` and return how the run ended. Raises ConfigError on a bad configuration."""
     config = validate(cfg)
+    check_task(config)  # the user's code is tried before anything starts or is written
     home = resolve_run_dir(run_dir)
     home.mkdir(parents=True, exist_ok=True)
     journal = Journal(home / "journal.jsonl")

@@ -44,7 +44,7 @@ def run_in_process(
     last_saved = worker.step if restored is not None else -1
     checkpointer = AsyncCheckpointer(manager)
     progress = Progress(steps, config.train.log_interval)
-    tokens_per_sample = int(getattr(worker.data, "seq_len", 0))
+    tokens_per_sample = int(getattr(worker.data.dataset, "seq_len", 0))
     try:
         while worker.step < steps:
             result = worker.train_step()

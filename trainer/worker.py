@@ -1,11 +1,14 @@
-"""One rank of a training job: its device, model, optimizer, data position and train step.
+"""One rank of a training job: its device, the user's task, the data position and the train step.
 
 The same class runs in the driver process for single-process jobs and inside a Ray actor for each rank of
-a worker group. It never decides anything about failures; it trains, saves and restores when told to.
+a worker group. It runs the task's hooks (:mod:`trainer.api`) inside the framework's skeleton — device,
+DDP wrapper, backward, accumulation, clipping, scaler, optimizer and scheduler steps, progress marks — and
+never decides anything about failures; it trains, saves and restores when told to.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from concurrent.futures import Future
@@ -14,19 +17,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
+from trainer.api import Task
 from trainer.checkpoint import CheckpointManager, Restored, TrainingProgress
 from trainer.checkpoint import state as portable
 from trainer.checkpoint.async_writer import AsyncCheckpointer
 from trainer.checkpoint.rng import derive_seed
 from trainer.config import Config, to_container
 from trainer.data import GlobalBatchSampler
+from trainer.data.positions import DataPositions, to_device
 from trainer.devices import DeviceAdapter, get_adapter
 from trainer.errors import ConfigError
 from trainer.faults import CollectiveFaults
+from trainer.tasks import build_task
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -39,10 +42,6 @@ class StepResult:
     samples: int
     #: Seconds from the start of the step to its first gradient collective (the whole step without one).
     compute_s: float
-
-
-def _instantiate(node: Any, **kwargs: Any) -> Any:
-    return instantiate(OmegaConf.structured(node) if not isinstance(node, dict) else node, **kwargs)
 
 
 class Worker:
@@ -85,14 +84,18 @@ class Worker:
                 f"device.precision={cfg.device.precision!r} is not supported on family {self.adapter.name!r}; "
                 f"allowed there: {sorted(str(d) for d in self.adapter.supported_dtypes())}"
             )
+        self.task: Task = build_task(cfg)
         # Same seed on every rank and family: the initial model is identical everywhere.
         torch.manual_seed(cfg.train.seed)
-        self.module: torch.nn.Module = _instantiate(cfg.model).to(self.device)
+        self.module: torch.nn.Module = self.task.build_model(self.device)
         #: What the train step calls: ``module`` itself, or a DDP wrapper of it after :meth:`attach`.
         self.model: torch.nn.Module = self.module
-        self.optimizer = _instantiate(cfg.optim)(self.module.parameters())
+        self.optimizer = self.task.build_optimizer(self.module)
+        self.scheduler = self.task.build_scheduler(self.optimizer)
         self.scaler = self.adapter.grad_scaler(enabled=self.dtype == torch.float16)
-        self.data = _instantiate(cfg.data)
+        self.data = DataPositions(self.task.train_dataset(), cfg.train.seed, self.task.collate)
+        #: Whether the task owns the whole step (it overrides ``train_step``).
+        self.manual_step = type(self.task).train_step is not Task.train_step
         self.sampler = GlobalBatchSampler(cfg.train.global_batch_size, self.rank, self.world_size)
         self.adapter.seed(derive_seed(cfg.train.seed, 0, self.rank), self.device)
 
@@ -162,17 +165,6 @@ class Worker:
         self.progress = {"step": self.step, "phase": phase, "since": time.time()}
 
     # --- training ------------------------------------------------------------------------------------
-    def _batch(self, indices: list[int]) -> torch.Tensor:
-        if hasattr(self.data, "batch"):
-            return self.data.batch(indices)
-        return torch.stack([self.data[i] for i in indices])
-
-    def _loss(self, tokens: torch.Tensor) -> torch.Tensor:
-        tokens = tokens.to(self.device, non_blocking=True)
-        with self.adapter.autocast(self.dtype):
-            logits = self.model(tokens[:, :-1])
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
-
     def train_step(self) -> StepResult:
         """One optimizer step on this rank's slice of the next global batch."""
         start = self._step_started = time.perf_counter()
@@ -181,14 +173,13 @@ class Worker:
         self.model.train()
         if self.extra_compute_s > 0:
             time.sleep(self.extra_compute_s)  # injected straggler: this device computes slowly
-        loss = self._loss(self._batch(self.sampler.indices(self.step)))
+        indices = self.sampler.indices(self.step)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        if self.config.train.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.config.train.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        if self.manual_step:  # the task owns the step; the framework's backward and optimizer step serve it
+            with self.adapter.autocast(self.dtype):
+                loss = self.task.train_step(self.model, self._batch(indices), self)
+        else:
+            loss = self._accumulate(indices)
         self.last_loss = float(loss.item())  # host/device sync point: the step is done after this
         self.step += 1
         self.samples_seen += self.config.train.global_batch_size
@@ -197,19 +188,57 @@ class Worker:
         compute = elapsed if self.compute_s != self.compute_s else self.compute_s  # NaN: no collective
         return StepResult(self.step, self.last_loss, elapsed, self.sampler.local_batch_size, compute)
 
+    def _accumulate(self, indices: list[int]) -> torch.Tensor:
+        """The task's loss on ``train.grad_accum_steps`` micro-batches, one backward each (DDP all-reduces on
+        the last one only), then one optimizer step; returns the mean loss."""
+        accum = self.config.train.grad_accum_steps
+        size = len(indices) // accum
+        losses = []
+        for i in range(accum):
+            micro = self._batch(indices[i * size : (i + 1) * size])
+            defer = i < accum - 1 and hasattr(self.model, "no_sync")  # DDP: no all-reduce until the last
+            with self.model.no_sync() if defer else contextlib.nullcontext():  # type: ignore[operator]
+                loss = self._forward_loss(micro)
+                self.backward(loss / accum if accum > 1 else loss)
+            losses.append(loss.detach())
+        self.optimizer_step()
+        return losses[0] if accum == 1 else torch.stack(losses).mean()
+
+    def _batch(self, indices: list[int]) -> Any:
+        return to_device(self.data.batch(indices), self.device)
+
+    def _forward_loss(self, batch: Any) -> torch.Tensor:
+        with self.adapter.autocast(self.dtype):
+            return self.task.loss(self.model, batch)
+
+    # StepControl: what the task's train_step calls (see trainer.api.StepControl).
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def optimizer_step(self) -> None:
+        if self.config.train.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.config.train.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.scheduler is not None:
+            self.scheduler.step()
+
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Loss on the fixed held-out samples (the same on every family and world size)."""
-        count = self.config.train.eval_samples
-        if count == 0 or not hasattr(self.data, "held_out"):
+        """The task's evaluation on its fixed held-out set (the same on every family and world size)."""
+        held_out: Any = self.task.eval_dataset()
+        count = min(self.config.train.eval_samples, len(held_out)) if held_out is not None else 0
+        if count == 0:
             return float("nan")
         self.module.eval()
-        tokens = self.data.held_out(count).to(self.device)
+        size = self.config.train.global_batch_size
+        batches = [
+            to_device(self.task.collate([held_out[i] for i in range(j, min(j + size, count))]), self.device)
+            for j in range(0, count, size)
+        ]
         with self.adapter.autocast(self.dtype):
-            logits = self.module(tokens[:, :-1])
-        return float(
-            F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)).item()
-        )
+            return float(self.task.evaluate(self.module, batches))
 
     # --- checkpoints ---------------------------------------------------------------------------------
     def _progress(self, metrics: dict[str, float] | None) -> TrainingProgress:
@@ -222,10 +251,17 @@ class Worker:
             metrics={"loss": self.last_loss, **(metrics or {})},
         )
 
+    def capture(self) -> portable.PortableState:
+        """The whole training state, tensors not yet copied: model, optimizer, scaler, scheduler, the task's
+        extra state."""
+        return portable.capture(
+            self.module, self.optimizer, self.scaler, self.scheduler, self.task.extra_state()
+        )
+
     def save(self, manager: CheckpointManager, metrics: dict[str, float] | None = None) -> Path:
         """Write and commit a checkpoint now (blocks for the whole write)."""
         return manager.save(
-            portable.capture(self.module, self.optimizer, self.scaler),
+            self.capture(),
             self.adapter.get_rng_state(self.device),
             self.adapter,
             self._progress(metrics),
@@ -237,7 +273,7 @@ class Worker:
     ) -> Future[Path]:
         """Stage a checkpoint (blocks only for the copy) and commit it in the background."""
         return checkpointer.save(
-            portable.capture(self.module, self.optimizer, self.scaler),
+            self.capture(),
             self.adapter.get_rng_state(self.device),
             self.adapter,
             self._progress(metrics),
@@ -254,8 +290,11 @@ class Worker:
             rank=self.rank,
             world_size=self.world_size,
             seed=self.config.train.seed,
+            scheduler=self.scheduler,
+            extra=self.task.extra_state(),
         )
         if restored is not None:
+            self.task.load_extra_state(restored.extra)
             self.step = restored.manifest.step
             self.samples_seen = restored.manifest.samples_seen
             self.history = restored.history
@@ -271,14 +310,15 @@ class Worker:
     def snapshot(self) -> dict[str, Any]:
         """A CPU copy of the full training state, to hand to a replacement worker through Ray's object store.
 
-        Every rank of a DDP group holds the same parameters and optimizer state, so one survivor's snapshot
-        restores any rank. The copy is taken now; training may continue while it is shipped.
+        Every rank of a DDP group holds the same parameters, optimizer state and task state, so one survivor's
+        snapshot restores any rank. The copy is taken now; training may continue while it is shipped.
         """
-        state = portable.capture(self.module, self.optimizer, self.scaler)
+        state = self.capture()
         return {
             "tensors": {k: t.detach().to("cpu", copy=True) for k, t in state.tensors.items()},
             "optimizer": state.optimizer,
             "scaler": state.scaler,
+            "task_state": state.task_state,
             "step": self.step,
             "samples_seen": self.samples_seen,
             "history": list(self.history),
@@ -287,9 +327,17 @@ class Worker:
 
     def load_snapshot(self, snap: dict[str, Any]) -> None:
         """Adopt a peer's :meth:`snapshot`; RNG is re-derived from (seed, step, rank)."""
-        portable.apply(
-            snap["tensors"], snap["optimizer"], snap["scaler"], self.module, self.optimizer, self.scaler
+        extra = portable.apply(
+            snap["tensors"],
+            snap["optimizer"],
+            snap["scaler"],
+            self.module,
+            self.optimizer,
+            self.scaler,
+            snap["task_state"],
+            self.scheduler,
         )
+        self.task.load_extra_state(extra)
         self.step, self.samples_seen = int(snap["step"]), int(snap["samples_seen"])
         self.history, self.last_loss = list(snap["history"]), float(snap["last_loss"])
         self.adapter.seed(derive_seed(self.config.train.seed, self.step, self.rank), self.device)

@@ -60,7 +60,7 @@ class AsyncCheckpointer:
         device = next(iter(state.tensors.values())).device if state.tensors else torch.device("cpu")
         if device.type != "cpu":
             adapter.synchronize(device)  # the non-blocking copies must land before the writer reads
-        staged_state = PortableState(staged, state.optimizer, state.scaler)
+        staged_state = PortableState(staged, state.optimizer, state.scaler, state.task_state)
         rng = {k: v.clone() for k, v in rng_states.items()}
         snapshot = TrainingProgress(
             progress.step,

@@ -57,6 +57,8 @@ class Restored:
     skipped: list[tuple[Path, str]]
     #: History of the restored state including this restore's family change, if any.
     history: list[dict[str, Any]]
+    #: The task's extra state (tensors and JSON values), for ``Task.load_extra_state``.
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class CheckpointManager:
@@ -127,6 +129,7 @@ class CheckpointManager:
             },
             optimizer=state.optimizer,
             scaler=state.scaler,
+            task_state=state.task_state,
             config=config,
             files=checksum_files(directory),
             history=list(progress.history),
@@ -148,13 +151,17 @@ class CheckpointManager:
         rank: int = 0,
         world_size: int = 1,
         seed: int = 0,
+        scheduler: Any | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> Restored | None:
-        """Restore the newest good checkpoint into the live objects; None when the directory has none."""
+        """Restore the newest good checkpoint into the live objects; None when the directory has none.
+        ``extra`` is the task's current extra state (the shapes of its tensors); the restored one is returned
+        in :attr:`Restored.extra`."""
         self.store.remove_partial()
         candidates = self.store.candidates()
         if not candidates:
             return None
-        expected = portable.template(model, optimizer)
+        expected = portable.template(model, optimizer, extra)
         skipped: list[tuple[Path, str]] = []
         for path in candidates:
             try:
@@ -166,9 +173,18 @@ class CheckpointManager:
                 log.warning("skipping damaged checkpoint %s: %s", path, exc)
                 skipped.append((path, str(exc)))
                 continue
-            portable.apply(loaded, manifest.optimizer, manifest.scaler, model, optimizer, scaler)
+            restored_extra = portable.apply(
+                loaded,
+                manifest.optimizer,
+                manifest.scaler,
+                model,
+                optimizer,
+                scaler,
+                manifest.task_state,
+                scheduler,
+            )
             rng_restored, history = self._restore_rng(path, manifest, adapter, device, rank, world_size, seed)
-            return Restored(path, manifest, rng_restored, skipped, history)
+            return Restored(path, manifest, rng_restored, skipped, history, restored_extra)
         raise NoCheckpointError(
             f"no loadable checkpoint in {self.root}; every candidate is damaged: "
             + "; ".join(f"{p.name}: {why}" for p, why in skipped)

@@ -22,7 +22,9 @@ import xxhash
 from trainer.errors import CheckpointCorruptError
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Older versions this one reads: 1 had no ``task_state``.
+_READS = (1, 2)
 _CHUNK = 8 << 20
 
 
@@ -69,6 +71,8 @@ class Manifest:
     history: list[dict[str, Any]] = field(default_factory=list)
     #: Figures recorded at save time (loss, eval loss) for parity checks and reports.
     metrics: dict[str, float] = field(default_factory=dict)
+    #: The LR scheduler's state and the task's extra JSON values: ``{"scheduler": .., "extra": {..}}``.
+    task_state: dict[str, Any] = field(default_factory=dict)
     created_at: float = 0.0
     format_version: int = FORMAT_VERSION
 
@@ -100,10 +104,12 @@ class Manifest:
         claimed = body.pop("manifest_sha256", None)
         if claimed != _self_digest(body):
             raise CheckpointCorruptError(f"{path}: manifest checksum mismatch (edited or damaged)")
-        if body.get("format_version") != FORMAT_VERSION:
+        if body.get("format_version") not in _READS:
             raise CheckpointCorruptError(
-                f"{path}: format_version={body.get('format_version')!r}; this version reads {FORMAT_VERSION}"
+                f"{path}: format_version={body.get('format_version')!r}; this version reads {list(_READS)}"
             )
+        if body["format_version"] == 1:
+            body.setdefault("task_state", {})
         names = {f.name for f in fields(cls)}
         if set(body) != names:
             raise CheckpointCorruptError(f"{path}: unexpected manifest keys {sorted(set(body) ^ names)}")
@@ -143,7 +149,7 @@ def _self_digest(body: dict[str, Any]) -> str:
 
 _INT_FIELDS = ("step", "samples_seen", "world_size", "format_version")
 _STR_FIELDS = ("family", "rng_key", "torch_version")
-_DICT_FIELDS = ("adapter", "tensors", "optimizer", "scaler", "config", "files", "metrics")
+_DICT_FIELDS = ("adapter", "tensors", "optimizer", "scaler", "config", "files", "metrics", "task_state")
 
 
 def _check_types(body: dict[str, Any], path: Path) -> None:

@@ -1,15 +1,16 @@
 """Device-neutral training state: what a checkpoint holds, independent of the family that wrote it.
 
-Tensors (model parameters and buffers, optimizer state) go to DCP as CPU tensors under flat keys
-``model/<fqn>`` and ``optim/<fqn>/<name>``. Everything else — optimizer hyper-parameters, GradScaler
-state — is plain JSON for the manifest. Flags that only describe how a family runs the optimizer
+Tensors (model parameters and buffers, optimizer state, a task's extra tensors) go to DCP as CPU tensors
+under flat keys ``model/<fqn>``, ``optim/<fqn>/<name>`` and ``extra/<name>``. Everything else — optimizer
+hyper-parameters, GradScaler state, the LR scheduler's state, a task's extra JSON values — is plain JSON for
+the manifest. Flags that only describe how a family runs the optimizer
 (``fused``, ``foreach``, ``capturable``, ``differentiable``) are not saved: on load the restoring family's
 own flags are kept, so a checkpoint from a fused CUDA AdamW loads into a CPU AdamW and back.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from trainer.errors import CheckpointIncompatibleError
 DEVICE_FLAGS = ("fused", "foreach", "capturable", "differentiable")
 _MODEL = "model/"
 _OPTIM = "optim/"
+_EXTRA = "extra/"
 
 
 @dataclass
@@ -35,6 +37,8 @@ class PortableState:
     tensors: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
     scaler: dict[str, Any]
+    #: ``{"scheduler": <its state_dict>, "extra": <the task's JSON values>}`` (the manifest's ``task_state``).
+    task_state: dict[str, Any] = field(default_factory=dict)
 
 
 def _json_value(value: Any, where: str) -> Any:
@@ -47,13 +51,32 @@ def _json_value(value: Any, where: str) -> Any:
     raise CheckpointIncompatibleError(f"{where}: {type(value).__name__} values cannot be stored portably")
 
 
+def json_tree(value: Any, where: str) -> Any:
+    """``value`` as JSON (tuples become lists); raise naming ``where`` for anything JSON cannot hold."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list | tuple):
+        return [json_tree(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: json_tree(v, f"{where}.{k}") for k, v in value.items()}
+    raise CheckpointIncompatibleError(
+        f"{where} is a {type(value).__name__}; allowed: tensors at the top level, else JSON values "
+        "(numbers, strings, booleans, None, lists and string-keyed dicts of them)"
+    )
+
+
 def capture(
-    model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    scheduler: Any | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> PortableState:
     """The current state with tensors *not yet copied* (they alias the live parameters and optimizer state).
 
     Callers that keep training while the state is written must copy the tensors first (see the async
     writer); a synchronous save can write them directly. ``model`` is the bare module (not a DDP wrapper).
+    ``extra`` is a task's extra state: its tensors go with the others, its other values must be JSON.
     Keys are the parameter FQNs that DCP's ``get_optimizer_state_dict`` uses, without its per-call
     overhead: this runs inside the time a save blocks training.
     """
@@ -77,18 +100,30 @@ def capture(
             if k not in DEVICE_FLAGS and k != "params"
         }
         groups.append({**meta, "params": fqns})
+    task_state: dict[str, Any] = {"extra": {}}
+    if scheduler is not None:
+        task_state["scheduler"] = json_tree(scheduler.state_dict(), "the LR scheduler's state_dict()")
+    for key, value in (extra or {}).items():
+        if isinstance(value, torch.Tensor):
+            tensors[_EXTRA + key] = value.detach()
+        else:
+            task_state["extra"][key] = json_tree(value, f"extra state {key!r}")
     return PortableState(
         tensors=tensors,
         optimizer={"class": type(optimizer).__name__, "param_groups": groups},
         scaler={k: _json_value(v, f"scaler.{k}") for k, v in scaler.state_dict().items()},
+        task_state=task_state,
     )
 
 
-def template(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+def template(
+    model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any] | None = None
+) -> dict[str, torch.Tensor]:
     """Empty CPU tensors of the shapes and dtypes :func:`capture` would produce, for loading into."""
     # DCP's helper materialises the state of an optimizer that has not stepped yet (a fresh one on load).
     get_optimizer_state_dict(model, optimizer)
-    live = capture(model, optimizer, torch.amp.GradScaler("cpu", enabled=False)).tensors
+    tensors = {k: v for k, v in (extra or {}).items() if isinstance(v, torch.Tensor)}
+    live = capture(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), extra=tensors).tensors
     return {k: torch.empty(t.shape, dtype=t.dtype, device="cpu") for k, t in live.items()}
 
 
@@ -119,8 +154,11 @@ def apply(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
-) -> None:
-    """Put loaded CPU tensors and JSON state into the live model, optimizer and scaler."""
+    task_state: dict[str, Any] | None = None,
+    scheduler: Any | None = None,
+) -> dict[str, Any]:
+    """Put loaded CPU tensors and JSON state into the live model, optimizer, scaler and scheduler; returns
+    the task's extra state (its tensors and JSON values) for ``Task.load_extra_state``."""
     model_sd = {k.removeprefix(_MODEL): v for k, v in loaded.items() if k.startswith(_MODEL)}
     set_model_state_dict(model, model_sd)  # type: ignore[arg-type]
 
@@ -151,3 +189,8 @@ def apply(
 
     if scaler.is_enabled() and scaler_state:
         scaler.load_state_dict(scaler_state)
+    task_state = task_state or {}
+    if scheduler is not None and "scheduler" in task_state:
+        scheduler.load_state_dict(task_state["scheduler"])
+    tensors = {k.removeprefix(_EXTRA): v for k, v in loaded.items() if k.startswith(_EXTRA)}
+    return {**task_state.get("extra", {}), **tensors}

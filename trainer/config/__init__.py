@@ -72,6 +72,9 @@ class Config:
     model: Any = MISSING
     data: Any = MISSING
     optim: Any = MISSING
+    #: The user's training code: a ``_target_`` node naming a ``trainer.api.Task`` subclass, its other keys
+    #: passed to the constructor. Null: the built-in language model from ``model``, ``data`` and ``optim``.
+    task: Any = None
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -136,10 +139,14 @@ def validate(cfg: DictConfig | Config) -> Config:
         )
     for group in ("model", "data", "optim", "monitoring"):
         _plugin_node(group, getattr(typed, group))
-    if typed.train.global_batch_size % typed.cluster.workers:
+    if typed.task is not None:
+        _plugin_node("task", typed.task)
+    per_step = typed.cluster.workers * typed.train.grad_accum_steps
+    if typed.train.global_batch_size % per_step:
         raise ConfigError(
-            f"train.global_batch_size={typed.train.global_batch_size} is not divisible by "
-            f"cluster.workers={typed.cluster.workers}; allowed: a multiple of the number of workers"
+            f"train.global_batch_size={typed.train.global_batch_size} is not divisible by cluster.workers="
+            f"{typed.cluster.workers} x train.grad_accum_steps={typed.train.grad_accum_steps}; allowed: a "
+            f"multiple of {per_step}"
         )
     for key in ("kill_rank", "hang_rank"):
         rank = getattr(typed.faults, key)

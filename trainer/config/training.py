@@ -130,6 +130,8 @@ class TrainConfig:
     seed: int = 1234
     #: Max gradient norm; 0 disables clipping.
     grad_clip: float = 1.0
+    #: Micro-batches per optimizer step on each rank (gradient accumulation); the local batch splits evenly.
+    grad_accum_steps: int = 1
     log_interval: int = 10
     #: Held-out samples used for the evaluation loss reported at checkpoints and the end of the run.
     eval_samples: int = 16
@@ -140,5 +142,8 @@ class TrainConfig:
             "train.global_batch_size", self.global_batch_size, self.global_batch_size >= 1, "an integer >= 1"
         )
         _require("train.grad_clip", self.grad_clip, self.grad_clip >= 0, "a float >= 0 (0 disables clipping)")
+        _require(
+            "train.grad_accum_steps", self.grad_accum_steps, self.grad_accum_steps >= 1, "an integer >= 1"
+        )
         _require("train.log_interval", self.log_interval, self.log_interval >= 1, "an integer >= 1")
         _require("train.eval_samples", self.eval_samples, self.eval_samples >= 0, "an integer >= 0")

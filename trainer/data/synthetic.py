@@ -15,7 +15,7 @@ import torch
 _MASK64 = (1 << 64) - 1
 
 
-def _mix(seed: int, index: int) -> int:
+def mix_seed(seed: int, index: int) -> int:
     """SplitMix64 of (seed, index): decorrelates neighbouring indices; stable across platforms."""
     z = (seed * 0x9E3779B97F4A7C15 + index + 1) & _MASK64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
@@ -36,7 +36,7 @@ class SyntheticCorpus:
         self.vocab_size = vocab_size
         self.seq_len = seq_len
         self.noise = noise
-        g = torch.Generator().manual_seed(_mix(seed, -1))
+        g = torch.Generator().manual_seed(mix_seed(seed, -1))
         self.table = torch.randperm(vocab_size, generator=g)
 
     def entropy_floor(self) -> float:
@@ -59,7 +59,7 @@ class SyntheticCorpus:
         noisy = torch.empty(n, length, dtype=torch.bool)
         random_tokens = torch.empty(n, length, dtype=torch.int64)
         for row, index in enumerate(indices):
-            g = torch.Generator().manual_seed(_mix(self.seed, int(index)))
+            g = torch.Generator().manual_seed(mix_seed(self.seed, int(index)))
             first[row] = torch.randint(self.vocab_size, (1,), generator=g)
             noisy[row] = torch.rand(length, generator=g) < self.noise
             random_tokens[row] = torch.randint(self.vocab_size, (length,), generator=g)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -12,11 +14,22 @@ from trainer.worker import Worker
 
 
 def live_state(worker: Worker) -> dict[str, torch.Tensor]:
-    """Copies of the worker's model parameters and buffers and its optimizer state, by name."""
+    """Copies of the worker's model parameters and buffers, its optimizer state, its LR scheduler's state and
+    its task's extra state, by name (JSON values as the bytes of their JSON text)."""
     out = {f"model/{k}": v.detach().clone() for k, v in worker.module.state_dict().items()}
     for i, per_param in enumerate(worker.optimizer.state.values()):
         out.update({f"optim/{i}/{k}": v.detach().clone() for k, v in per_param.items()})
+    if worker.scheduler is not None:
+        out["scheduler"] = _json_bytes(worker.scheduler.state_dict())
+    for key, value in worker.task.extra_state().items():
+        out[f"extra/{key}"] = (
+            value.detach().clone() if isinstance(value, torch.Tensor) else _json_bytes(value)
+        )
     return out
+
+
+def _json_bytes(value: Any) -> torch.Tensor:
+    return torch.tensor(list(json.dumps(value, sort_keys=True).encode()), dtype=torch.uint8)
 
 
 def restored_state(config: Config, checkpoint_root: Path) -> dict[str, torch.Tensor]:
