@@ -17,6 +17,8 @@ class ExitCode(IntEnum):
     FAILED = 1
     CONFIG_ERROR = 2
     ABORTED = 3
+    #: The user's training code raised (a hook of trainer.api.Task): not retried, not handed over.
+    USER_ERROR = 4
 
 
 class TrainerError(Exception):
@@ -72,3 +74,9 @@ class UnsafeCheckpointError(CheckpointCorruptError):
 
 class NoCheckpointError(CheckpointError):
     """No committed checkpoint could be loaded from the directory."""
+
+
+class UserCodeError(TrainerError):
+    """The user's code (a hook of ``trainer.api.Task``) raised. Fatal: retrying or moving to another family
+    would raise it again, so the run stops at once with :attr:`ExitCode.USER_ERROR`. The message holds the
+    hook, the step, the rank and the user's traceback."""

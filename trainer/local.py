@@ -14,7 +14,7 @@ from pathlib import Path
 from trainer.checkpoint import CheckpointManager, Restored
 from trainer.checkpoint.async_writer import AsyncCheckpointer
 from trainer.config import Config
-from trainer.errors import CheckpointWriteError, ExitCode
+from trainer.errors import CheckpointWriteError, ExitCode, UserCodeError
 from trainer.goodput import Goodput
 from trainer.journal import Journal
 from trainer.metrics import MetricsSink
@@ -72,6 +72,11 @@ def run_in_process(
     except CheckpointWriteError:
         journal.record("run_failed", step=worker.step, reason="the final checkpoint could not be written")
         return ExitCode.FAILED
+    except UserCodeError as exc:  # not retried: it would raise again; the newest checkpoint stays
+        journal.record("user_error", step=worker.step, family=worker.adapter.name, error=str(exc))
+        journal.record("run_aborted", step=worker.step, reason="the task's code raised")
+        print(f"error in the task's code, the run stops (exit code {int(ExitCode.USER_ERROR)}):\n{exc}")
+        return ExitCode.USER_ERROR
     finally:
         with contextlib.suppress(CheckpointWriteError):  # journalled by its callback
             checkpointer.close()

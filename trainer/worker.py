@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import traceback
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from trainer.config import Config, to_container
 from trainer.data import GlobalBatchSampler
 from trainer.data.positions import DataPositions, to_device
 from trainer.devices import DeviceAdapter, get_adapter
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, UserCodeError
 from trainer.faults import CollectiveFaults
 from trainer.tasks import build_task
 
@@ -90,6 +91,9 @@ class Worker:
         self.module: torch.nn.Module = self.task.build_model(self.device)
         #: What the train step calls: ``module`` itself, or a DDP wrapper of it after :meth:`attach`.
         self.model: torch.nn.Module = self.module
+        self.buffers = list(self.module.buffers())
+        #: Set by the gradient all-reduce when it fails: an error in the step is then not the user's.
+        self.collective_failed = False
         self.optimizer = self.task.build_optimizer(self.module)
         self.scheduler = self.task.build_scheduler(self.optimizer)
         self.scaler = self.adapter.grad_scaler(enabled=self.dtype == torch.float16)
@@ -113,7 +117,16 @@ class Worker:
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = None if self.device.type == "cpu" else [self.device]
-        ddp = DistributedDataParallel(self.module, device_ids=device_ids)
+        # Buffers are broadcast by _sync_buffers at the framework's boundary, not inside the user's forward.
+        ddp = DistributedDataParallel(self.module, device_ids=device_ids, broadcast_buffers=False)
+        # Every incarnation must lay DDP's buckets out alike, or the all-reduce adds the ranks' gradients in
+        # another order on its first step and a recovered run drifts from an uninterrupted one in the last bits
+        # (from 3 ranks on: a sum of two does not depend on the order). DDP lays out its first step in reversed
+        # parameter order and rebuilds the buckets after it; fixing the layout before the first step (in
+        # parameter order) makes it the same in every incarnation. Cost: with several buckets, less overlap of
+        # the all-reduce with the backward pass.
+        if hasattr(ddp.reducer, "_push_all_rebuilt_params"):
+            ddp.reducer._push_all_rebuilt_params()
         ddp.register_comm_hook(None, self._comm_hook(rank))
         self.model = ddp
 
@@ -143,7 +156,14 @@ class Worker:
                 faults = self.collective_faults(rank)  # the profile may switch on mid-run
                 if faults.active:
                     faults.before_collective(rng)
-            return allreduce_hook(state, bucket)
+            return allreduce_hook(state, bucket).then(noted)
+
+        def noted(fut):  # type: ignore[no-untyped-def]
+            try:
+                return fut.value()
+            except Exception:
+                self.collective_failed = True  # not the user's code: a framework collective failed
+                raise
 
         return hook
 
@@ -175,9 +195,12 @@ class Worker:
             time.sleep(self.extra_compute_s)  # injected straggler: this device computes slowly
         indices = self.sampler.indices(self.step)
         self.optimizer.zero_grad(set_to_none=True)
+        self.collective_failed = False
         if self.manual_step:  # the task owns the step; the framework's backward and optimizer step serve it
+            batch = self._batch(indices)
+            self._sync_buffers()
             with self.adapter.autocast(self.dtype):
-                loss = self.task.train_step(self.model, self._batch(indices), self)
+                loss = self._user("train_step", self.task.train_step, self.model, batch, self)
         else:
             loss = self._accumulate(indices)
         self.last_loss = float(loss.item())  # host/device sync point: the step is done after this
@@ -198,18 +221,36 @@ class Worker:
             micro = self._batch(indices[i * size : (i + 1) * size])
             defer = i < accum - 1 and hasattr(self.model, "no_sync")  # DDP: no all-reduce until the last
             with self.model.no_sync() if defer else contextlib.nullcontext():  # type: ignore[operator]
-                loss = self._forward_loss(micro)
+                self._sync_buffers()
+                with self.adapter.autocast(self.dtype):
+                    loss = self._user("loss", self.task.loss, self.model, micro)
                 self.backward(loss / accum if accum > 1 else loss)
             losses.append(loss.detach())
         self.optimizer_step()
         return losses[0] if accum == 1 else torch.stack(losses).mean()
 
     def _batch(self, indices: list[int]) -> Any:
-        return to_device(self.data.batch(indices), self.device)
+        return to_device(self._user("train_dataset or collate", self.data.batch, indices), self.device)
 
-    def _forward_loss(self, batch: Any) -> torch.Tensor:
-        with self.adapter.autocast(self.dtype):
-            return self.task.loss(self.model, batch)
+    def _user(self, hook: str, fn: Any, *args: Any) -> Any:
+        """Call the user's code. What it raises is a :class:`UserCodeError` naming the hook, the step and the
+        rank — unless a collective of the framework failed inside the call (a manual step's backward): that
+        stays an infrastructure fault for the policy."""
+        try:
+            return fn(*args)
+        except Exception as exc:
+            if self.collective_failed:
+                raise
+            trace = "".join(traceback.format_exception(exc))
+            raise UserCodeError(
+                f"Task.{hook} raised {type(exc).__name__}: {exc} (step {self.step + 1}, rank {self.rank})\n{trace}"
+            ) from None
+
+    def _sync_buffers(self) -> None:
+        """Rank 0's buffers to every rank before a forward, as DDP would — here, outside the user's call."""
+        if self.world_size > 1 and self.buffers:
+            for buffer in self.buffers:
+                torch.distributed.broadcast(buffer, src=0)
 
     # StepControl: what the task's train_step calls (see trainer.api.StepControl).
     def backward(self, loss: torch.Tensor) -> None:
@@ -238,7 +279,7 @@ class Worker:
             for j in range(0, count, size)
         ]
         with self.adapter.autocast(self.dtype):
-            return float(self.task.evaluate(self.module, batches))
+            return float(self._user("evaluate", self.task.evaluate, self.module, batches))
 
     # --- checkpoints ---------------------------------------------------------------------------------
     def _progress(self, metrics: dict[str, float] | None) -> TrainingProgress:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from trainer.checkpoint import CheckpointStore
 from trainer.errors import ExitCode
 from trainer.job import run
 from trainer.journal import Journal
@@ -46,3 +47,20 @@ def test_user_task_survives_a_killed_worker_bit_for_bit(tmp_path: Path) -> None:
     b = restored_state(clean, tmp_path / "killed" / "checkpoints")
     assert mismatched(a, b) == []
     assert bytes(b["extra/steps_seen"].tolist()) == b"20"
+
+
+def test_a_bug_in_the_users_code_stops_the_group_without_retry_or_hand_over(tmp_path: Path) -> None:
+    config = make_config(
+        *THREE, "+task.fail_at=12", "+task.fail_rank=1", "fault_tolerance.fallback_chain=[sim_cuda]"
+    )
+    assert run(config, run_dir=tmp_path) == ExitCode.USER_ERROR
+    events = Journal(tmp_path / "journal.jsonl").read()
+    [error] = [e for e in events if e["event"] == "user_error"]
+    assert "Task.train_step raised KeyError: 'label' (step 12, rank 1)" in error["error"]
+    assert "Traceback" in error["error"]
+    names = {e["event"] for e in events}
+    assert not names & {"failure", "decision", "recovered", "handover_started", "run_finished"}
+    store = CheckpointStore(tmp_path / "checkpoints")
+    [newest] = store.committed()[-1:]
+    store.verify(newest)
+    assert newest.name == "step_000000010"

@@ -15,6 +15,7 @@ from trainer.config import Config
 from trainer.data.positions import DataPositions
 from trainer.errors import ConfigError, ExitCode
 from trainer.job import run
+from trainer.journal import Journal
 from trainer.testing.state import mismatched, restored_state
 from trainer.testing.tasks import ClusterTask
 
@@ -141,3 +142,16 @@ def test_a_task_lacking_a_required_hook_is_named(make_config: Callable[..., Conf
     with pytest.raises(ConfigError, match="abstract method") as caught:
         run(config, run_dir=tmp_path / "run")
     assert "build_model" in str(caught.value) and "train_dataset" in str(caught.value)
+
+
+def test_an_exception_in_the_users_code_stops_the_run_as_a_user_error(
+    task_config: Callable[..., Config], tmp_path: Path
+) -> None:
+    config = task_config("train.steps=20", "checkpoint.interval_steps=5", "+task.fail_at=8")
+    assert run(config, run_dir=tmp_path) == ExitCode.USER_ERROR
+    events = Journal(tmp_path / "journal.jsonl").read()
+    [error] = [e for e in events if e["event"] == "user_error"]
+    assert "Task.train_step raised KeyError: 'label' (step 8, rank 0)" in error["error"]
+    assert "Traceback" in error["error"] and "raise KeyError" in error["error"]
+    assert not any(e["event"] == "run_finished" for e in events)
+    assert restored_state(config, tmp_path / "checkpoints")["step"] == 5  # the newest checkpoint is intact

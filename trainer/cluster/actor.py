@@ -26,7 +26,7 @@ import torch.distributed as dist
 from trainer.checkpoint import CheckpointManager
 from trainer.checkpoint.async_writer import AsyncCheckpointer
 from trainer.config import from_container
-from trainer.errors import CheckpointWriteError
+from trainer.errors import CheckpointWriteError, UserCodeError
 from trainer.worker import Worker
 
 _Call = TypeVar("_Call", bound=Callable[..., Any])
@@ -122,6 +122,9 @@ class WorkerActor:
             # for the collective timeout. (gloo's abort does not release a rank blocked in a collective.)
             self.leave()
             return {"ok": False, "step": self.worker.step, "error": f"{type(exc).__name__}: {exc}"[:500]}
+        except UserCodeError:
+            self.leave()  # the peers waiting on this rank are released; the controller stops the run
+            raise
         return {
             "ok": True,
             "step": self.worker.step,

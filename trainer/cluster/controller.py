@@ -9,6 +9,7 @@ another device family, or abort.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import statistics
 import time
@@ -26,7 +27,7 @@ from trainer.cluster.newest_state import LOST_ERRORS, HeldState, Loaded, hold_ne
 from trainer.cluster.watch import ChunkOutcome, run_chunk
 from trainer.config import Config
 from trainer.devices import get_adapter
-from trainer.errors import DeviceUnavailableError, ExitCode
+from trainer.errors import DeviceUnavailableError, ExitCode, UserCodeError
 from trainer.goodput import Goodput
 from trainer.journal import Journal
 from trainer.metrics import MetricsSink, NullSink
@@ -90,6 +91,8 @@ class Controller:
         self.failure_time: float | None = None
         self.recoveries: list[dict[str, Any]] = []
         self.abort_reason = ""
+        #: The user's code raised: the run stops with ExitCode.USER_ERROR.
+        self.user_error: str | None = None
         self._handlers: dict[State, Callable[[], State]] = {
             State.STARTING: self._start,
             State.RUNNING: self._run_chunk,
@@ -106,11 +109,15 @@ class Controller:
                 except LOST_ERRORS as exc:
                     # A save, snapshot, restore, probe or hand-over step found a worker gone: a worker loss.
                     self.state = self._on_lost(exc)
+                except UserCodeError as exc:
+                    self.state = self._on_user_error(exc)
                 if state in _BADPUT_STATES:  # the whole state is unproductive (its probes included)
                     self.goodput.bad(_BADPUT_STATES[state], time.monotonic() - started)
         finally:
             if self.group is not None:
                 self.group.shutdown()
+        if self.user_error is not None:
+            return ExitCode.USER_ERROR
         return ExitCode.FINISHED if self.state is State.FINISHED else ExitCode.ABORTED
 
     @property
@@ -313,6 +320,19 @@ class Controller:
             kind, ranks = FailureKind.COLLECTIVE_FAILED, ()
         detail = "; ".join(f"rank {r}: {res['error']}" for r, res in outcome.results.items() if not res["ok"])
         return self.on_event(kind, ranks, detail, outcome)
+
+    def _on_user_error(self, exc: UserCodeError) -> State:
+        """The user's code raised on a worker: stop now. Not an event for the policy — a retry or another
+        family would raise it again — and the newest checkpoint stays as it is (a save in flight commits)."""
+        message = str(getattr(exc, "cause", exc))  # Ray's wrapper holds the worker's error as its cause
+        self.user_error = message
+        self.journal.record("user_error", step=self.step, family=self.family, error=message)
+        with contextlib.suppress(ray.exceptions.RayError):
+            if self.group is not None:
+                self._committed(ray.get(self.members[0].flush.remote(), timeout=60))
+        self.journal.record("run_aborted", step=self.step, reason="the task's code raised")
+        print(f"error in the task's code, the run stops (exit code {int(ExitCode.USER_ERROR)}):\n{message}")
+        return State.ABORTED
 
     def _on_lost(self, exc: Exception) -> State:
         """A worker found gone outside a training chunk: ask the others who is left, then tell the policy."""

@@ -51,15 +51,14 @@ class ClusterTask(Task):
         hidden: int = 16,
         lr: float = 0.05,
         ema: float = 0.9,
+        fail_at: int | None = None,
+        fail_rank: int = 0,
     ) -> None:
-        self.size, self.dim, self.classes, self.hidden, self.lr, self.decay = (
-            size,
-            dim,
-            classes,
-            hidden,
-            lr,
-            ema,
-        )
+        """``fail_at``, ``fail_rank``: a bug of the user's — the step raises ``KeyError`` at that step on that
+        rank (tests of user errors)."""
+        self.size, self.dim, self.classes, self.hidden = size, dim, classes, hidden
+        self.lr, self.decay = lr, ema
+        self.fail_at, self.fail_rank = fail_at, fail_rank
         self.ema: dict[str, torch.Tensor] = {}
         self.steps_seen = 0
 
@@ -85,6 +84,9 @@ class ClusterTask(Task):
         return F.cross_entropy(model(x)["logits"], y)
 
     def train_step(self, model: nn.Module, batch: Any, control: StepControl) -> torch.Tensor:
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if self.steps_seen + 1 == self.fail_at and rank == self.fail_rank:
+            raise KeyError("label")  # the user's bug
         loss = self.loss(model, batch)
         control.backward(loss)
         control.optimizer_step()
