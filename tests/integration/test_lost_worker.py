@@ -14,8 +14,8 @@ from trainer.checkpoint import CheckpointStore
 from trainer.config import Config
 from trainer.errors import ExitCode
 from trainer.job import run
-from trainer.journal import Journal
 from trainer.testing.configs import make_config
+from trainer.testing.runs import events
 from trainer.testing.state import mismatched, restored_state
 
 pytestmark = pytest.mark.usefixtures("local_ray")
@@ -43,10 +43,6 @@ def _die_in(call: str, slot: int, family: str = "sim_npu") -> str:
     return f"+faults.families={{{family}: {{die_in_call: {call}, die_in_call_slot: {slot}}}}}"
 
 
-def _events(run_dir: Path, name: str) -> list[dict[str, Any]]:
-    return [e for e in Journal(run_dir / "journal.jsonl").read() if e["event"] == name]
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The final state of the same run without faults."""
@@ -57,7 +53,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def _finished_like(run_dir: Path, uninterrupted: dict[str, Any]) -> None:
     """Finished at the last step, every committed checkpoint whole, the final state the uninterrupted one."""
-    assert _events(run_dir, "run_finished")[-1]["step"] == 20
+    assert events(run_dir, "run_finished")[-1]["step"] == 20
     store = CheckpointStore(run_dir / "checkpoints")
     for path in store.committed():
         store.verify(path)
@@ -76,9 +72,9 @@ def test_worker_lost_inside_a_call_is_a_worker_loss(
     call: str, slot: int, extra: tuple[str, ...], uninterrupted: dict[str, Any], tmp_path: Path
 ) -> None:
     assert run(_config(_die_in(call, slot), *extra), run_dir=tmp_path) == ExitCode.FINISHED
-    [failure] = _events(tmp_path, "failure")
+    [failure] = events(tmp_path, "failure")
     assert failure["kind"] == "worker_lost" and failure["ranks"] == [slot]
-    [recovered] = _events(tmp_path, "recovered")
+    [recovered] = events(tmp_path, "recovered")
     assert recovered["replaced_ranks"] == [slot]
     assert recovered["state_from"] == f"peer snapshot from rank {1 - slot}"
     _finished_like(tmp_path, uninterrupted)
@@ -89,9 +85,9 @@ def test_worker_lost_while_restoring_at_start_resumes_from_the_survivor(
 ) -> None:
     assert run(_config("train.steps=10"), run_dir=tmp_path) == ExitCode.FINISHED
     assert run(_config(_die_in("restore", 1)), run_dir=tmp_path) == ExitCode.FINISHED
-    [failure] = _events(tmp_path, "failure")
+    [failure] = events(tmp_path, "failure")
     assert failure["kind"] == "worker_lost" and failure["ranks"] == [1]
-    [recovered] = _events(tmp_path, "recovered")
+    [recovered] = events(tmp_path, "recovered")
     # Rank 0 had restored step 10 from disk: the repair takes it from there, nothing is trained twice.
     assert recovered["step"] == 10 and recovered["state_from"] == "peer snapshot from rank 0"
     _finished_like(tmp_path, uninterrupted)
@@ -112,7 +108,7 @@ def test_snapshot_source_lost_falls_back_to_the_checkpoint_then_the_initial_stat
         _die_in("snapshot", 0),
     )
     assert run(config, run_dir=tmp_path) == ExitCode.FINISHED
-    recovered = _events(tmp_path, "recovered")[0]
+    recovered = events(tmp_path, "recovered")[0]
     assert recovered["state_from"] == state_from and recovered["step"] == step
     assert recovered["state_reason"].startswith("no live member held the state")
     _finished_like(tmp_path, uninterrupted)
@@ -128,8 +124,8 @@ def test_rebuild_takes_the_state_of_a_live_member(uninterrupted: dict[str, Any],
         _die_in("load_snapshot", 2),
     )
     assert run(config, run_dir=tmp_path) == ExitCode.FINISHED
-    assert len(_events(tmp_path, "group_rebuild")) == 1
-    [recovered] = _events(tmp_path, "recovered")
+    assert len(events(tmp_path, "group_rebuild")) == 1
+    [recovered] = events(tmp_path, "recovered")
     assert recovered["action"] == "rebuild"
     assert recovered["state_from"] == "peer snapshot from rank 0" and recovered["step"] == 6
     assert recovered["state_reason"] == "a live member held step 6"
@@ -149,14 +145,14 @@ def test_worker_lost_during_a_hand_over_is_repaired_and_the_hand_over_completes(
         _die_in("load_snapshot", 1, family="sim_cuda"),
     )
     assert run(config, run_dir=tmp_path) == ExitCode.FINISHED
-    [started] = _events(tmp_path, "handover_started")
+    [started] = events(tmp_path, "handover_started")
     assert started["step"] == 10 and started["to_family"] == "sim_cuda"
-    failures = [(f["kind"], f["family"], f["ranks"]) for f in _events(tmp_path, "failure")]
+    failures = [(f["kind"], f["family"], f["ranks"]) for f in events(tmp_path, "failure")]
     assert failures == [("degraded_probe", "sim_npu", []), ("worker_lost", "sim_cuda", [1])]
-    [recovered] = _events(tmp_path, "recovered")
+    [recovered] = events(tmp_path, "recovered")
     assert recovered["family"] == "sim_cuda" and recovered["state_from"] == "peer snapshot from rank 0"
-    [parity] = _events(tmp_path, "parity_check")
+    [parity] = events(tmp_path, "parity_check")
     assert parity["passed"] and parity["state_from"] == "peer snapshot from rank 0 on sim_npu"
-    [completed] = _events(tmp_path, "handover_completed")
+    [completed] = events(tmp_path, "handover_completed")
     assert completed["step"] == 11 and completed["to_family"] == "sim_cuda"
     _finished_like(tmp_path, uninterrupted)

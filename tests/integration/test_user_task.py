@@ -54,11 +54,11 @@ def test_a_bug_in_the_users_code_stops_the_group_without_retry_or_hand_over(tmp_
         *THREE, "+task.fail_at=12", "+task.fail_rank=1", "fault_tolerance.fallback_chain=[sim_cuda]"
     )
     assert run(config, run_dir=tmp_path) == ExitCode.USER_ERROR
-    events = Journal(tmp_path / "journal.jsonl").read()
-    [error] = [e for e in events if e["event"] == "user_error"]
+    journal = Journal(tmp_path / "journal.jsonl").read()
+    [error] = [e for e in journal if e["event"] == "user_error"]
     assert "Task.train_step raised KeyError: 'label' (step 12, rank 1)" in error["error"]
     assert "Traceback" in error["error"]
-    names = {e["event"] for e in events}
+    names = {e["event"] for e in journal}
     assert not names & {"failure", "decision", "recovered", "handover_started", "run_finished"}
     store = CheckpointStore(tmp_path / "checkpoints")
     [newest] = store.committed()[-1:]
