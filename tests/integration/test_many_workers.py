@@ -1,5 +1,8 @@
 """Recovery with more than two workers, where a survivor need not be the lost rank's neighbour: only the
-lost rank is replaced; the others are released from their collective and keep their processes."""
+lost (or hung) ranks are replaced; the others are released from their collective and keep their processes.
+
+The session's local Ray advertises 4 sim_npu slots, so 4 workers leave no room for a warm spare: every
+replacement is a cold start in the bundle of the worker it replaces."""
 
 from __future__ import annotations
 
@@ -17,7 +20,6 @@ from trainer.testing.state import mismatched, restored_state
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 
-# The session's local Ray advertises 4 sim_npu slots: 4 workers leave no room for a warm spare.
 FOUR = (
     "cluster=ray_local",
     "device=sim_npu",
@@ -43,18 +45,36 @@ def _events(run_dir: Path, name: str) -> list[dict[str, Any]]:
     return [e for e in Journal(run_dir / "journal.jsonl").read() if e["event"] == name]
 
 
-def test_one_rank_killed_out_of_four_is_the_only_one_replaced(tmp_path: Path) -> None:
-    assert run(_config(), run_dir=tmp_path / "clean") == ExitCode.FINISHED
-    [short] = _events(tmp_path / "clean", "spares_short")
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The final state of the same 4-worker run without faults."""
+    run_dir = tmp_path_factory.mktemp("clean")
+    assert run(_config(), run_dir=run_dir) == ExitCode.FINISHED
+    [short] = _events(run_dir, "spares_short")
     assert "cluster.spares=1 but 0 fit beside 4 workers" in short["reason"] and "sim_npu" in short["reason"]
+    return restored_state(_config(), run_dir / "checkpoints")
 
+
+def _finished_like(config: Config, run_dir: Path, uninterrupted: dict[str, Any]) -> None:
+    assert _events(run_dir, "run_finished")[-1]["step"] == 15
+    assert mismatched(uninterrupted, restored_state(config, run_dir / "checkpoints")) == []
+
+
+def _released(run_dir: Path) -> None:
+    """No survivor was taken for hung or left blocked in its collective."""
+    assert _events(run_dir, "hang_detected") == []
+    assert _events(run_dir, "ranks_not_released") == []
+
+
+def test_one_rank_killed_out_of_four_is_the_only_one_replaced(
+    uninterrupted: dict[str, Any], tmp_path: Path
+) -> None:
     killed = _config("faults.kill_rank=1", "faults.kill_at_step=7")
-    assert run(killed, run_dir=tmp_path / "killed") == ExitCode.FINISHED
-    [failure] = _events(tmp_path / "killed", "failure")
+    assert run(killed, run_dir=tmp_path) == ExitCode.FINISHED
+    [failure] = _events(tmp_path, "failure")
     assert failure["kind"] == "worker_lost" and failure["ranks"] == [1]
-    assert _events(tmp_path / "killed", "hang_detected") == []  # no survivor was taken for hung
-    [recovered] = _events(tmp_path / "killed", "recovered")
+    _released(tmp_path)
+    [recovered] = _events(tmp_path, "recovered")
     assert recovered["replaced_ranks"] == [1] and recovered["step"] == 6
     assert recovered["state_from"].startswith("peer snapshot from rank ")
-    a = restored_state(killed, tmp_path / "clean" / "checkpoints")
-    assert mismatched(a, restored_state(killed, tmp_path / "killed" / "checkpoints")) == []
+    _finished_like(killed, tmp_path, uninterrupted)

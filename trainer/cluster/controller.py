@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import statistics
 import time
 from collections.abc import Callable
 from enum import StrEnum
@@ -20,9 +19,11 @@ from typing import Any
 
 import ray
 
+from trainer.cluster.deadlines import Deadlines
 from trainer.cluster.group import WorkerGroup
 from trainer.cluster.handover import HandOver
 from trainer.cluster.health_watch import HealthWatch
+from trainer.cluster.heartbeat import Heartbeat
 from trainer.cluster.newest_state import LOST_ERRORS, HeldState, Loaded, hold_newest, load
 from trainer.cluster.watch import ChunkOutcome, run_chunk
 from trainer.config import Config
@@ -80,7 +81,7 @@ class Controller:
         self.state = State.STARTING
         self.step = 0
         self.last_saved = -1
-        self.step_times: list[float] = []
+        self.deadlines = Deadlines(config.cluster, config.fault_tolerance)
         self.events: list[FailureEvent] = []
         self.given_up: set[str] = set()
         self.families_used: list[str] = []
@@ -187,7 +188,10 @@ class Controller:
             if interval:
                 until = min(until, (self.step // interval + 1) * interval)
         started = time.monotonic()
-        outcome = run_chunk(self.members, until, self._hang_after_s(), self._deadline(until - self.step))
+        limits = self.deadlines
+        outcome = run_chunk(
+            self.members, until, limits.hang_after_s(), limits.chunk_s(until - self.step), limits.release_s()
+        )
         if outcome.failed():
             self.goodput.bad("lost_work", time.monotonic() - started)
             return self._on_failure(outcome)
@@ -238,7 +242,7 @@ class Controller:
         """Replace the lost ranks from warm spares and re-form the group with the newest live state."""
         assert self.group is not None
         started, previous = time.monotonic(), self.step
-        gone = set(outcome.lost) | set(outcome.hung) | set(decision.ranks)
+        gone = set(outcome.gone()) | set(decision.ranks)
         alive = {rank: r.get("step") for rank, r in outcome.results.items() if rank not in gone}
         self.group.leave_all([self.members[r] for r in alive])
         if self.held is None:
@@ -313,11 +317,15 @@ class Controller:
                 "hang_detected",
                 ranks=list(ranks),
                 silent_s=outcome.hang_detected_after_s,
-                threshold_s=self._hang_after_s(),
+                threshold_s=self.deadlines.hang_after_s(),
                 step=self.step,
             )
         else:
             kind, ranks = FailureKind.COLLECTIVE_FAILED, ()
+        if outcome.unreleased:
+            self.journal.record(
+                "ranks_not_released", ranks=outcome.unreleased, release_s=outcome.release_s, step=self.step
+            )
         detail = "; ".join(f"rank {r}: {res['error']}" for r, res in outcome.results.items() if not res["ok"])
         return self.on_event(kind, ranks, detail, outcome)
 
@@ -398,54 +406,31 @@ class Controller:
 
     # --- heartbeats and checkpoints ------------------------------------------------------------------
     def _on_heartbeat(self, outcome: ChunkOutcome, until: int, started: float) -> None:
-        first = outcome.results[0]
-        self.step_times.extend(first["step_times"])
-        self.goodput.productive(sum(first["step_times"]))
-        n = len(first["losses"])
-        losses = [statistics.fmean(r["losses"][i] for r in outcome.results.values()) for i in range(n)]
-        if losses:
-            self.last_loss = losses[-1]
+        beat = Heartbeat.of(outcome, until)
+        self.deadlines.record(beat.step_times)
+        self.goodput.productive(sum(beat.step_times))
+        if beat.losses:
+            self.last_loss = beat.losses[-1]
         if self.failure_time is not None:
-            first_step_done = started + (first["step_times"][0] if first["step_times"] else 0.0)
+            first_step_done = started + (beat.step_times[0] if beat.step_times else 0.0)
             self.journal.record(
                 "first_step_after_recovery",
-                step=until - n + 1,
+                step=beat.first_step,
                 family=self.family,
                 failure_to_step_s=first_step_done - self.failure_time,
             )
             self.failure_time = None
-        self.handover.on_first_heartbeat(until - n + 1, started, first, losses)
+        self.handover.on_first_heartbeat(beat.first_step, started, outcome.results[0], beat.losses)
         self.step = until
-        self.journal.record(
-            "heartbeat",
-            durable=False,
-            first_step=until - n + 1,
-            step=until,
-            busy_s=sum(first["step_times"]),
-            family=self.family,
-            loss=self.last_loss,
-            step_time_s=statistics.median(first["step_times"]) if n else None,
-        )
-        samples = n * self.config.train.global_batch_size
-        self.sink.steps(
-            until,
-            self.last_loss,
-            list(first["step_times"]),
-            samples,
-            samples * _seq_len(self.config),
-            {
-                r: statistics.median(res["step_times"])
-                for r, res in outcome.results.items()
-                if res["step_times"]
-            },
-        )
+        beat.record(self.journal, self.sink, self.config, self.family, self.last_loss)
         totals = self.goodput.snapshot()
         self.sink.goodput(totals["ratio"], totals["badput_s"])
-        rate = self.config.train.global_batch_size / statistics.median(first["step_times"]) if n else 0.0
+        median = beat.median_step_s
+        rate = self.config.train.global_batch_size / median if median else 0.0
         restarts = len(self.recoveries) + len(self.handover.completed)
         family = f"{self.family} x{len(self.members)}"
-        for offset, loss in enumerate(losses):
-            self.progress.update(until - n + offset + 1, loss, rate, family, restarts)
+        for offset, loss in enumerate(beat.losses):
+            self.progress.update(beat.first_step + offset, loss, rate, family, restarts)
 
     def save(self, metrics: dict[str, float] | None = None) -> None:
         """Rank 0 stages a checkpoint (replicas hold the same state); it commits in the background."""
@@ -477,33 +462,8 @@ class Controller:
         self.sink.goodput(totals["ratio"], totals["badput_s"])
         return totals
 
-    # --- deadlines -----------------------------------------------------------------------------------
-    def median_step_s(self) -> float | None:
-        recent = self.step_times[-50:]
-        return statistics.median(recent) if recent else None
-
-    def _hang_after_s(self) -> float:
-        ft = self.config.fault_tolerance
-        median = self.median_step_s()
-        return ft.hang_floor_s if median is None else max(ft.hang_factor * median, ft.hang_floor_s)
-
-    def _deadline(self, steps: int) -> float:
-        cluster = self.config.cluster
-        median = self.median_step_s()
-        if median is None:
-            return cluster.deadline_floor_s
-        return max(cluster.deadline_factor * median * steps, cluster.deadline_floor_s)
-
     def collective_timeout(self) -> float:
-        """Collective timeout for the next incarnation: a multiple of the measured step time, not minutes."""
-        median = self.median_step_s()
-        floor = self.config.cluster.deadline_floor_s
-        return floor if median is None else max(floor, self.config.cluster.deadline_factor * 10 * median)
-
-
-def _seq_len(config: Config) -> int:
-    model = config.model
-    return int(model.get("seq_len", 0) if isinstance(model, dict) else getattr(model, "seq_len", 0))
+        return self.deadlines.collective_timeout()
 
 
 def _dir_bytes(path: Path) -> int:

@@ -178,22 +178,24 @@ class WorkerGroup:
         return steps
 
     def replace(self, ranks: tuple[int, ...]) -> None:
-        """Swap the workers of ``ranks`` for warm spares; refill their bundles with new spares."""
+        """Swap the workers of ``ranks`` for spares: warm ones first, then the new actors started in the lost
+        workers' bundles (cold, all at once). Every bundle of a lost worker gets a new actor."""
         self._collect_pending()
         for rank in ranks:
             lost = self.members[rank]
             bundle = self._bundle_of.pop(lost)
             ray.kill(lost, no_restart=True)
+            # The killed actor's bundle frees asynchronously; its new occupant simply queues until it does.
+            self._pending_spares.append(self._spawn(bundle))
+        for rank in ranks:
             if not self.spares:
                 self._collect_pending(wait=True)
             if not self.spares:
                 raise DeviceUnavailableError(
-                    f"no spare worker to replace rank {rank}: none left alive within cluster.start_timeout_s "
-                    f"(cluster.spares={self.config.cluster.spares})"
+                    f"no spare worker to replace rank {rank}: none started within cluster.start_timeout_s="
+                    f"{self.config.cluster.start_timeout_s}s (cluster.spares={self.config.cluster.spares})"
                 )
             self.members[rank] = self.spares.pop(0)
-            # The killed actor's bundle frees asynchronously; the new spare simply queues until it does.
-            self._pending_spares.append(self._spawn(bundle))
 
     def _collect_pending(self, wait: bool = False) -> None:
         still: list[Any] = []

@@ -5,6 +5,24 @@ start of each step and when it enters the step's first collective) is older than
 sitting in a collective — a rank blocked in an all-reduce is waiting for a peer, not the culprit. Hung
 ranks are killed at once, which makes their peers' collectives fail in a fraction of a second instead of
 at the collective timeout.
+
+Once a rank is lost, killed as hung, or reports a collective error, the others are *released*, not killed:
+each rank that sees a collective error drops its process group at once (``WorkerActor.train``), its
+sockets close, and the peers still waiting on it fail in cascade and return with their process, model and
+state intact. They get ``release_s`` to do so; the ones still pending after that are blocked behind a live
+peer that is itself stuck, and are killed and replaced with the lost and hung ones.
+
+Release paths, by backend:
+- gloo (the only one exercised here, CPU and simulated families): dropping the group closes its TCP
+  connections, and a peer blocked in ``recv`` fails with "Connection closed by peer". gloo's
+  ``ProcessGroup.abort()`` returns without releasing a rank blocked in a collective, and gloo has no
+  ``shrink_group``; so the cascade is the release path.
+- NCCL (CUDA) and HCCL (Ascend) — would run only on hardware this project is not tested on, and are not
+  implemented: a rank blocked in a collective is released by aborting its communicator
+  (``TORCH_NCCL_ASYNC_ERROR_HANDLING=2``, CleanUpOnly: abort the communicator, keep the process; the
+  default 3 kills the process) plus an explicit ``ProcessGroup.abort()`` by the rank that saw the error;
+  HCCL likewise, through the device adapter. Until then, such a peer waits in its collective and is killed
+  here when ``release_s`` runs out, as on any backend where the cascade does not reach it.
 """
 
 from __future__ import annotations
@@ -30,26 +48,49 @@ class ChunkOutcome:
     hung: list[int] = field(default_factory=list)
     #: Seconds from the last progress of a hung rank to its detection.
     hang_detected_after_s: float | None = None
+    #: Live ranks still blocked ``release_s`` after a peer failed: killed, to be replaced.
+    unreleased: list[int] = field(default_factory=list)
+    #: The release window those ranks were given (seconds).
+    release_s: float | None = None
 
     def failed(self) -> bool:
-        return bool(self.lost or self.hung or any(not r["ok"] for r in self.results.values()))
+        return bool(self.gone() or any(not r["ok"] for r in self.results.values()))
+
+    def gone(self) -> list[int]:
+        """Ranks whose workers are dead (lost, or killed here): the ones a repair must replace."""
+        return sorted({*self.lost, *self.hung, *self.unreleased})
 
 
-def run_chunk(members: list[Any], until: int, hang_after_s: float, deadline_s: float) -> ChunkOutcome:
-    """Every member trains until step ``until``; returns when all replied, or a rank is lost or hung."""
+def run_chunk(
+    members: list[Any], until: int, hang_after_s: float, deadline_s: float, release_s: float
+) -> ChunkOutcome:
+    """Every member trains until step ``until``; returns when all replied, or once a rank is lost or hung
+    and the others are released (or, after ``release_s``, killed)."""
     refs = {m.train.remote(until): rank for rank, m in enumerate(members)}
     outcome = ChunkOutcome()
     pending = list(refs)
     started = time.monotonic()
     give_up_at = started + deadline_s
+    release_by: float | None = None
     while pending:
         done, pending = ray.wait(pending, num_returns=len(pending), timeout=_POLL_S)
         _collect(done, refs, outcome)
         if not pending:
             break
+        now = time.monotonic()
+        if release_by is None and outcome.failed():
+            release_by = now + release_s  # a peer failed: the others should be on their way out
+        if release_by is not None:
+            if now < release_by:
+                continue
+            outcome.unreleased, outcome.release_s = sorted(refs[r] for r in pending), release_s
+            log.warning("ranks %s not released within %.1f s: killed", outcome.unreleased, release_s)
+            for rank in outcome.unreleased:
+                ray.kill(members[rank], no_restart=True)
+            break
         # Each rank's progress mark is refreshed when its train() starts, so nobody can have been silent
         # for longer than the chunk has run: no need to ask before then (asking costs the workers time).
-        if time.monotonic() - started < hang_after_s and time.monotonic() < give_up_at:
+        if now - started < hang_after_s and now < give_up_at:
             continue
         hung, silent_for = _find_hung(members, [refs[r] for r in pending], hang_after_s)
         if not hung and time.monotonic() > give_up_at:
@@ -58,10 +99,9 @@ def run_chunk(members: list[Any], until: int, hang_after_s: float, deadline_s: f
             outcome.hung, outcome.hang_detected_after_s = hung, silent_for
             for rank in hung:
                 ray.kill(members[rank], no_restart=True)
-            # Their peers now fail fast ("connection closed"); collect what they say.
-            done, _ = ray.wait(pending, num_returns=len(pending), timeout=30)
-            _collect([r for r in done if refs[r] not in hung], refs, outcome)
-            break
+            # Their peers now fail fast ("connection closed") and are released.
+            pending = [r for r in pending if refs[r] not in hung]
+            release_by = time.monotonic() + release_s
     return outcome
 
 

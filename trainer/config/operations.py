@@ -50,6 +50,11 @@ class ClusterConfig:
     #: A chunk is late after max(deadline_factor x expected chunk time, deadline_floor_s).
     deadline_factor: float = 3.0
     deadline_floor_s: float = 30.0
+    #: Once a rank is lost, hung or fails a collective, the others have max(release_factor x median step
+    #: time, release_floor_s) to leave their collective with an error (keeping their process and state);
+    #: the ones still blocked after that are killed and replaced.
+    release_factor: float = 3.0
+    release_floor_s: float = 5.0
     #: Seconds to wait for Ray to grant the worker group's resources before failing.
     start_timeout_s: float = 120.0
     #: Seconds to wait for an existing cluster (cluster.address) to answer before failing.
@@ -64,6 +69,8 @@ class ClusterConfig:
         _require("cluster.max_restarts", self.max_restarts, self.max_restarts >= 0, "an integer >= 0")
         _require("cluster.deadline_factor", self.deadline_factor, self.deadline_factor >= 1, "a float >= 1")
         _require("cluster.deadline_floor_s", self.deadline_floor_s, self.deadline_floor_s > 0, "a float > 0")
+        _require("cluster.release_factor", self.release_factor, self.release_factor >= 1, "a float >= 1")
+        _require("cluster.release_floor_s", self.release_floor_s, self.release_floor_s > 0, "a float > 0")
         _require("cluster.start_timeout_s", self.start_timeout_s, self.start_timeout_s > 0, "a float > 0")
         _require("cluster.local_num_cpus", self.local_num_cpus, self.local_num_cpus >= 0, "an integer >= 0")
 

@@ -1,0 +1,49 @@
+"""Every time limit of a running worker group, from the measured step time with floors, never minutes.
+
+The controller feeds each heartbeat's step times in; the limits follow the median of the recent ones.
+Before the first heartbeat only the floors apply.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from trainer.config import ClusterConfig, FaultToleranceConfig
+
+#: Steps whose times the median is taken over.
+_RECENT = 50
+
+
+class Deadlines:
+    def __init__(self, cluster: ClusterConfig, fault_tolerance: FaultToleranceConfig) -> None:
+        self.cluster = cluster
+        self.fault_tolerance = fault_tolerance
+        self.step_times: list[float] = []
+
+    def record(self, step_times: list[float]) -> None:
+        self.step_times.extend(step_times)
+        del self.step_times[:-_RECENT]
+
+    def median_step_s(self) -> float | None:
+        return statistics.median(self.step_times) if self.step_times else None
+
+    def _scaled(self, factor: float, floor: float) -> float:
+        median = self.median_step_s()
+        return floor if median is None else max(factor * median, floor)
+
+    def hang_after_s(self) -> float:
+        """A rank silent outside a collective for this long is hung."""
+        ft = self.fault_tolerance
+        return self._scaled(ft.hang_factor, ft.hang_floor_s)
+
+    def chunk_s(self, steps: int) -> float:
+        """A chunk of ``steps`` steps still running after this long is late (every pending rank is hung)."""
+        return self._scaled(self.cluster.deadline_factor * steps, self.cluster.deadline_floor_s)
+
+    def release_s(self) -> float:
+        """How long survivors have to leave a collective whose peer failed before they are killed."""
+        return self._scaled(self.cluster.release_factor, self.cluster.release_floor_s)
+
+    def collective_timeout(self) -> float:
+        """Collective timeout for the next incarnation: a multiple of the measured step time."""
+        return self._scaled(self.cluster.deadline_factor * 10, self.cluster.deadline_floor_s)

@@ -1,0 +1,67 @@
+"""A chunk's replies as one heartbeat: the steps done, their losses and times, journalled and exported."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+from trainer.cluster.watch import ChunkOutcome
+from trainer.config import Config
+from trainer.journal import Journal
+from trainer.metrics import MetricsSink
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    first_step: int
+    #: The step every rank has completed.
+    step: int
+    #: Per step, the mean over the ranks.
+    losses: list[float]
+    #: Per step, rank 0's time (the ranks step in lockstep).
+    step_times: list[float]
+    #: Median step time per rank.
+    rank_step_s: dict[int, float]
+
+    @classmethod
+    def of(cls, outcome: ChunkOutcome, until: int) -> Heartbeat:
+        """The heartbeat of a chunk every rank finished at step ``until``."""
+        first = outcome.results[0]
+        n = len(first["losses"])
+        return cls(
+            first_step=until - n + 1,
+            step=until,
+            losses=[statistics.fmean(r["losses"][i] for r in outcome.results.values()) for i in range(n)],
+            step_times=list(first["step_times"]),
+            rank_step_s={
+                rank: statistics.median(r["step_times"])
+                for rank, r in outcome.results.items()
+                if r["step_times"]
+            },
+        )
+
+    @property
+    def median_step_s(self) -> float | None:
+        return statistics.median(self.step_times) if self.step_times else None
+
+    def record(self, journal: Journal, sink: MetricsSink, config: Config, family: str, loss: float) -> None:
+        """Journal it (not durably: heartbeats are many) and export the steps' figures."""
+        journal.record(
+            "heartbeat",
+            durable=False,
+            first_step=self.first_step,
+            step=self.step,
+            busy_s=sum(self.step_times),
+            family=family,
+            loss=loss,
+            step_time_s=self.median_step_s,
+        )
+        samples = len(self.losses) * config.train.global_batch_size
+        sink.steps(
+            self.step, loss, list(self.step_times), samples, samples * _seq_len(config), self.rank_step_s
+        )
+
+
+def _seq_len(config: Config) -> int:
+    model = config.model
+    return int(model.get("seq_len", 0) if isinstance(model, dict) else getattr(model, "seq_len", 0))
