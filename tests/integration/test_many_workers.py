@@ -14,8 +14,8 @@ import pytest
 from trainer.config import Config
 from trainer.errors import ExitCode
 from trainer.job import run
-from trainer.journal import Journal
 from trainer.testing.configs import make_config
+from trainer.testing.runs import events
 from trainer.testing.state import mismatched, restored_state
 
 pytestmark = pytest.mark.usefixtures("local_ray")
@@ -41,8 +41,8 @@ def _config(*extra: str) -> Config:
     return make_config(*FOUR, *extra)
 
 
-def _events(run_dir: Path, name: str) -> list[dict[str, Any]]:
-    return [e for e in Journal(run_dir / "journal.jsonl").read() if e["event"] == name]
+def _die_in(call: str, slot: int) -> str:
+    return f"+faults.families={{sim_npu: {{die_in_call: {call}, die_in_call_slot: {slot}}}}}"
 
 
 @pytest.fixture(scope="module")
@@ -50,20 +50,20 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The final state of the same 4-worker run without faults."""
     run_dir = tmp_path_factory.mktemp("clean")
     assert run(_config(), run_dir=run_dir) == ExitCode.FINISHED
-    [short] = _events(run_dir, "spares_short")
+    [short] = events(run_dir, "spares_short")
     assert "cluster.spares=1 but 0 fit beside 4 workers" in short["reason"] and "sim_npu" in short["reason"]
     return restored_state(_config(), run_dir / "checkpoints")
 
 
 def _finished_like(config: Config, run_dir: Path, uninterrupted: dict[str, Any]) -> None:
-    assert _events(run_dir, "run_finished")[-1]["step"] == 15
+    assert events(run_dir, "run_finished")[-1]["step"] == 15
     assert mismatched(uninterrupted, restored_state(config, run_dir / "checkpoints")) == []
 
 
 def _released(run_dir: Path) -> None:
     """No survivor was taken for hung or left blocked in its collective."""
-    assert _events(run_dir, "hang_detected") == []
-    assert _events(run_dir, "ranks_not_released") == []
+    assert events(run_dir, "hang_detected") == []
+    assert events(run_dir, "ranks_not_released") == []
 
 
 def test_one_rank_killed_out_of_four_is_the_only_one_replaced(
@@ -71,10 +71,58 @@ def test_one_rank_killed_out_of_four_is_the_only_one_replaced(
 ) -> None:
     killed = _config("faults.kill_rank=1", "faults.kill_at_step=7")
     assert run(killed, run_dir=tmp_path) == ExitCode.FINISHED
-    [failure] = _events(tmp_path, "failure")
+    [failure] = events(tmp_path, "failure")
     assert failure["kind"] == "worker_lost" and failure["ranks"] == [1]
     _released(tmp_path)
-    [recovered] = _events(tmp_path, "recovered")
+    [recovered] = events(tmp_path, "recovered")
     assert recovered["replaced_ranks"] == [1] and recovered["step"] == 6
     assert recovered["state_from"].startswith("peer snapshot from rank ")
     _finished_like(killed, tmp_path, uninterrupted)
+
+
+@pytest.mark.slow  # 60-95 s here: cold starts of 4-worker groups on 2 cores
+def test_two_ranks_killed_at_once_are_both_replaced_from_a_peer_snapshot(
+    uninterrupted: dict[str, Any], tmp_path: Path
+) -> None:
+    killed = _config("faults.kill_ranks=[1,2]", "faults.kill_at_step=7")
+    assert run(killed, run_dir=tmp_path) == ExitCode.FINISHED
+    failures = events(tmp_path, "failure")
+    assert [(f["kind"], f["ranks"]) for f in failures] == [("worker_lost", [1, 2])]
+    _released(tmp_path)
+    [recovered] = events(tmp_path, "recovered")
+    assert recovered["replaced_ranks"] == [1, 2] and recovered["step"] == 6
+    assert recovered["state_from"] in ("peer snapshot from rank 0", "peer snapshot from rank 3")
+    _finished_like(killed, tmp_path, uninterrupted)
+
+
+@pytest.mark.slow  # 60-95 s here: cold starts of 4-worker groups on 2 cores
+def test_replacement_lost_while_loading_the_snapshot_rebuilds_from_a_live_member(
+    uninterrupted: dict[str, Any], tmp_path: Path
+) -> None:
+    """Rank 1 is killed at step 7; the actor started to take its rank (slot 4: the first refill) dies while
+    loading the survivors' snapshot, so the repair fails and the group is rebuilt from the state the
+    survivors still hold, not from disk."""
+    config = _config("faults.kill_rank=1", "faults.kill_at_step=7", _die_in("load_snapshot", 4))
+    assert run(config, run_dir=tmp_path) == ExitCode.FINISHED
+    [failure] = events(tmp_path, "failure")
+    assert failure["kind"] == "worker_lost" and failure["ranks"] == [1]
+    assert len(events(tmp_path, "group_rebuild")) == 1
+    [recovered] = events(tmp_path, "recovered")
+    assert recovered["action"] == "rebuild" and recovered["step"] == 6
+    assert recovered["state_from"].startswith("peer snapshot from rank ")
+    _finished_like(config, tmp_path, uninterrupted)
+
+
+@pytest.mark.slow  # 60-95 s here: cold starts of 4-worker groups on 2 cores
+def test_rank_hung_in_compute_out_of_four_is_the_only_one_replaced(
+    uninterrupted: dict[str, Any], tmp_path: Path
+) -> None:
+    hung = _config("faults.hang_rank=2", "faults.hang_at_step=7", "fault_tolerance.hang_floor_s=2")
+    assert run(hung, run_dir=tmp_path) == ExitCode.FINISHED
+    [detected] = events(tmp_path, "hang_detected")
+    assert detected["ranks"] == [2]  # the peers waiting for it in the all-reduce are not
+    assert events(tmp_path, "ranks_not_released") == []
+    [recovered] = events(tmp_path, "recovered")
+    assert recovered["replaced_ranks"] == [2] and recovered["step"] == 6
+    assert recovered["state_from"].startswith("peer snapshot from rank ")
+    _finished_like(hung, tmp_path, uninterrupted)

@@ -138,7 +138,7 @@ class WorkerActor:
         faults = self.config.faults
         if not self.armed:
             return
-        if faults.kill_rank == self.worker.rank and next_step == faults.kill_at_step:
+        if next_step == faults.kill_at_step and self.worker.rank in faults.killed_ranks():
             os.kill(os.getpid(), signal.SIGKILL)  # injected fault: this process vanishes mid-run
         if faults.hang_rank == self.worker.rank and next_step == faults.hang_at_step:
             if faults.hang_phase == "collective":

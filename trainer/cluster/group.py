@@ -74,6 +74,8 @@ class WorkerGroup:
         self.store: dist.TCPStore | None = None
         self.incarnation = -1
         self.arm_call_faults = arm_call_faults
+        #: Actors started so far (the next one's slot number).
+        self._spawned = 0
         #: Why fewer warm spares than ``cluster.spares`` were started (None: all of them).
         self.spares_short: str | None = None
 
@@ -111,9 +113,7 @@ class WorkerGroup:
                 f"cluster.start_timeout_s={cluster.start_timeout_s}s (cluster.workers={self.size}, "
                 f"cluster.spares={cluster.spares}); available now: {available}"
             )
-        faults = self.config.faults.for_family(self.adapter.name)
-        doomed = faults.die_in_call_slot if self.arm_call_faults and faults.die_in_call else None
-        actors = [self._spawn(i, faults.die_in_call if i == doomed else None) for i in range(total)]
+        actors = [self._spawn(i) for i in range(total)]
         try:
             infos = ray.get([a.info.remote() for a in actors], timeout=cluster.start_timeout_s)
         except (ray.exceptions.RayError, TimeoutError) as exc:
@@ -124,8 +124,14 @@ class WorkerGroup:
         log.info("worker actors up: %s", infos)
         self.members, self.spares = actors[: self.size], actors[self.size :]
 
-    def _spawn(self, bundle_index: int, die_in: str | None = None) -> Any:
+    def _spawn(self, bundle_index: int) -> Any:
+        """Start an actor in bundle ``bundle_index``. Actors are numbered in the order they are started (the
+        slots of ``faults.families.<family>.die_in_call_slot``): ranks, warm spares, then refills."""
         assert self.pg is not None
+        faults = self.config.faults.for_family(self.adapter.name)
+        doomed = self.arm_call_faults and faults.die_in_call and self._spawned == faults.die_in_call_slot
+        die_in = faults.die_in_call if doomed else None
+        self._spawned += 1
         resource = self.adapter.ray_resource()
         options: dict[str, Any] = {
             "num_cpus": self.config.cluster.cpus_per_worker,

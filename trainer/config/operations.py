@@ -101,7 +101,8 @@ class FamilyFaults:
     degrade_from_step: int = 0
     #: SIGKILL a worker when the controller calls this method on it (one of ``DIE_IN_CALLS``): the worker
     #: started in slot ``die_in_call_slot`` of the first group on this family (slots ``0..workers-1``
-    #: hold ranks ``0..workers-1``, the next ones the warm spares). A loss during each kind of remote call.
+    #: hold ranks ``0..workers-1``, the next ones the warm spares, then the actors started later to refill
+    #: the bundles of lost workers, in order). A loss during each kind of remote call.
     die_in_call: str | None = None
     die_in_call_slot: int = 0
 
@@ -139,6 +140,8 @@ class FaultsConfig:
 
     #: SIGKILL the worker of this rank when it is about to run ``kill_at_step`` (first incarnation only).
     kill_rank: int | None = None
+    #: More ranks killed at the same step (with ``kill_rank``, if set): several ranks lost at once.
+    kill_ranks: list[int] = field(default_factory=list)
     kill_at_step: int | None = None
     #: This rank stops making progress (sleeps) when it is about to run ``hang_at_step`` (first incarnation).
     hang_rank: int | None = None
@@ -156,15 +159,27 @@ class FaultsConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for rank_key, step_key in (("kill_rank", "kill_at_step"), ("hang_rank", "hang_at_step")):
-            rank, step = getattr(self, rank_key), getattr(self, step_key)
-            if (rank is None) != (step is None):
-                raise ConfigError(
-                    f"faults.{rank_key}={rank!r} and faults.{step_key}={step!r}: allowed: both set or both null"
-                )
-            if rank is not None:
-                _require(f"faults.{rank_key}", rank, rank >= 0, "an integer >= 0")
-                _require(f"faults.{step_key}", step, step >= 1, "an integer >= 1")
+        killing = self.kill_rank is not None or bool(self.kill_ranks)
+        if killing != (self.kill_at_step is not None):
+            raise ConfigError(
+                f"faults.kill_rank={self.kill_rank!r}, faults.kill_ranks={list(self.kill_ranks)} and "
+                f"faults.kill_at_step={self.kill_at_step!r}: allowed: kill_at_step set when kill_rank or "
+                "kill_ranks names a rank, null otherwise"
+            )
+        if self.kill_rank is not None:
+            _require("faults.kill_rank", self.kill_rank, self.kill_rank >= 0, "an integer >= 0")
+        for i, rank in enumerate(self.kill_ranks):
+            _require(f"faults.kill_ranks[{i}]", rank, rank >= 0, "an integer >= 0")
+        if self.kill_at_step is not None:
+            _require("faults.kill_at_step", self.kill_at_step, self.kill_at_step >= 1, "an integer >= 1")
+        if (self.hang_rank is None) != (self.hang_at_step is None):
+            raise ConfigError(
+                f"faults.hang_rank={self.hang_rank!r} and faults.hang_at_step={self.hang_at_step!r}: "
+                "allowed: both set or both null"
+            )
+        if self.hang_rank is not None and self.hang_at_step is not None:
+            _require("faults.hang_rank", self.hang_rank, self.hang_rank >= 0, "an integer >= 0")
+            _require("faults.hang_at_step", self.hang_at_step, self.hang_at_step >= 1, "an integer >= 1")
         for family, faults in self.families.items():
             faults.check(family)
         _require(
@@ -173,6 +188,10 @@ class FaultsConfig:
             self.hang_phase in ("compute", "collective"),
             "compute, collective",
         )
+
+    def killed_ranks(self) -> frozenset[int]:
+        """Every rank killed at ``kill_at_step``: ``kill_rank`` and ``kill_ranks``."""
+        return frozenset([*self.kill_ranks, *([] if self.kill_rank is None else [self.kill_rank])])
 
     def for_family(self, family: str) -> FamilyFaults:
         return self.families.get(family, FamilyFaults())
