@@ -1,0 +1,1 @@
+"""Real workloads written against the public task API (:mod:`trainer.api`), one package each."""
