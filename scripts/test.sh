@@ -68,8 +68,8 @@ for arg in "$@"; do
 done
 
 echo "== ruff"
-"$PY/ruff" check trainer monitoring tests scripts
-"$PY/ruff" format --check trainer monitoring tests scripts
+"$PY/ruff" check trainer monitoring tests scripts examples
+"$PY/ruff" format --check trainer monitoring tests scripts examples
 echo "== mypy"
 "$PY/mypy"
 echo "== prometheus"
