@@ -25,6 +25,7 @@ from trainer.cluster.handover import HandOver
 from trainer.cluster.health_watch import HealthWatch
 from trainer.cluster.heartbeat import Heartbeat
 from trainer.cluster.newest_state import LOST_ERRORS, HeldState, Loaded, hold_newest, load
+from trainer.cluster.saves import Saves
 from trainer.cluster.watch import ChunkOutcome, run_chunk
 from trainer.config import Config
 from trainer.devices import get_adapter
@@ -80,7 +81,7 @@ class Controller:
         self.handover = HandOver(self)
         self.state = State.STARTING
         self.step = 0
-        self.last_saved = -1
+        self.saves = Saves(config, checkpoint_root, journal, self.sink, self.goodput, self.progress)
         self.deadlines = Deadlines(config.cluster, config.fault_tolerance)
         self.events: list[FailureEvent] = []
         self.given_up: set[str] = set()
@@ -135,7 +136,7 @@ class Controller:
         keep = self.config.checkpoint.keep_last
         restored = ray.get([m.restore.remote(str(self.checkpoint_root), keep) for m in self.members])
         if restored[0] is not None:
-            self.step = self.last_saved = int(restored[0]["step"])
+            self.step = self.saves.last_saved = int(restored[0]["step"])
             for path, why in restored[0]["skipped"]:
                 self.journal.record("checkpoint_skipped", path=path, reason=why)
                 print(f"warning: skipped damaged checkpoint {path}: {why}")
@@ -201,7 +202,7 @@ class Controller:
             return self.on_event(*finding)
         interval = self.config.checkpoint.interval_steps
         if interval and self.step % interval == 0 and self.step < total:
-            self.save()
+            self.saves.save(self.members[0], self.step)
         return State.RUNNING
 
     def _recover(self) -> State:
@@ -286,11 +287,11 @@ class Controller:
     def _finish(self) -> State:
         self.progress.close()
         eval_loss = float(ray.get(self.members[0].evaluate.remote()))
-        if self.last_saved != self.step:
-            self.save({"eval_loss": eval_loss})
-        self._committed(ray.get(self.members[0].flush.remote()))
+        if self.saves.last_saved != self.step:
+            self.saves.save(self.members[0], self.step, {"eval_loss": eval_loss})
+        self.saves.flush(self.members[0], self.step)
         self.sink.eval_loss(eval_loss)
-        totals = self.record_goodput()
+        totals = self.saves.record_goodput()
         self.journal.record(
             "run_finished",
             step=self.step,
@@ -337,7 +338,7 @@ class Controller:
         self.journal.record("user_error", step=self.step, family=self.family, error=message)
         with contextlib.suppress(ray.exceptions.RayError):
             if self.group is not None:
-                self._committed(ray.get(self.members[0].flush.remote(), timeout=60))
+                self.saves.flush(self.members[0], self.step, timeout_s=60)
         self.journal.record("run_aborted", step=self.step, reason="the task's code raised")
         print(f"error in the task's code, the run stops (exit code {int(ExitCode.USER_ERROR)}):\n{message}")
         return State.ABORTED
@@ -432,39 +433,5 @@ class Controller:
         for offset, loss in enumerate(beat.losses):
             self.progress.update(beat.first_step + offset, loss, rate, family, restarts)
 
-    def save(self, metrics: dict[str, float] | None = None) -> None:
-        """Rank 0 stages a checkpoint (replicas hold the same state); it commits in the background."""
-        keep = self.config.checkpoint.keep_last
-        started = time.monotonic()
-        reply = ray.get(self.members[0].save.remote(str(self.checkpoint_root), keep, metrics))
-        self.goodput.bad("checkpoint", time.monotonic() - started)
-        self.sink.checkpoint("save", reply["blocking_s"], reply["bytes"], self.step)
-        self._committed(reply)
-        self.last_saved = self.step
-        self.journal.record("checkpoint_started", step=self.step, blocking_s=reply["blocking_s"])
-        self.record_goodput()
-
-    def _committed(self, reply: dict[str, Any]) -> None:
-        """Journal the outcome of rank 0's previous background save (committed, or failed to write)."""
-        if reply.get("failed"):
-            self.journal.record("checkpoint_failed", error=reply["failed"], step=self.step)
-            self.progress.message(f"error: {reply['failed']}")
-        path = reply.get("committed")
-        if path is not None:
-            step = int(Path(path).name[5:14])
-            self.journal.record("checkpoint_saved", path=path, step=step)
-            self.sink.checkpoint("commit", 0.0, _dir_bytes(Path(path)), step)
-
-    def record_goodput(self) -> dict[str, Any]:
-        """Journal and export the goodput account so far (a re-launched driver continues from it)."""
-        totals = self.goodput.snapshot()
-        self.journal.record("goodput", **totals)
-        self.sink.goodput(totals["ratio"], totals["badput_s"])
-        return totals
-
     def collective_timeout(self) -> float:
         return self.deadlines.collective_timeout()
-
-
-def _dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

@@ -1,0 +1,70 @@
+"""The driver's side of a group run's checkpoints: rank 0 stages one (replicas hold the same state) and
+writes it in the background; this books what each background write did and what the saves cost."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from trainer.config import Config
+from trainer.goodput import Goodput
+from trainer.journal import Journal
+from trainer.metrics import MetricsSink
+from trainer.progress import Progress
+
+
+class Saves:
+    def __init__(
+        self,
+        config: Config,
+        checkpoint_root: Path,
+        journal: Journal,
+        sink: MetricsSink,
+        goodput: Goodput,
+        progress: Progress,
+    ) -> None:
+        self.config, self.checkpoint_root = config, checkpoint_root
+        self.journal, self.sink, self.goodput, self.progress = journal, sink, goodput, progress
+        #: The step of the newest checkpoint staged (or restored); -1 before any.
+        self.last_saved = -1
+
+    def save(self, member: Any, step: int, metrics: dict[str, float] | None = None) -> None:
+        """``member`` stages a checkpoint of ``step``; it commits in the background."""
+        keep = self.config.checkpoint.keep_last
+        started = time.monotonic()
+        reply = ray.get(member.save.remote(str(self.checkpoint_root), keep, metrics))
+        self.goodput.bad("checkpoint", time.monotonic() - started)
+        self.sink.checkpoint("save", reply["blocking_s"], reply["bytes"], step)
+        self.committed(reply, step)
+        self.last_saved = step
+        self.journal.record("checkpoint_started", step=step, blocking_s=reply["blocking_s"])
+        self.record_goodput()
+
+    def flush(self, member: Any, step: int, timeout_s: float | None = None) -> None:
+        """Wait for ``member``'s background save and book its outcome."""
+        self.committed(ray.get(member.flush.remote(), timeout=timeout_s), step)
+
+    def committed(self, reply: dict[str, Any], step: int) -> None:
+        """Journal the outcome of the previous background save (committed, or failed to write)."""
+        if reply.get("failed"):
+            self.journal.record("checkpoint_failed", error=reply["failed"], step=step)
+            self.progress.message(f"error: {reply['failed']}")
+        path = reply.get("committed")
+        if path is not None:
+            saved = int(Path(path).name[5:14])
+            self.journal.record("checkpoint_saved", path=path, step=saved)
+            self.sink.checkpoint("commit", 0.0, _dir_bytes(Path(path)), saved)
+
+    def record_goodput(self) -> dict[str, Any]:
+        """Journal and export the goodput account so far (a re-launched driver continues from it)."""
+        totals = self.goodput.snapshot()
+        self.journal.record("goodput", **totals)
+        self.sink.goodput(totals["ratio"], totals["badput_s"])
+        return totals
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
