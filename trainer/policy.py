@@ -169,8 +169,8 @@ def decide(history: Sequence[FailureEvent], policy: PolicyConfig) -> Decision:
     if event.kind in (FailureKind.WORKER_LOST, FailureKind.DEADLINE) and event.ranks:
         return Decision(
             Action.REPLACE_WORKER,
-            f"{event.kind.value} on ranks {list(event.ranks)} at step {event.step}: replace them with warm spares "
-            f"({len(failures)}/{policy.max_restarts} restarts used)",
+            f"{event.kind.value} on ranks {list(event.ranks)} at step {event.step}: replace them, from warm spares "
+            f"first ({len(failures)}/{policy.max_restarts} restarts used)",
             event.ranks,
         )
     return Decision(

@@ -16,6 +16,9 @@ def _event(kind: FailureKind, ranks: tuple[int, ...] = (), step: int = 5) -> Fai
     [
         ([_event(FailureKind.WORKER_LOST, (1,))], 3, Action.REPLACE_WORKER, (1,), "1/3 restarts used"),
         ([_event(FailureKind.DEADLINE, (0,))], 3, Action.REPLACE_WORKER, (0,), "deadline on ranks [0]"),
+        # Several ranks lost at once are one failure: all of them replaced, one restart spent.
+        ([_event(FailureKind.WORKER_LOST, (1, 2))], 3, Action.REPLACE_WORKER, (1, 2), "[1, 2] at step 5"),
+        ([_event(FailureKind.WORKER_LOST, (1, 2))], 1, Action.REPLACE_WORKER, (1, 2), "1/1 restarts used"),
         ([_event(FailureKind.COLLECTIVE_FAILED)], 3, Action.RETRY, (), "re-form the group"),
         ([_event(FailureKind.WORKER_ERROR, (0,))], 3, Action.RETRY, (), "worker_error at step 5"),
         ([_event(FailureKind.WORKER_LOST, (1,))] * 3, 3, Action.REPLACE_WORKER, (1,), "3/3 restarts used"),
