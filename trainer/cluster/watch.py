@@ -112,7 +112,7 @@ def _collect(done: list[Any], refs: dict[Any, int], outcome: ChunkOutcome) -> No
             outcome.results[rank] = ray.get(ref)
         except ray.exceptions.RayActorError as exc:
             log.warning("rank %d lost: %s", rank, str(exc).splitlines()[0])
-            outcome.lost.append(rank)
+            outcome.lost = sorted([*outcome.lost, rank])  # in rank order, whatever order they died in
 
 
 def _find_hung(members: list[Any], ranks: list[int], hang_after_s: float) -> tuple[list[int], float]:
