@@ -34,6 +34,8 @@ def _trained_steps(events: list[dict[str, Any]]) -> list[int]:
     return sorted(steps)
 
 
+# Two whole runs (300 steps with a hand-over, and the reference): over the suite's 300 s on a busy 2-core host.
+@pytest.mark.timeout(900)
 def test_r2_run_hands_over_to_sim_cuda_and_matches_an_uninterrupted_run(
     make_config: Callable[..., Config], tmp_path: Path
 ) -> None:
