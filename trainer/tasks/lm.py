@@ -54,7 +54,3 @@ class LanguageModelTask(Task):
             return None
         held_out: Dataset[Any] = corpus.held_out(self.eval_samples)  # a tensor: rows are samples
         return held_out
-
-    def seq_len(self) -> int:
-        """Tokens per sample, for the tokens/s figure."""
-        return int(getattr(self.train_dataset(), "seq_len", 0))
