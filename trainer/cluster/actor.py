@@ -44,6 +44,33 @@ def _fault_point(method: _Call) -> _Call:
     return call  # type: ignore[return-value]
 
 
+def run_or_leave(body: Callable[[], None], leave: Callable[[], None]) -> str | None:
+    """Run ``body``; if a collective in it fails, call ``leave`` and return the error, else None.
+
+    A :class:`UserCodeError` also leaves, then is raised again. ``leave`` runs after the exception is
+    handled, never inside the handler: while it is being handled, its traceback keeps the frames of the
+    failed collective alive, and with them the process group, whose connections then stay open — a peer
+    waiting on this rank alone is not released until this process exits (seen with 3 gloo ranks: one
+    dies, another waits in a broadcast from a survivor that left inside its handler).
+    """
+    user_error: UserCodeError | None = None
+    try:
+        body()
+        return None
+    except (RuntimeError, dist.DistBackendError) as exc:
+        failure = f"{type(exc).__name__}: {exc}"[:500]
+    except UserCodeError as exc:
+        # Its message carries the formatted traceback; the frames themselves (and the exception it was
+        # raised while handling) must not outlive the handler.
+        user_error = exc.with_traceback(None)
+        user_error.__context__ = user_error.__cause__ = None
+        failure = ""
+    leave()
+    if user_error is not None:
+        raise user_error
+    return failure
+
+
 class WorkerActor:
     def __init__(self, config: dict[str, Any], workers_per_node: int, die_in: str | None = None) -> None:
         """``die_in``: the name of a call this worker dies in (injected fault; None for healthy workers)."""
@@ -102,6 +129,7 @@ class WorkerActor:
         gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
+            gc.collect()  # the last references to the group go: its connections close now
 
     # --- training ------------------------------------------------------------------------------------
     def train(self, until_step: int) -> dict[str, Any]:
@@ -109,22 +137,22 @@ class WorkerActor:
         losses, times, compute = [], [], []
         start = time.perf_counter()
         self.worker.mark("idle")  # fresh progress mark: time spent between chunks is not a hang
-        try:
+
+        def steps() -> None:
             while self.worker.step < until_step:
                 self._inject(self.worker.step + 1)
                 result = self.worker.train_step()
                 losses.append(result.loss)
                 times.append(result.step_time_s)
                 compute.append(result.compute_s)
-        except (RuntimeError, dist.DistBackendError) as exc:
-            # Drop the group at once: its connections close, so peers still waiting on this rank in a
-            # collective fail fast too, and so on around the group — every survivor is released, none waits
-            # for the collective timeout. (gloo's abort does not release a rank blocked in a collective.)
-            self.leave()
-            return {"ok": False, "step": self.worker.step, "error": f"{type(exc).__name__}: {exc}"[:500]}
-        except UserCodeError:
-            self.leave()  # the peers waiting on this rank are released; the controller stops the run
-            raise
+
+        # On a collective error the group is dropped at once: its connections close, so peers still waiting
+        # on this rank in a collective fail fast too, and so on around the group — every survivor is
+        # released, none waits for the collective timeout. (gloo's abort does not release a rank blocked in
+        # a collective.) A bug in the user's code drops it too, then stops the run (UserCodeError).
+        failure = run_or_leave(steps, self.leave)
+        if failure is not None:
+            return {"ok": False, "step": self.worker.step, "error": failure}
         return {
             "ok": True,
             "step": self.worker.step,
