@@ -128,6 +128,9 @@ class PrometheusSink(MetricsSink):
             registry=r,
         )
         self.stragglers = Counter("trainer_stragglers_total", "Straggler flags by rank", ["rank"], registry=r)
+        self.skipped = Counter(
+            "trainer_skipped_steps_total", "Steps skipped because their gradients were not finite", registry=r
+        )
         self.goodput_ratio = Gauge(
             "trainer_goodput_ratio", "Productive training time / wall time", registry=r
         )
@@ -244,6 +247,9 @@ class PrometheusSink(MetricsSink):
 
     def straggler(self, rank: int) -> None:
         self.stragglers.labels(rank=str(rank)).inc()
+
+    def skipped_steps(self, count: int) -> None:
+        self.skipped.inc(count)
 
     def goodput(self, ratio: float, badput_s: Mapping[str, float]) -> None:
         self.goodput_ratio.set(ratio)

@@ -18,6 +18,7 @@ from trainer.errors import CheckpointWriteError, ExitCode, UserCodeError
 from trainer.goodput import Goodput
 from trainer.journal import Journal
 from trainer.metrics import MetricsSink
+from trainer.nonfinite import report_skipped
 from trainer.progress import Progress
 from trainer.worker import Worker
 
@@ -49,6 +50,8 @@ def run_in_process(
         while worker.step < steps:
             result = worker.train_step()
             goodput.productive(result.step_time_s)
+            if worker.nonfinite.since(result.step - 1):
+                report_skipped([result.step], worker.adapter.name, journal, sink)
             samples = config.train.global_batch_size
             sink.steps(
                 result.step,

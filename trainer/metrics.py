@@ -62,6 +62,10 @@ class MetricsSink(ABC):
         """A rank was flagged as a straggler."""
 
     @abstractmethod
+    def skipped_steps(self, count: int) -> None:
+        """``count`` more steps were skipped: their gradients were not finite."""
+
+    @abstractmethod
     def goodput(self, ratio: float, badput_s: Mapping[str, float]) -> None:
         """Productive training time ÷ wall time, and unproductive seconds by bucket."""
 
@@ -110,6 +114,9 @@ class NullSink(MetricsSink):
         pass
 
     def straggler(self, rank: int) -> None:
+        pass
+
+    def skipped_steps(self, count: int) -> None:
         pass
 
     def goodput(self, ratio: float, badput_s: Mapping[str, float]) -> None:

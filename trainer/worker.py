@@ -30,6 +30,7 @@ from trainer.data.positions import DataPositions, to_device
 from trainer.devices import DeviceAdapter, get_adapter
 from trainer.errors import ConfigError, UserCodeError
 from trainer.faults import CollectiveFaults
+from trainer.nonfinite import NonFiniteSteps, grad_norm
 from trainer.tasks import build_task
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -96,6 +97,7 @@ class Worker:
         self.collective_failed = False
         self.optimizer = self.task.build_optimizer(self.module)
         self.scheduler = self.task.build_scheduler(self.optimizer)
+        self.nonfinite = NonFiniteSteps(cfg.train.max_nonfinite_steps)
         self.scaler = self.adapter.grad_scaler(enabled=self.dtype == torch.float16)
         self.data = DataPositions(self.task.train_dataset(), cfg.train.seed, self.task.collate)
         #: Whether the task owns the whole step (it overrides ``train_step``).
@@ -238,6 +240,8 @@ class Worker:
         stays an infrastructure fault for the policy."""
         try:
             return fn(*args)
+        except UserCodeError:
+            raise  # the framework's own verdict on the user's run (non-finite steps), raised inside a hook
         except Exception as exc:
             if self.collective_failed:
                 raise
@@ -257,9 +261,15 @@ class Worker:
         self.scaler.scale(loss).backward()
 
     def optimizer_step(self) -> None:
-        if self.config.train.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.config.train.grad_clip)
+        """Clip, then step the optimizer and the scheduler — unless the gradients are not finite: then the
+        step is skipped on every rank alike (see :mod:`trainer.nonfinite`)."""
+        self.scaler.unscale_(self.optimizer)  # nothing to do unless fp16 scaling is on
+        clip = self.config.train.grad_clip
+        params = self.module.parameters()
+        norm = torch.nn.utils.clip_grad_norm_(params, clip) if clip > 0 else grad_norm(params)
+        if self.nonfinite.skip(self.step + 1, norm):
+            self.scaler.update()  # fp16: the scaler lowers its scale; otherwise nothing
+            return
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.scheduler is not None:
@@ -296,7 +306,11 @@ class Worker:
         """The whole training state, tensors not yet copied: model, optimizer, scaler, scheduler, the task's
         extra state."""
         return portable.capture(
-            self.module, self.optimizer, self.scaler, self.scheduler, self.task.extra_state()
+            self.module,
+            self.optimizer,
+            self.scaler,
+            self.scheduler,
+            self.nonfinite.with_state(self.task.extra_state()),
         )
 
     def save(self, manager: CheckpointManager, metrics: dict[str, float] | None = None) -> Path:
@@ -335,7 +349,7 @@ class Worker:
             extra=self.task.extra_state(),
         )
         if restored is not None:
-            self.task.load_extra_state(restored.extra)
+            self.task.load_extra_state(self.nonfinite.take_state(restored.extra))
             self.step = restored.manifest.step
             self.samples_seen = restored.manifest.samples_seen
             self.history = restored.history
@@ -378,7 +392,7 @@ class Worker:
             snap["task_state"],
             self.scheduler,
         )
-        self.task.load_extra_state(extra)
+        self.task.load_extra_state(self.nonfinite.take_state(extra))
         self.step, self.samples_seen = int(snap["step"]), int(snap["samples_seen"])
         self.history, self.last_loss = list(snap["history"]), float(snap["last_loss"])
         self.adapter.seed(derive_seed(self.config.train.seed, self.step, self.rank), self.device)

@@ -135,7 +135,7 @@ class WorkerActor:
     def train(self, until_step: int) -> dict[str, Any]:
         """Train until ``until_step``; one heartbeat with the per-step losses and times."""
         losses, times, compute = [], [], []
-        start = time.perf_counter()
+        start, first_step = time.perf_counter(), self.worker.step
         self.worker.mark("idle")  # fresh progress mark: time spent between chunks is not a hang
 
         def steps() -> None:
@@ -160,6 +160,7 @@ class WorkerActor:
             "step_times": times,
             "compute_times": compute,
             "elapsed_s": time.perf_counter() - start,
+            "skipped_steps": self.worker.nonfinite.since(first_step),
         }
 
     def _inject(self, next_step: int) -> None:

@@ -9,6 +9,7 @@ from trainer.cluster.watch import ChunkOutcome
 from trainer.config import Config
 from trainer.journal import Journal
 from trainer.metrics import MetricsSink
+from trainer.nonfinite import report_skipped
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,8 @@ class Heartbeat:
     step_times: list[float]
     #: Median step time per rank.
     rank_step_s: dict[int, float]
+    #: Steps skipped because their gradients were not finite (the same on every rank).
+    skipped_steps: list[int]
 
     @classmethod
     def of(cls, outcome: ChunkOutcome, until: int) -> Heartbeat:
@@ -38,6 +41,7 @@ class Heartbeat:
                 for rank, r in outcome.results.items()
                 if r["step_times"]
             },
+            skipped_steps=list(first.get("skipped_steps", [])),
         )
 
     @property
@@ -60,6 +64,8 @@ class Heartbeat:
         sink.steps(
             self.step, loss, list(self.step_times), samples, samples * _seq_len(config), self.rank_step_s
         )
+        if self.skipped_steps:
+            report_skipped(self.skipped_steps, family, journal, sink)
 
 
 def _seq_len(config: Config) -> int:

@@ -135,6 +135,9 @@ class TrainConfig:
     log_interval: int = 10
     #: Held-out samples used for the evaluation loss reported at checkpoints and the end of the run.
     eval_samples: int = 16
+    #: A step whose gradients are not finite is skipped on every rank; this many in a row stop the run as a
+    #: user error (exit code 4).
+    max_nonfinite_steps: int = 10
 
     def __post_init__(self) -> None:
         _require("train.steps", self.steps, self.steps >= 1, "an integer >= 1")
@@ -147,3 +150,6 @@ class TrainConfig:
         )
         _require("train.log_interval", self.log_interval, self.log_interval >= 1, "an integer >= 1")
         _require("train.eval_samples", self.eval_samples, self.eval_samples >= 0, "an integer >= 0")
+        _require(
+            "train.max_nonfinite_steps", self.max_nonfinite_steps, self.max_nonfinite_steps >= 1, "an integer >= 1"
+        )

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from trainer.api import Task
 from trainer.errors import ConfigError
+from trainer.nonfinite import STATE_KEY
 from trainer.tasks.lm import LanguageModelTask
 
 if TYPE_CHECKING:
@@ -106,6 +107,8 @@ def check_task(config: Config) -> None:
             raise refuse(
                 "extra_state", f"returned a {type(extra).__name__}; allowed: a dict with string keys"
             )
+        if STATE_KEY in extra:
+            raise refuse("extra_state", f"uses the key {STATE_KEY!r}, which the framework keeps for itself")
         for key, value in extra.items():
             if not isinstance(value, torch.Tensor):
                 json_tree(value, f"extra state {key!r}")

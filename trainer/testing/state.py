@@ -21,6 +21,7 @@ def live_state(worker: Worker) -> dict[str, torch.Tensor]:
         out.update({f"optim/{i}/{k}": v.detach().clone() for k, v in per_param.items()})
     if worker.scheduler is not None:
         out["scheduler"] = _json_bytes(worker.scheduler.state_dict())
+    out["skipped_steps"] = _json_bytes(worker.nonfinite.skipped)
     for key, value in worker.task.extra_state().items():
         out[f"extra/{key}"] = (
             value.detach().clone() if isinstance(value, torch.Tensor) else _json_bytes(value)

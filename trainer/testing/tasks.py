@@ -53,12 +53,16 @@ class ClusterTask(Task):
         ema: float = 0.9,
         fail_at: int | None = None,
         fail_rank: int = 0,
+        nan_at: list[int] | None = None,
+        nan_rank: int = 0,
     ) -> None:
         """``fail_at``, ``fail_rank``: a bug of the user's — the step raises ``KeyError`` at that step on that
-        rank (tests of user errors)."""
+        rank (tests of user errors). ``nan_at``, ``nan_rank``: the loss is NaN at those steps on that rank
+        (tests of non-finite steps)."""
         self.size, self.dim, self.classes, self.hidden = size, dim, classes, hidden
         self.lr, self.decay = lr, ema
         self.fail_at, self.fail_rank = fail_at, fail_rank
+        self.nan_at, self.nan_rank = set(nan_at or ()), nan_rank
         self.ema: dict[str, torch.Tensor] = {}
         self.steps_seen = 0
 
@@ -88,6 +92,8 @@ class ClusterTask(Task):
         if self.steps_seen + 1 == self.fail_at and rank == self.fail_rank:
             raise KeyError("label")  # the user's bug
         loss = self.loss(model, batch)
+        if self.steps_seen + 1 in self.nan_at and rank == self.nan_rank:
+            loss = loss * float("nan")  # the user's data or model went wrong on this rank
         control.backward(loss)
         control.optimizer_step()
         with torch.no_grad():
