@@ -383,7 +383,7 @@ MALFORMED: dict[str, Callable[[Path], None]] = {
     "files_null": _malformed(lambda m: setattr(m, "files", None)),
     "file_entry_null": _malformed(lambda m: m.files.__setitem__(DATA_FILE, None)),
     "tensors_null": _malformed(lambda m: setattr(m, "tensors", None)),
-    "tensor_entry_list": _malformed(lambda m: m.tensors.__setitem__("model/head.weight", [32, 16])),
+    "tensor_entry_list": _malformed(lambda m: m.tensors.__setitem__("model.head.weight", [32, 16])),
     "history_null": _malformed(lambda m: setattr(m, "history", None)),
 }
 
@@ -495,7 +495,7 @@ def test_load_metadata_refuses_code(pair: Pair, tmp_path: Path, kind: str) -> No
 def test_load_metadata_accepts_genuine_metadata(pair: Pair) -> None:
     """The allow-list is not so tight that real DCP metadata is refused."""
     metadata = load_metadata((pair.newer / METADATA_FILE).read_bytes(), "genuine")
-    assert "model/tok_emb.weight" in metadata.state_dict_metadata
+    assert "model.tok_emb.weight" in metadata.state_dict_metadata
 
 
 @settings(max_examples=60, deadline=None, database=None)
@@ -513,17 +513,17 @@ def test_load_metadata_on_random_bytes_raises_unsafe_only(data: bytes) -> None:
             {"vocab_size": 48},
             [
                 "shape mismatch",
-                "model/tok_emb.weight: checkpoint [32, 16] vs model [48, 16]",
-                "model/head.weight: checkpoint [32, 16] vs model [48, 16]",
-                "optim/tok_emb.weight/exp_avg: checkpoint [32, 16] vs model [48, 16]",
+                "model.tok_emb.weight: checkpoint [32, 16] vs model [48, 16]",
+                "model.head.weight: checkpoint [32, 16] vs model [48, 16]",
+                "optimizer.state.tok_emb.weight.exp_avg: checkpoint [32, 16] vs model [48, 16]",
             ],
         ),
         # Many keys differ; the message names the first eight (sorted) and the count.
         (
             {"n_embd": 32},
-            ["shape mismatch", "model/blocks.0.attn.proj.bias: checkpoint [16] vs model [32]", "in all)"],
+            ["shape mismatch", "model.blocks.0.attn.proj.bias: checkpoint [16] vs model [32]", "in all)"],
         ),
-        ({"n_layer": 2}, ["missing", "model/blocks.1.attn.qkv.weight"]),
+        ({"n_layer": 2}, ["missing", "model.blocks.1.attn.qkv.weight"]),
     ],
     ids=["vocab_size", "n_embd", "n_layer"],
 )

@@ -171,10 +171,10 @@ def test_capture_keys_match_dcp_state_dict_helpers(small: Callable[..., Config])
     worker = _trained(small("device=cpu", "model.n_layer=2"), 2)
     fast = capture(worker.module, worker.optimizer, worker.scaler)
     osd: Any = get_optimizer_state_dict(worker.module, worker.optimizer)
-    expected = {f"model/{k}" for k in get_model_state_dict(worker.module)}
-    expected |= {f"optim/{fqn}/{name}" for fqn, st in osd["state"].items() for name in st}
+    expected = {f"model.{k}" for k in get_model_state_dict(worker.module)}
+    expected |= {f"optimizer.state.{fqn}.{name}" for fqn, st in osd["state"].items() for name in st}
     assert set(fast.tensors) == expected
     assert [g["params"] for g in fast.optimizer["param_groups"]] == [g["params"] for g in osd["param_groups"]]
     for fqn, st in osd["state"].items():
         for name, value in st.items():
-            assert torch.equal(fast.tensors[f"optim/{fqn}/{name}"], value), (fqn, name)
+            assert torch.equal(fast.tensors[f"optimizer.state.{fqn}.{name}"], value), (fqn, name)

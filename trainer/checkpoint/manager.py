@@ -21,6 +21,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
+from trainer.checkpoint import layout
 from trainer.checkpoint import rng as rng_io
 from trainer.checkpoint import state as portable
 from trainer.checkpoint.manifest import Manifest, checksum_files
@@ -85,7 +86,7 @@ class CheckpointManager:
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
                 # No fsync per file here: the commit fsyncs the whole directory once, before the rename.
                 writer = FileSystemWriter(tmp, sync_files=False, thread_count=_WRITER_THREADS)
-                dcp.save(cpu_tensors, storage_writer=writer, no_dist=True)
+                dcp.save(layout.nested(cpu_tensors), storage_writer=writer, no_dist=True)
             rng_io.write_rng(tmp, 0, adapter.rng_key(), rng_states)
             manifest = self._manifest(tmp, state, adapter, progress, config)
             return self.store.commit(tmp, manifest)
@@ -166,9 +167,10 @@ class CheckpointManager:
         for path in candidates:
             try:
                 manifest = self.store.verify(path)
-                portable.check_compatible(expected, manifest.tensors, str(path))
+                saved = {layout.from_disk(k, manifest.format_version): v for k, v in manifest.tensors.items()}
+                portable.check_compatible(expected, saved, str(path))
                 loaded = {k: torch.empty_like(t) for k, t in expected.items()}
-                self._load_tensors(path, loaded)
+                read_tensors(path, loaded, manifest.format_version)
             except CheckpointCorruptError as exc:
                 log.warning("skipping damaged checkpoint %s: %s", path, exc)
                 skipped.append((path, str(exc)))
@@ -189,33 +191,6 @@ class CheckpointManager:
             f"no loadable checkpoint in {self.root}; every candidate is damaged: "
             + "; ".join(f"{p.name}: {why}" for p, why in skipped)
         )
-
-    @staticmethod
-    def _load_tensors(path: Path, into: dict[str, torch.Tensor]) -> None:
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                dcp.load(
-                    into,
-                    storage_reader=SafeFileSystemReader(path),
-                    planner=TensorOnlyLoadPlanner(),
-                    no_dist=True,
-                )
-        except CheckpointCorruptError:
-            raise
-        except CheckpointException as exc:
-            # DCP wraps errors raised while reading; an unsafe or unreadable item surfaces here.
-            failures = _exceptions(exc)
-            for failure in failures:
-                if not isinstance(failure, Exception):  # KeyboardInterrupt, SystemExit: not damage
-                    raise failure from None
-            inner = [e for e in failures if isinstance(e, CheckpointCorruptError)]
-            if inner:
-                raise inner[0] from None
-            raise CheckpointCorruptError(f"{path}: DCP could not read the tensors ({exc})") from None
-        except (RuntimeError, ValueError, OSError, EOFError, AssertionError) as exc:
-            # DCP reports a failed metadata read (including a refused unpickle) as an AssertionError.
-            raise CheckpointCorruptError(f"{path}: DCP could not read the tensors ({exc})") from None
 
     @staticmethod
     def _restore_rng(
@@ -247,6 +222,37 @@ class CheckpointManager:
                 }
             )
         return False, history
+
+
+def read_tensors(path: Path, into: dict[str, torch.Tensor], format_version: int) -> None:
+    """Load the tensors named by ``into``'s keys from the DCP files of checkpoint ``path`` into its tensors,
+    in place, through the restricted reader. ``format_version`` (the manifest's) says which key layout the
+    files use. Any failure to read is a CheckpointCorruptError naming ``path``."""
+    by_disk_key = {layout.on_disk(k, format_version): t for k, t in into.items()}
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(
+                by_disk_key,
+                storage_reader=SafeFileSystemReader(path),
+                planner=TensorOnlyLoadPlanner(),
+                no_dist=True,
+            )
+    except CheckpointCorruptError:
+        raise
+    except CheckpointException as exc:
+        # DCP wraps errors raised while reading; an unsafe or unreadable item surfaces here.
+        failures = _exceptions(exc)
+        for failure in failures:
+            if not isinstance(failure, Exception):  # KeyboardInterrupt, SystemExit: not damage
+                raise failure from None
+        inner = [e for e in failures if isinstance(e, CheckpointCorruptError)]
+        if inner:
+            raise inner[0] from None
+        raise CheckpointCorruptError(f"{path}: DCP could not read the tensors ({exc})") from None
+    except (RuntimeError, ValueError, OSError, EOFError, AssertionError) as exc:
+        # DCP reports a failed metadata read (including a refused unpickle) as an AssertionError.
+        raise CheckpointCorruptError(f"{path}: DCP could not read the tensors ({exc})") from None
 
 
 def _write_failure(exc: BaseException) -> BaseException | None:

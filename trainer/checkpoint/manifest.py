@@ -22,9 +22,10 @@ import xxhash
 from trainer.errors import CheckpointCorruptError
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 2
-#: Older versions this one reads: 1 had no ``task_state``.
-_READS = (1, 2)
+#: 3: the DCP files use DCP's standard nested layout (``model.<fqn>``…, see ``layout``). Older versions this
+#: one reads: 2 wrote flat ``model/<fqn>`` keys, 1 also had no ``task_state``.
+FORMAT_VERSION = 3
+_READS = (1, 2, 3)
 _CHUNK = 8 << 20
 
 
@@ -58,7 +59,7 @@ class Manifest:
     rng_key: str
     torch_version: str
     adapter: dict[str, Any]
-    #: ``{state key: {"dtype": "float32", "shape": [..]}}`` for every tensor in the DCP files.
+    #: ``{DCP key: {"dtype": "float32", "shape": [..]}}`` for every tensor in the DCP files.
     tensors: dict[str, dict[str, Any]]
     #: Optimizer class and hyper-parameters per group (device-specific flags removed).
     optimizer: dict[str, Any]

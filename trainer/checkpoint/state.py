@@ -1,7 +1,8 @@
 """Device-neutral training state: what a checkpoint holds, independent of the family that wrote it.
 
 Tensors (model parameters and buffers, optimizer state, a task's extra tensors) go to DCP as CPU tensors
-under flat keys ``model/<fqn>``, ``optim/<fqn>/<name>`` and ``extra/<name>``. Everything else — optimizer
+under DCP's dotted keys ``model.<fqn>``, ``optimizer.state.<fqn>.<name>`` and ``extra.<name>`` (see
+``layout``, which also reads the flat keys of older checkpoints). Everything else — optimizer
 hyper-parameters, GradScaler state, the LR scheduler's state, a task's extra JSON values — is plain JSON for
 the manifest. Flags that only describe how a family runs the optimizer
 (``fused``, ``foreach``, ``capturable``, ``differentiable``) are not saved: on load the restoring family's
@@ -21,13 +22,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from trainer.checkpoint import layout
 from trainer.errors import CheckpointIncompatibleError
 
 #: Optimizer param-group keys that depend on the device family, not on the training trajectory.
 DEVICE_FLAGS = ("fused", "foreach", "capturable", "differentiable")
-_MODEL = "model/"
-_OPTIM = "optim/"
-_EXTRA = "extra/"
 
 
 @dataclass
@@ -80,7 +79,7 @@ def capture(
     Keys are the parameter FQNs that DCP's ``get_optimizer_state_dict`` uses, without its per-call
     overhead: this runs inside the time a save blocks training.
     """
-    tensors = {_MODEL + fqn: t.detach() for fqn, t in model.state_dict().items()}
+    tensors = {layout.model_key(fqn): t.detach() for fqn, t in model.state_dict().items()}
     names = {id(p): fqn for fqn, p in model.named_parameters()}
     groups = []
     for i, group in enumerate(optimizer.param_groups):
@@ -93,7 +92,7 @@ def capture(
                     raise CheckpointIncompatibleError(
                         f"optimizer state {fqn}.{name} is a {type(value).__name__}; only tensors are supported"
                     )
-                tensors[f"{_OPTIM}{fqn}/{name}"] = value.detach()
+                tensors[layout.optimizer_key(fqn, name)] = value.detach()
         meta = {
             k: _json_value(v, f"optimizer param_groups[{i}].{k}")
             for k, v in group.items()
@@ -105,7 +104,7 @@ def capture(
         task_state["scheduler"] = json_tree(scheduler.state_dict(), "the LR scheduler's state_dict()")
     for key, value in (extra or {}).items():
         if isinstance(value, torch.Tensor):
-            tensors[_EXTRA + key] = value.detach()
+            tensors[layout.extra_key(key)] = value.detach()
         else:
             task_state["extra"][key] = json_tree(value, f"extra state {key!r}")
     return PortableState(
@@ -159,14 +158,17 @@ def apply(
 ) -> dict[str, Any]:
     """Put loaded CPU tensors and JSON state into the live model, optimizer, scaler and scheduler; returns
     the task's extra state (its tensors and JSON values) for ``Task.load_extra_state``."""
-    model_sd = {k.removeprefix(_MODEL): v for k, v in loaded.items() if k.startswith(_MODEL)}
-    set_model_state_dict(model, model_sd)  # type: ignore[arg-type]
-
+    model_sd: dict[str, torch.Tensor] = {}
     state: dict[str, dict[str, torch.Tensor]] = {}
+    tensors: dict[str, torch.Tensor] = {}
     for key, value in loaded.items():
-        if key.startswith(_OPTIM):
-            fqn, name = key.removeprefix(_OPTIM).rsplit("/", 1)
-            state.setdefault(fqn, {})[name] = value
+        if (fqn := layout.model_fqn(key)) is not None:
+            model_sd[fqn] = value
+        elif (entry := layout.optimizer_entry(key)) is not None:
+            state.setdefault(entry[0], {})[entry[1]] = value
+        elif (name := layout.extra_name(key)) is not None:
+            tensors[name] = value
+    set_model_state_dict(model, model_sd)  # type: ignore[arg-type]
     live_groups: list[dict[str, Any]] = list(get_optimizer_state_dict(model, optimizer)["param_groups"])  # type: ignore[arg-type]
     saved_groups = optimizer_meta.get("param_groups", [])
     if len(saved_groups) != len(live_groups):
@@ -192,5 +194,4 @@ def apply(
     task_state = task_state or {}
     if scheduler is not None and "scheduler" in task_state:
         scheduler.load_state_dict(task_state["scheduler"])
-    tensors = {k.removeprefix(_EXTRA): v for k, v in loaded.items() if k.startswith(_EXTRA)}
     return {**task_state.get("extra", {}), **tensors}
