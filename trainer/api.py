@@ -7,7 +7,7 @@ the data position, progress marks for hang detection, peer snapshots, checkpoint
 Because the loop's skeleton stays the framework's, every survival mechanism works on user code unchanged.
 
 Select a task with ``+task._target_=my_pkg.MyTask`` (its other keys are passed to the constructor), or
-from Python with :func:`launch`. Without a ``task`` the built-in language model
+from Python with :func:`trainer.launch.launch`. Without a ``task`` the built-in language model
 (:class:`trainer.tasks.LanguageModelTask`, built from the ``model``, ``data`` and ``optim`` groups) runs.
 
 Where each hook runs: on every rank's process (a Ray worker, or the driver for a single-process run), on
@@ -19,15 +19,11 @@ task from its constructor and receives only that state.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset, default_collate
-
-if TYPE_CHECKING:
-    from trainer.errors import ExitCode
 
 
 class StepControl(Protocol):
@@ -127,32 +123,3 @@ def _batch_size(batch: Any) -> int:
     if isinstance(batch, list | tuple):
         return _batch_size(batch[0])
     raise TypeError(f"cannot tell the size of a {type(batch).__name__} batch; override Task.evaluate")
-
-
-def launch(
-    overrides: list[str] | tuple[str, ...] = (),
-    *,
-    task: type[Task] | str | None = None,
-    task_args: dict[str, Any] | None = None,
-    run_dir: str | Path | None = None,
-) -> ExitCode:
-    """Run a job from a script or a notebook and return how it ended (``trainer.errors.ExitCode``).
-
-    ``overrides`` are what the command line takes (``["cluster=ray_local", "train.steps=100"]``); ``task`` is
-    a :class:`Task` subclass (importable by every worker: defined in a module, not in ``__main__``) or its
-    dotted path, built with ``task_args``; ``run_dir`` is the run's home (default: the working directory).
-    Re-running with the same ``run_dir`` resumes. Raises :class:`trainer.errors.ConfigError` on a bad value.
-    """
-    from hydra import compose, initialize_config_module
-    from omegaconf import open_dict
-
-    from trainer.config import CONFIG_MODULE
-    from trainer.job import run
-
-    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        cfg = compose("config", overrides=list(overrides))
-    if task is not None:
-        target = task if isinstance(task, str) else f"{task.__module__}.{task.__qualname__}"
-        with open_dict(cfg):
-            cfg.task = {"_target_": target, **(task_args or {})}
-    return run(cfg, run_dir=Path(run_dir) if run_dir is not None else Path.cwd())

@@ -17,6 +17,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from trainer.config import Config
 
 
 class FailureKind(StrEnum):
@@ -82,6 +86,20 @@ class PolicyConfig:
     retry_given_up_families: bool = False
     #: Families given up earlier in this run.
     given_up: frozenset[str] = field(default_factory=frozenset)
+
+    @classmethod
+    def of(cls, config: Config, given_up: set[str]) -> PolicyConfig:
+        """The policy a run's configuration sets, with the families given up so far."""
+        ft = config.fault_tolerance
+        return cls(
+            max_restarts=config.cluster.max_restarts,
+            fallback_chain=tuple(ft.fallback_chain),
+            max_failures_per_family=ft.max_failures_per_family,
+            max_degraded_probes=ft.max_degraded_probes,
+            window_s=ft.window_s,
+            retry_given_up_families=ft.retry_given_up_families,
+            given_up=frozenset(given_up),
+        )
 
 
 @dataclass(frozen=True)

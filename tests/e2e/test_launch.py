@@ -1,4 +1,4 @@
-"""Both ways to launch: from Python (``trainer.api.launch``) and a Hydra sweep, whose jobs all run, each in its
+"""Both ways to launch: from Python (``trainer.launch.launch``) and a Hydra sweep, whose jobs all run, each in its
 own run directory, the process exiting with the worst outcome."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from trainer.api import launch
 from trainer.errors import ExitCode
 from trainer.journal import Journal
+from trainer.launch import launch
 from trainer.testing.tasks import ClusterTask
 
 QUICK = ["device=cpu", "train.global_batch_size=8", "train.steps=4", "monitoring=off"]

@@ -13,7 +13,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from trainer.cluster.handover import HandOver
 from trainer.cluster.health_watch import HealthWatch
 from trainer.cluster.heartbeat import Heartbeat
 from trainer.cluster.newest_state import LOST_ERRORS, HeldState, Loaded, hold_newest, load
+from trainer.cluster.run_control import BADPUT_STATES, State
 from trainer.cluster.saves import Saves
 from trainer.cluster.watch import ChunkOutcome, run_chunk
 from trainer.config import Config
@@ -37,23 +37,6 @@ from trainer.policy import Action, Decision, FailureEvent, FailureKind, PolicyCo
 from trainer.progress import Progress
 
 log = logging.getLogger(__name__)
-
-
-class State(StrEnum):
-    STARTING = "starting"
-    RUNNING = "running"
-    RECOVERING = "recovering"
-    HANDING_OVER = "handing_over"
-    FINISHED = "finished"
-    ABORTED = "aborted"
-
-    @property
-    def terminal(self) -> bool:
-        return self in (State.FINISHED, State.ABORTED)
-
-
-#: States whose whole duration is badput, and its bucket.
-_BADPUT_STATES = {State.STARTING: "startup", State.RECOVERING: "recovery", State.HANDING_OVER: "handover"}
 
 
 class Controller:
@@ -113,8 +96,8 @@ class Controller:
                     self.state = self._on_lost(exc)
                 except UserCodeError as exc:
                     self.state = self._on_user_error(exc)
-                if state in _BADPUT_STATES:  # the whole state is unproductive (its probes included)
-                    self.goodput.bad(_BADPUT_STATES[state], time.monotonic() - started)
+                if state in BADPUT_STATES:  # the whole state is unproductive (its probes included)
+                    self.goodput.bad(BADPUT_STATES[state], time.monotonic() - started)
         finally:
             if self.group is not None:
                 self.group.shutdown()
@@ -133,15 +116,7 @@ class Controller:
             self.launch(self.family)
         except DeviceUnavailableError as exc:
             return self.on_event(FailureKind.FAMILY_UNAVAILABLE, (), str(exc))
-        keep = self.config.checkpoint.keep_last
-        restored = ray.get([m.restore.remote(str(self.checkpoint_root), keep) for m in self.members])
-        if restored[0] is not None:
-            self.step = self.saves.last_saved = int(restored[0]["step"])
-            for path, why in restored[0]["skipped"]:
-                self.journal.record("checkpoint_skipped", path=path, reason=why)
-                print(f"warning: skipped damaged checkpoint {path}: {why}")
-            self.journal.record("resumed", **{k: v for k, v in restored[0].items() if k != "skipped"})
-            print(f"resumed from {restored[0]['path']} at step {self.step}")
+        self.step = self.saves.restore(self.members)
         return self.preflight()
 
     def launch(self, family: str, workers: int | None = None, form: bool = True) -> None:
@@ -197,7 +172,7 @@ class Controller:
             self.goodput.bad("lost_work", time.monotonic() - started)
             return self._on_failure(outcome)
         self._on_heartbeat(outcome, until, started)
-        finding = self.health.after_chunk(self, outcome)
+        finding = self.health.after_chunk(self.members, self.family, self.step, outcome)
         if finding is not None:
             return self.on_event(*finding)
         interval = self.config.checkpoint.interval_steps
@@ -310,10 +285,8 @@ class Controller:
     # --- events --------------------------------------------------------------------------------------
     def _on_failure(self, outcome: ChunkOutcome) -> State:
         self.failure_time = time.monotonic()
-        if outcome.lost:
-            kind, ranks = FailureKind.WORKER_LOST, tuple(outcome.lost)
-        elif outcome.hung:
-            kind, ranks = FailureKind.DEADLINE, tuple(outcome.hung)
+        kind, ranks, detail = outcome.event()
+        if kind is FailureKind.DEADLINE:
             self.journal.record(
                 "hang_detected",
                 ranks=list(ranks),
@@ -321,13 +294,10 @@ class Controller:
                 threshold_s=self.deadlines.hang_after_s(),
                 step=self.step,
             )
-        else:
-            kind, ranks = FailureKind.COLLECTIVE_FAILED, ()
         if outcome.unreleased:
             self.journal.record(
                 "ranks_not_released", ranks=outcome.unreleased, release_s=outcome.release_s, step=self.step
             )
-        detail = "; ".join(f"rank {r}: {res['error']}" for r, res in outcome.results.items() if not res["ok"])
         return self.on_event(kind, ranks, detail, outcome)
 
     def _on_user_error(self, exc: UserCodeError) -> State:
@@ -358,7 +328,7 @@ class Controller:
         """Record an event, ask the policy, and return the state that carries out its decision."""
         event = FailureEvent(kind, ranks, self.step, self.family, time.time(), detail[:1000])
         self.events.append(event)
-        decision = decide(self.events, self._policy())
+        decision = decide(self.events, PolicyConfig.of(self.config, self.given_up))
         self.journal.record(
             "failure",
             kind=kind.value,
@@ -392,18 +362,6 @@ class Controller:
             or ChunkOutcome(results={r: {"ok": True, "step": self.step} for r in range(len(self.members))}),
         )
         return State.RECOVERING
-
-    def _policy(self) -> PolicyConfig:
-        ft = self.config.fault_tolerance
-        return PolicyConfig(
-            max_restarts=self.config.cluster.max_restarts,
-            fallback_chain=tuple(ft.fallback_chain),
-            max_failures_per_family=ft.max_failures_per_family,
-            max_degraded_probes=ft.max_degraded_probes,
-            window_s=ft.window_s,
-            retry_given_up_families=ft.retry_given_up_families,
-            given_up=frozenset(self.given_up),
-        )
 
     # --- heartbeats and checkpoints ------------------------------------------------------------------
     def _on_heartbeat(self, outcome: ChunkOutcome, until: int, started: float) -> None:

@@ -17,21 +17,19 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ray
 
 from trainer.cluster.newest_state import HeldState, hold_newest
+from trainer.cluster.run_control import RunControl, State
 from trainer.cluster.watch import ChunkOutcome
 from trainer.errors import DeviceUnavailableError
 from trainer.policy import Decision, FailureKind
 
-if TYPE_CHECKING:
-    from trainer.cluster.controller import Controller, State
-
 
 class HandOver:
-    def __init__(self, ctl: Controller) -> None:
+    def __init__(self, ctl: RunControl) -> None:
         self.ctl = ctl
         self.decision: Decision | None = None
         self.outcome: ChunkOutcome | None = None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ray
 
@@ -23,9 +23,6 @@ from trainer.health.interconnect import assess
 from trainer.journal import Journal
 from trainer.metrics import MetricsSink
 from trainer.policy import FailureKind
-
-if TYPE_CHECKING:
-    from trainer.cluster.controller import Controller
 
 Finding = tuple[FailureKind, tuple[int, ...], str]
 
@@ -122,28 +119,31 @@ class HealthWatch:
             return FailureKind.DEGRADED_PROBE, (), f"{phase} probe: {verdict.reason}"
         return None
 
-    def after_chunk(self, ctl: Controller, outcome: ChunkOutcome) -> Finding | None:
-        """Straggler bookkeeping for a healthy chunk, then the in-flight probe when one is due."""
+    def after_chunk(
+        self, members: list[Any], family: str, step: int, outcome: ChunkOutcome
+    ) -> Finding | None:
+        """Straggler bookkeeping for a healthy chunk that ended at ``step``, then the in-flight probe when
+        one is due."""
         self.train_s += sum(outcome.results[0]["step_times"])
-        finding = self._stragglers(ctl, outcome)
+        finding = self._stragglers(family, step, outcome)
         if finding is not None:
             return finding
         interval = self.config.probes.interval_steps
-        if not interval or ctl.step % interval or ctl.step >= self.config.train.steps:
+        if not interval or step % interval or step >= self.config.train.steps:
             return None
         budget = self.config.probes.max_cost_fraction
         if (self.probe_s + self.last_inflight_s) > budget * self.train_s:
             self.journal.record(
                 "probe_skipped",
-                step=ctl.step,
-                family=ctl.family,
+                step=step,
+                family=family,
                 cost_fraction=self.cost_fraction(),
                 max_cost_fraction=budget,
             )
             return None
-        return self.probe(ctl.members, ctl.family, ctl.step, "in-flight")
+        return self.probe(members, family, step, "in-flight")
 
-    def _stragglers(self, ctl: Controller, outcome: ChunkOutcome) -> Finding | None:
+    def _stragglers(self, family: str, step: int, outcome: ChunkOutcome) -> Finding | None:
         ft = self.config.fault_tolerance
         per_rank = {
             rank: statistics.median(r["compute_times"])
@@ -160,8 +160,8 @@ class HealthWatch:
             self.journal.record(
                 "straggler_flagged",
                 rank=rank,
-                family=ctl.family,
-                step=ctl.step,
+                family=family,
+                step=step,
                 compute_s=per_rank[rank],
                 median_s=median,
                 factor=ft.straggler_factor,

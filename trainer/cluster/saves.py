@@ -31,6 +31,21 @@ class Saves:
         #: The step of the newest checkpoint staged (or restored); -1 before any.
         self.last_saved = -1
 
+    def restore(self, members: list[Any]) -> int:
+        """Every member restores the newest good checkpoint (damaged newer ones are skipped and reported);
+        returns its step, 0 without one."""
+        keep = self.config.checkpoint.keep_last
+        restored = ray.get([m.restore.remote(str(self.checkpoint_root), keep) for m in members])
+        if restored[0] is None:
+            return 0
+        self.last_saved = int(restored[0]["step"])
+        for path, why in restored[0]["skipped"]:
+            self.journal.record("checkpoint_skipped", path=path, reason=why)
+            print(f"warning: skipped damaged checkpoint {path}: {why}")
+        self.journal.record("resumed", **{k: v for k, v in restored[0].items() if k != "skipped"})
+        print(f"resumed from {restored[0]['path']} at step {self.last_saved}")
+        return self.last_saved
+
     def save(self, member: Any, step: int, metrics: dict[str, float] | None = None) -> None:
         """``member`` stages a checkpoint of ``step``; it commits in the background."""
         keep = self.config.checkpoint.keep_last

@@ -34,6 +34,8 @@ from typing import Any
 
 import ray
 
+from trainer.policy import FailureKind
+
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.25
@@ -59,6 +61,16 @@ class ChunkOutcome:
     def gone(self) -> list[int]:
         """Ranks whose workers are dead (lost, or killed here): the ones a repair must replace."""
         return sorted({*self.lost, *self.hung, *self.unreleased})
+
+    def event(self) -> tuple[FailureKind, tuple[int, ...], str]:
+        """A failed chunk as an event for the policy: lost ranks first, then hung ones, else a collective
+        error; with each failing rank's error."""
+        detail = "; ".join(f"rank {r}: {res['error']}" for r, res in self.results.items() if not res["ok"])
+        if self.lost:
+            return FailureKind.WORKER_LOST, tuple(self.lost), detail
+        if self.hung:
+            return FailureKind.DEADLINE, tuple(self.hung), detail
+        return FailureKind.COLLECTIVE_FAILED, (), detail
 
 
 def run_chunk(

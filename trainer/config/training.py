@@ -151,5 +151,8 @@ class TrainConfig:
         _require("train.log_interval", self.log_interval, self.log_interval >= 1, "an integer >= 1")
         _require("train.eval_samples", self.eval_samples, self.eval_samples >= 0, "an integer >= 0")
         _require(
-            "train.max_nonfinite_steps", self.max_nonfinite_steps, self.max_nonfinite_steps >= 1, "an integer >= 1"
+            "train.max_nonfinite_steps",
+            self.max_nonfinite_steps,
+            self.max_nonfinite_steps >= 1,
+            "an integer >= 1",
         )
