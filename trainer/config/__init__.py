@@ -152,6 +152,12 @@ def validate(cfg: DictConfig | Config) -> Config:
         rank = getattr(typed.faults, key)
         if rank is not None and rank >= typed.cluster.workers:
             raise ConfigError(f"faults.{key}={rank} is not allowed; allowed: 0..{typed.cluster.workers - 1}")
+    outside = [r for r in typed.faults.kill_ranks if not 0 <= r < typed.cluster.workers]
+    if outside:
+        raise ConfigError(
+            f"faults.kill_ranks={list(typed.faults.kill_ranks)} names ranks {outside} the group does not have; "
+            f"allowed: ranks in 0..{typed.cluster.workers - 1}"
+        )
     return typed
 
 
