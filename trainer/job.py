@@ -14,7 +14,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.checkpoint import CheckpointManager
+from trainer.checkpoint import CheckpointManager, initial
 from trainer.config import Config, validate
 from trainer.errors import ClusterUnreachableError, ConfigError, ExitCode
 from trainer.faults import corrupt_newest_checkpoint
@@ -47,6 +47,8 @@ def checkpoint_dir(config: Config, run_dir: Path) -> Path:
 def run(cfg: DictConfig | Config, run_dir: str | Path | None = None) -> ExitCode:
     """Train to ``train.steps`` and return how the run ended. Raises ConfigError on a bad configuration."""
     config = validate(cfg)
+    if config.train.init_weights:
+        config.train.init_weights = initial.resolve(config.train.init_weights)
     check_task(config)  # the user's code is tried before anything starts or is written
     home = resolve_run_dir(run_dir)
     home.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ from trainer.api import Task
 from trainer.checkpoint import CheckpointManager, Restored, TrainingProgress
 from trainer.checkpoint import state as portable
 from trainer.checkpoint.async_writer import AsyncCheckpointer
+from trainer.checkpoint.initial import load_initial_weights
 from trainer.checkpoint.rng import derive_seed
 from trainer.config import Config, to_container
 from trainer.data import GlobalBatchSampler
@@ -90,6 +91,8 @@ class Worker:
         # Same seed on every rank and family: the initial model is identical everywhere.
         torch.manual_seed(cfg.train.seed)
         self.module: torch.nn.Module = self.task.build_model(self.device)
+        if cfg.train.init_weights:
+            load_initial_weights(self.module, cfg.train.init_weights)
         #: What the train step calls: ``module`` itself, or a DDP wrapper of it after :meth:`attach`.
         self.model: torch.nn.Module = self.module
         self.buffers = list(self.module.buffers())

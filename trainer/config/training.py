@@ -138,6 +138,9 @@ class TrainConfig:
     #: A step whose gradients are not finite is skipped on every rank; this many in a row stop the run as a
     #: user error (exit code 4).
     max_nonfinite_steps: int = 10
+    #: A model state dict to start from (a ``torch.save`` file: pretrained weights, or a file written by
+    #: ``python -m trainer.export``); used only when the run has no checkpoint of its own. null: none.
+    init_weights: str | None = None
 
     def __post_init__(self) -> None:
         _require("train.steps", self.steps, self.steps >= 1, "an integer >= 1")

@@ -51,6 +51,7 @@ def check_task(config: Config) -> None:
     import torch
     from torch import nn
 
+    from trainer.checkpoint.initial import load_initial_weights
     from trainer.checkpoint.state import json_tree
     from trainer.data.positions import DataPositions
     from trainer.errors import CheckpointIncompatibleError
@@ -71,6 +72,8 @@ def check_task(config: Config) -> None:
     model = call("build_model", task.build_model, torch.device("cpu"))
     if not isinstance(model, nn.Module):
         raise refuse("build_model", f"returned a {type(model).__name__}; allowed: a torch.nn.Module")
+    if config.train.init_weights:
+        load_initial_weights(model, config.train.init_weights)
     optimizer = call("build_optimizer", task.build_optimizer, model)
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise refuse(
