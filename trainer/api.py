@@ -18,6 +18,7 @@ task from its constructor and receives only that state.
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from typing import Any, Protocol
 
@@ -69,7 +70,7 @@ class Task(ABC):
 
     def collate(self, samples: list[Any]) -> Any:
         """A batch from a list of samples (default: ``torch.utils.data.default_collate``). Batches may be
-        tensors, tuples or dicts of tensors; the framework moves them to the device."""
+        tensors, tuples, dicts or dataclass instances of tensors; the framework moves them to the device."""
         return default_collate(samples)
 
     # --- the step ------------------------------------------------------------------------------------
@@ -122,4 +123,6 @@ def _batch_size(batch: Any) -> int:
         return _batch_size(next(iter(batch.values())))
     if isinstance(batch, list | tuple):
         return _batch_size(batch[0])
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        return _batch_size(getattr(batch, dataclasses.fields(batch)[0].name))
     raise TypeError(f"cannot tell the size of a {type(batch).__name__} batch; override Task.evaluate")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from trainer.errors import ExitCode
 from trainer.job import run
@@ -104,3 +105,27 @@ def test_digits_survive_a_killed_worker_of_three_bit_for_bit(tmp_path: Path) -> 
         kill_at=12,
     )
     assert 0.1 < finished["eval_loss"] <= 1  # the held-out accuracy, reported where the loss would be
+
+
+SNIPPETS = (
+    "+task._target_=examples.snippets.task.SnippetTask",
+    "+task.warmup=10",
+    "+task.grow_every=6",  # the curriculum's length doubles at steps 6 and 12: before and at the kill
+    "cluster.workers=3",
+    "cluster.cpus_per_worker=0.25",
+    "train.global_batch_size=24",
+    "train.eval_samples=256",
+)
+
+
+def test_a_model_returning_a_dataclass_survives_a_killed_worker_of_three_with_its_extra_state(
+    tmp_path: Path,
+) -> None:
+    finished = killed_and_clean_agree(tmp_path, *SNIPPETS, kill_at=12)
+    assert 0 < finished["eval_loss"] <= 1  # the held-out accuracy, reported where the loss would be
+
+    state = restored_state(make_config(*SHORT_RUN, *SNIPPETS), tmp_path / "killed" / "checkpoints")
+    assert bytes(state["extra/steps_seen"].tolist()) == b"18"  # the curriculum's position: one per step
+    ema = {k.removeprefix("extra/ema."): v for k, v in state.items() if k.startswith("extra/ema.")}
+    assert ema.keys() == {k.removeprefix("model/") for k in state if k.startswith("model/")}
+    assert not any(torch.equal(ema[k], state[f"model/{k}"]) for k in ema)  # an average, not a copy

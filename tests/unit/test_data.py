@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from trainer.data import GlobalBatchSampler, SyntheticCorpus
+from trainer.data.positions import to_device
 from trainer.errors import ConfigError
 
 
@@ -43,3 +46,15 @@ def test_batch_not_divisible_by_world_size_is_refused() -> None:
         ConfigError, match=r"train\.global_batch_size=10 is not divisible by the world size 4"
     ):
         GlobalBatchSampler(10, 0, 4)
+
+
+def test_to_device_moves_the_tensors_of_a_dataclass_batch_and_keeps_its_type() -> None:
+    @dataclasses.dataclass
+    class Batch:
+        tokens: torch.Tensor
+        extra: dict[str, torch.Tensor]
+        name: str = "b"
+
+    moved = to_device(Batch(torch.zeros(2, 3), {"mask": torch.ones(2)}), torch.device("meta"))
+    assert isinstance(moved, Batch) and moved.name == "b"
+    assert moved.tokens.device.type == "meta" and moved.extra["mask"].device.type == "meta"

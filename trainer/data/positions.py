@@ -9,6 +9,7 @@ dataset without ``__len__`` is an endless stream: item ``i`` is ``dataset[i]``. 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -42,9 +43,16 @@ class DataPositions:
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
-    """``batch`` with every tensor in it (nested in tuples, lists and dicts) moved to ``device``."""
+    """``batch`` with every tensor in it (nested in tuples, lists, dicts and dataclass instances) moved to
+    ``device``. A dataclass is rebuilt with ``dataclasses.replace``, so it keeps its type, as model libraries'
+    batch and output objects expect."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        fields = {
+            f.name: to_device(getattr(batch, f.name), device) for f in dataclasses.fields(batch) if f.init
+        }
+        return dataclasses.replace(batch, **fields)
     if isinstance(batch, dict):
         return {k: to_device(v, device) for k, v in batch.items()}
     if isinstance(batch, list | tuple):

@@ -1,0 +1,1 @@
+"""Attributing snippets of standard-library source to their package: a model returning a dataclass (``task``)."""
