@@ -19,6 +19,8 @@ class ExitCode(IntEnum):
     ABORTED = 3
     #: The user's training code raised (a hook of trainer.api.Task): not retried, not handed over.
     USER_ERROR = 4
+    #: Stopped by SIGTERM/SIGINT after saving the step in flight; re-running the command resumes there.
+    PREEMPTED = 5
 
 
 class TrainerError(Exception):

@@ -22,6 +22,7 @@ from trainer.goodput import Goodput
 from trainer.journal import Journal
 from trainer.local import run_in_process
 from trainer.metrics import MetricsSink
+from trainer.preemption import Preemption
 from trainer.summary import format_summary, summarize
 from trainer.tasks import check_task
 
@@ -68,7 +69,8 @@ def run(cfg: DictConfig | Config, run_dir: str | Path | None = None) -> ExitCode
 
     sink = make_sink(config)
     try:
-        return run_in_process(config, home, journal, manager, sink)
+        with Preemption(config.checkpoint.preempt_grace_s).installed() as preemption:
+            return run_in_process(config, home, journal, manager, sink, preemption)
     finally:
         sink.close()
 
@@ -163,7 +165,12 @@ def _run_on_ray(config: Config, home: Path, journal: Journal, manager: Checkpoin
             ray.shutdown()
         raise
     try:
-        code = Controller(config, home, manager.root, journal, driver_host, sink, goodput).run()
+        # Installed after ray.init, which puts its own SIGTERM handler on the driver.
+        with Preemption(config.checkpoint.preempt_grace_s).installed() as preemption:
+            controller = Controller(
+                config, home, manager.root, journal, driver_host, sink, goodput, preemption
+            )
+            code = controller.run()
     finally:
         sink.close()
         if started_here:

@@ -19,13 +19,20 @@ from trainer.goodput import Goodput
 from trainer.journal import Journal
 from trainer.metrics import MetricsSink
 from trainer.nonfinite import report_skipped
+from trainer.preemption import Preemption, record_preempted
 from trainer.progress import Progress
 from trainer.worker import Worker
 
 
 def run_in_process(
-    config: Config, home: Path, journal: Journal, manager: CheckpointManager, sink: MetricsSink
+    config: Config,
+    home: Path,
+    journal: Journal,
+    manager: CheckpointManager,
+    sink: MetricsSink,
+    preemption: Preemption | None = None,
 ) -> ExitCode:
+    preemption = preemption or Preemption(config.checkpoint.preempt_grace_s)
     goodput = Goodput()
     goodput.resume_from(journal.read())
     worker = Worker(config)
@@ -67,6 +74,13 @@ def run_in_process(
             if interval and result.step % interval == 0 and result.step < steps:
                 _checkpoint(worker, checkpointer, journal, sink, goodput, config.checkpoint.async_save)
                 last_saved = result.step
+            if preemption.requested and worker.step < steps:
+                progress.close()
+                saved = worker.step
+                if last_saved != worker.step:  # the step just done, written now (a save in flight commits)
+                    _checkpoint(worker, checkpointer, journal, sink, goodput, False)
+                record_preempted(journal, preemption, worker.step, saved, "")
+                return ExitCode.PREEMPTED
         progress.close()
         eval_loss = worker.evaluate()
         sink.eval_loss(eval_loss)

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from trainer.config import Config
@@ -75,6 +75,16 @@ class FailureEvent:
     time: float
     detail: str = ""
 
+    def record(self) -> dict[str, Any]:
+        """The journal's ``failure`` entry."""
+        return {
+            "kind": self.kind.value,
+            "family": self.family,
+            "ranks": list(self.ranks),
+            "step": self.step,
+            "detail": self.detail,
+        }
+
 
 @dataclass(frozen=True)
 class PolicyConfig:
@@ -109,6 +119,16 @@ class Decision:
     ranks: tuple[int, ...] = ()
     #: The family to move to (FALLBACK only).
     family: str | None = None
+
+    def record(self, step: int) -> dict[str, Any]:
+        """The journal's ``decision`` entry, taken at ``step``."""
+        return {
+            "action": self.action.value,
+            "reason": self.reason,
+            "ranks": list(self.ranks),
+            "family": self.family,
+            "step": step,
+        }
 
 
 def next_family(current: str, policy: PolicyConfig) -> str | None:

@@ -83,6 +83,8 @@ class WorkerActor:
         self.holds_state = False
         #: Held while the state is replaced (restore, load_snapshot): info() answers after, not during.
         self.loading = threading.Lock()
+        #: The step to stop after (preemption), set by stop_after() while a chunk runs; None: none.
+        self.stop_step: int | None = None
         self.checkpointer: AsyncCheckpointer | None = None
 
     def info(self) -> dict[str, Any]:
@@ -139,7 +141,9 @@ class WorkerActor:
         self.worker.mark("idle")  # fresh progress mark: time spent between chunks is not a hang
 
         def steps() -> None:
-            while self.worker.step < until_step:
+            while self.worker.step < until_step and (
+                self.stop_step is None or self.worker.step < self.stop_step
+            ):
                 self._inject(self.worker.step + 1)
                 result = self.worker.train_step()
                 losses.append(result.loss)
@@ -176,6 +180,12 @@ class WorkerActor:
             self.worker.mark("compute")
             while True:  # injected fault: alive, holding its resources, making no progress
                 time.sleep(1.0)
+
+    def stop_after(self, step: int) -> int:
+        """Stop training after step ``step`` — or after the step now in flight, if that is a later one (it
+        cannot be abandoned half done); answered while :meth:`train` runs. Returns this rank's step."""
+        self.stop_step = step
+        return self.worker.step
 
     def progress(self) -> dict[str, Any]:
         """What this rank is doing now; answered while :meth:`train` runs (the actor is threaded)."""

@@ -34,6 +34,7 @@ from trainer.goodput import Goodput
 from trainer.journal import Journal
 from trainer.metrics import MetricsSink, NullSink
 from trainer.policy import Action, Decision, FailureEvent, FailureKind, PolicyConfig, decide
+from trainer.preemption import Preemption, record_preempted
 from trainer.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,11 @@ class Controller:
         driver_host: str,
         sink: MetricsSink | None = None,
         goodput: Goodput | None = None,
+        preemption: Preemption | None = None,
     ):
         self.config = config
+        #: Set by SIGTERM/SIGINT to the driver (when installed): stop at the step in flight, save it, exit.
+        self.preemption = preemption or Preemption(config.checkpoint.preempt_grace_s)
         self.sink = sink or NullSink()
         self.goodput = goodput or Goodput()
         self.run_dir = run_dir
@@ -88,6 +92,9 @@ class Controller:
     def run(self) -> ExitCode:
         try:
             while not self.state.terminal:
+                if self.preemption.requested:  # between two states: the group holds the run at self.step
+                    self.state = self._preempted(saveable=self.state is State.RUNNING)
+                    break
                 state, started = self.state, time.monotonic()
                 try:
                     self.state = self._handlers[state]()
@@ -103,6 +110,8 @@ class Controller:
                 self.group.shutdown()
         if self.user_error is not None:
             return ExitCode.USER_ERROR
+        if self.state is State.PREEMPTED:
+            return ExitCode.PREEMPTED
         return ExitCode.FINISHED if self.state is State.FINISHED else ExitCode.ABORTED
 
     @property
@@ -166,8 +175,15 @@ class Controller:
         started = time.monotonic()
         limits = self.deadlines
         outcome = run_chunk(
-            self.members, until, limits.hang_after_s(), limits.chunk_s(until - self.step), limits.release_s()
+            self.members,
+            until,
+            limits.hang_after_s(),
+            limits.chunk_s(until - self.step),
+            limits.release_s(),
+            stop=lambda: self.preemption.requested,
         )
+        if outcome.stop_step is not None:
+            return self._preempted(outcome)
         if outcome.failed():
             self.goodput.bad("lost_work", time.monotonic() - started)
             return self._on_failure(outcome)
@@ -261,12 +277,7 @@ class Controller:
 
     def _finish(self) -> State:
         self.progress.close()
-        eval_loss = float(ray.get(self.members[0].evaluate.remote()))
-        if self.saves.last_saved != self.step:
-            self.saves.save(self.members[0], self.step, {"eval_loss": eval_loss})
-        self.saves.flush(self.members[0], self.step)
-        self.sink.eval_loss(eval_loss)
-        totals = self.saves.record_goodput()
+        eval_loss, totals = self.saves.finish(self.members[0], self.step)
         self.journal.record(
             "run_finished",
             step=self.step,
@@ -281,6 +292,21 @@ class Controller:
             f"finished at step {self.step} on {self.family}: loss {self.last_loss:.4f}, held-out {eval_loss:.4f}"
         )
         return State.FINISHED
+
+    def _preempted(self, outcome: ChunkOutcome | None = None, saveable: bool = True) -> State:
+        """Commit the step in flight (within the grace period) and stop: a signal asked for it."""
+        member, why = None, f"the run was {self.state.value.replace('_', ' ')}, not training"
+        if outcome is not None:  # the chunk stopped every rank after one step; save from one that did
+            done = {r: res["step"] for r, res in outcome.results.items() if res["ok"]}
+            why = "a worker failed while the ranks stopped"
+            if done and not outcome.failed():
+                self.step = max(done.values())
+                member = self.members[min(r for r, s in done.items() if s == self.step)]
+        elif saveable and self.group is not None:
+            member = self.members[0]
+        saved, why = self.saves.final(member, self.step, self.preemption.left_s()) if member else (None, why)
+        record_preempted(self.journal, self.preemption, self.step, saved, why)
+        return State.PREEMPTED
 
     # --- events --------------------------------------------------------------------------------------
     def _on_failure(self, outcome: ChunkOutcome) -> State:
@@ -317,8 +343,9 @@ class Controller:
         """A worker found gone outside a training chunk: ask the others who is left, then tell the policy."""
         self.failure_time = time.monotonic()
         steps = self.group.live_steps() if self.group is not None else {}
-        lost = [r for r in range(len(self.group.members) if self.group else 0) if r not in steps]
-        outcome = ChunkOutcome(results={r: {"ok": True, "step": s} for r, s in steps.items()}, lost=lost)
+        size = len(self.group.members) if self.group else 0
+        outcome = ChunkOutcome.at(steps, lost=[r for r in range(size) if r not in steps])
+        lost = outcome.lost
         detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         return self.on_event(FailureKind.WORKER_LOST, tuple(lost), detail, outcome)
 
@@ -329,22 +356,8 @@ class Controller:
         event = FailureEvent(kind, ranks, self.step, self.family, time.time(), detail[:1000])
         self.events.append(event)
         decision = decide(self.events, PolicyConfig.of(self.config, self.given_up))
-        self.journal.record(
-            "failure",
-            kind=kind.value,
-            family=self.family,
-            ranks=list(ranks),
-            step=self.step,
-            detail=event.detail,
-        )
-        self.journal.record(
-            "decision",
-            action=decision.action.value,
-            reason=decision.reason,
-            ranks=list(decision.ranks),
-            family=decision.family,
-            step=self.step,
-        )
+        self.journal.record("failure", **event.record())
+        self.journal.record("decision", **decision.record(self.step))
         print(f"{kind.value} on {self.family} (ranks {list(ranks)}) at step {self.step} -> {decision.reason}")
         if decision.action is Action.ABORT:
             self.abort_reason = decision.reason
@@ -358,8 +371,7 @@ class Controller:
             return State.HANDING_OVER
         self.pending = (
             decision,
-            outcome
-            or ChunkOutcome(results={r: {"ok": True, "step": self.step} for r in range(len(self.members))}),
+            outcome or ChunkOutcome.at(dict.fromkeys(range(len(self.members)), self.step)),
         )
         return State.RECOVERING
 

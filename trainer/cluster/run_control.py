@@ -29,10 +29,12 @@ class State(StrEnum):
     HANDING_OVER = "handing_over"
     FINISHED = "finished"
     ABORTED = "aborted"
+    #: Stopped by a signal to the driver, the step in flight saved (see trainer.preemption).
+    PREEMPTED = "preempted"
 
     @property
     def terminal(self) -> bool:
-        return self in (State.FINISHED, State.ABORTED)
+        return self in (State.FINISHED, State.ABORTED, State.PREEMPTED)
 
 
 #: States whose whole duration is badput, and its bucket.

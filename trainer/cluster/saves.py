@@ -58,6 +58,27 @@ class Saves:
         self.journal.record("checkpoint_started", step=step, blocking_s=reply["blocking_s"])
         self.record_goodput()
 
+    def finish(self, member: Any, step: int) -> tuple[float, dict[str, Any]]:
+        """The run's end: the held-out loss, the final checkpoint (unless ``step`` is saved already), committed;
+        returns the loss and the goodput account."""
+        eval_loss = float(ray.get(member.evaluate.remote()))
+        if self.last_saved != step:
+            self.save(member, step, {"eval_loss": eval_loss})
+        self.flush(member, step)
+        self.sink.eval_loss(eval_loss)
+        return eval_loss, self.record_goodput()
+
+    def final(self, member: Any, step: int, timeout_s: float) -> tuple[int | None, str]:
+        """Save ``step`` now (unless it is saved already) and wait for the commit, for at most ``timeout_s``:
+        the step saved, or None and why not."""
+        try:
+            if self.last_saved != step:
+                self.save(member, step)
+            self.flush(member, step, timeout_s=max(timeout_s, 1.0))
+        except (ray.exceptions.RayError, TimeoutError) as exc:
+            return None, f"the save did not complete: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+        return step, ""
+
     def flush(self, member: Any, step: int, timeout_s: float | None = None) -> None:
         """Wait for ``member``'s background save and book its outcome."""
         self.committed(ray.get(member.flush.remote(), timeout=timeout_s), step)

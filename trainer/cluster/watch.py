@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +55,16 @@ class ChunkOutcome:
     unreleased: list[int] = field(default_factory=list)
     #: The release window those ranks were given (seconds).
     release_s: float | None = None
+    #: The step every rank was asked to stop after (preemption); None: the chunk ran to its end.
+    stop_step: int | None = None
+    #: Ranks that were already in the step after ``stop_step`` when asked: left waiting, alone, in its
+    #: collective (their replies are not awaited).
+    beyond_stop: list[int] = field(default_factory=list)
+
+    @classmethod
+    def at(cls, steps: dict[int, int | None] | dict[int, int], lost: list[int] | None = None) -> ChunkOutcome:
+        """No chunk ran: the ranks are at these steps (outside a chunk, a loss is found by asking them)."""
+        return cls(results={r: {"ok": True, "step": s} for r, s in steps.items()}, lost=lost or [])
 
     def failed(self) -> bool:
         return bool(self.gone() or any(not r["ok"] for r in self.results.values()))
@@ -74,10 +85,16 @@ class ChunkOutcome:
 
 
 def run_chunk(
-    members: list[Any], until: int, hang_after_s: float, deadline_s: float, release_s: float
+    members: list[Any],
+    until: int,
+    hang_after_s: float,
+    deadline_s: float,
+    release_s: float,
+    stop: Callable[[], bool] | None = None,
 ) -> ChunkOutcome:
     """Every member trains until step ``until``; returns when all replied, or once a rank is lost or hung
-    and the others are released (or, after ``release_s``, killed)."""
+    and the others are released (or, after ``release_s``, killed). Once ``stop()`` is true, every rank is
+    asked to stop after the step in flight (:func:`stop_all`) and the chunk ends there."""
     refs = {m.train.remote(until): rank for rank, m in enumerate(members)}
     outcome = ChunkOutcome()
     pending = list(refs)
@@ -89,6 +106,15 @@ def run_chunk(
         _collect(done, refs, outcome)
         if not pending:
             break
+        if stop is not None and outcome.stop_step is None and stop():
+            outcome.stop_step = stop_all(members, [refs[r] for r in pending], until)
+        if outcome.stop_step is not None and not outcome.failed():
+            beyond = _beyond(members, [refs[r] for r in pending], outcome.stop_step)
+            if beyond:
+                outcome.beyond_stop = beyond
+                pending = [r for r in pending if refs[r] not in beyond]
+                if not pending:
+                    break
         now = time.monotonic()
         if release_by is None and outcome.failed():
             release_by = now + release_s  # a peer failed: the others should be on their way out
@@ -125,6 +151,46 @@ def _collect(done: list[Any], refs: dict[Any, int], outcome: ChunkOutcome) -> No
         except ray.exceptions.RayActorError as exc:
             log.warning("rank %d lost: %s", rank, str(exc).splitlines()[0])
             outcome.lost = sorted([*outcome.lost, rank])  # in rank order, whatever order they died in
+
+
+def stop_all(members: list[Any], training: list[int], until: int) -> int:
+    """Ask every member to stop after the step in flight; returns that step.
+
+    Ranks step in lockstep (each step's all-reduce waits for all), so they are at most one step apart: the
+    step in flight is the most advanced rank's. A rank that moves on to the next step before the request
+    reaches it finishes that step's compute and waits in its collective alone: :func:`_beyond` finds it.
+    """
+    probes = [members[rank].progress.remote() for rank in training]
+    steps = []
+    for ref in probes:
+        try:
+            steps.append(int(ray.get(ref, timeout=5.0)["step"]))
+        except (ray.exceptions.RayError, TimeoutError):
+            continue  # a lost rank surfaces through its train() reply
+    stop_step = min(until, max(steps, default=until - 1) + 1)
+    asked = [m.stop_after.remote(stop_step) for m in members]
+    for ref in asked:
+        try:
+            ray.get(ref, timeout=5.0)
+        except (ray.exceptions.RayError, TimeoutError):
+            continue
+    log.warning("stopping every rank after step %d", stop_step)
+    return stop_step
+
+
+def _beyond(members: list[Any], ranks: list[int], stop_step: int) -> list[int]:
+    """Ranks already inside the step after ``stop_step`` (its progress mark says step ``stop_step`` done
+    and a step started): they will not reply before their collective times out."""
+    probes = {rank: members[rank].progress.remote() for rank in ranks}
+    beyond = []
+    for rank, ref in probes.items():
+        try:
+            progress = ray.get(ref, timeout=5.0)
+        except (ray.exceptions.RayError, TimeoutError):
+            continue
+        if int(progress["step"]) >= stop_step and progress["phase"] != "idle":
+            beyond.append(rank)
+    return sorted(beyond)
 
 
 def _find_hung(members: list[Any], ranks: list[int], hang_after_s: float) -> tuple[list[int], float]:

@@ -112,6 +112,9 @@ class CheckpointConfig:
     resume: str = "latest"
     #: Block training only for the copy to CPU memory; write and commit in the background.
     async_save: bool = True
+    #: After SIGTERM/SIGINT to the driver: seconds to stop at the step in flight and commit it (under
+    #: Kubernetes' default 30 s before SIGKILL).
+    preempt_grace_s: float = 20.0
 
     def __post_init__(self) -> None:
         _require("checkpoint.dir", self.dir, bool(self.dir), "a non-empty path")
@@ -120,6 +123,7 @@ class CheckpointConfig:
         )
         _require("checkpoint.keep_last", self.keep_last, self.keep_last >= 1, "an integer >= 1")
         _require("checkpoint.resume", self.resume, self.resume in RESUME_MODES, ", ".join(RESUME_MODES))
+        _require("checkpoint.preempt_grace_s", self.preempt_grace_s, self.preempt_grace_s > 0, "seconds > 0")
 
 
 @dataclass

@@ -1,0 +1,160 @@
+"""Preemption of the driver: SIGTERM to ``python -m trainer`` mid-run stops it at the step in flight, commits
+that step, journals ``preempted`` and exits with ExitCode.PREEMPTED; the same command re-run resumes there.
+
+Real processes and real signals: the driver runs as a child process (in a session of its own, so that a
+signal to its process group reaches nobody else), on one CPU process and on a 3-worker Ray group. Runs are
+sized so that they would not end by themselves within the test: only the signal stops them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+from trainer.checkpoint import CheckpointStore
+from trainer.errors import ExitCode
+from trainer.testing.runs import events
+
+TINY = (
+    "model.n_layer=1",
+    "model.n_embd=16",
+    "model.seq_len=8",
+    "train.global_batch_size=6",
+    "train.steps=100000",
+    "checkpoint.interval_steps=100000",
+    "monitoring=off",
+)
+
+
+def _driver(run_dir: Path, *overrides: str) -> subprocess.Popen[str]:
+    command = [sys.executable, "-m", "trainer", *TINY, *overrides, f"hydra.run.dir={run_dir}"]
+    return subprocess.Popen(
+        command,
+        cwd=run_dir.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _wait_for(driver: subprocess.Popen[str], text: str, timeout_s: float = 240) -> list[str]:
+    """Lines of the driver's output up to the first that contains ``text``."""
+    assert driver.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = driver.stdout.readline()
+        if not line and driver.poll() is not None:
+            break
+        lines.append(line)
+        if text in line:
+            return lines
+    driver.kill()
+    pytest.fail(f"the driver never printed {text!r}:\n{''.join(lines)[-3000:]}")
+
+
+def _finish(driver: subprocess.Popen[str]) -> str:
+    try:
+        out, _ = driver.communicate(timeout=120)
+    finally:
+        driver.kill()
+    return out
+
+
+def _last_step(lines: list[str]) -> int:
+    [step] = [int(line.split()[1].split("/")[0]) for line in lines if line.startswith("step ")][-1:]
+    return step
+
+
+def _assert_saved(run_dir: Path, at_least: int) -> int:
+    [preempted] = events(run_dir, "preempted")
+    assert preempted["signal"] == "SIGTERM" and preempted["saved_step"] == preempted["step"] >= at_least
+    store = CheckpointStore(run_dir / "checkpoints")
+    [newest] = store.committed()[-1:]
+    store.verify(newest)
+    assert newest.name == f"step_{preempted['saved_step']:09d}"
+    return int(preempted["saved_step"])
+
+
+def test_sigterm_to_the_process_group_of_a_single_process_run_saves_the_step_in_flight(
+    tmp_path: Path,
+) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    driver = _driver(run_dir, "device=cpu", "train.log_interval=5")
+    seen = _last_step(_wait_for(driver, "step 20/"))
+    os.killpg(driver.pid, signal.SIGTERM)  # as SLURM does (Ctrl-C likewise, with SIGINT): the whole group
+    out = _finish(driver)
+    assert driver.returncode == ExitCode.PREEMPTED, out[-3000:]
+    saved = _assert_saved(run_dir, at_least=seen)
+
+    again = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainer",
+            *TINY,
+            "device=cpu",
+            f"train.steps={saved + 2}",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert again.returncode == ExitCode.FINISHED, again.stdout[-3000:]
+    assert [e["step"] for e in events(run_dir, "resumed")] == [saved]
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_sigterm_to_a_ray_driver_stops_every_rank_at_the_step_in_flight_and_saves_it(tmp_path: Path) -> None:
+    """Chunks of 100000 steps: the ranks stop inside a chunk, at a step the controller set for all."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    address = ray.get_runtime_context().gcs_address
+    ray_run = (
+        "cluster=ray_local",
+        "device=sim_npu",
+        "cluster.workers=3",
+        "cluster.cpus_per_worker=0.25",
+        "cluster.chunk_steps=100000",
+        "probes.preflight=false",
+        f"cluster.address={address}",
+    )
+    driver = _driver(run_dir, *ray_run)
+    _wait_for(driver, "worker group up")
+    time.sleep(3.0)  # a few dozen steps into the first chunk
+    driver.send_signal(signal.SIGTERM)
+    out = _finish(driver)
+    assert driver.returncode == ExitCode.PREEMPTED, out[-3000:]
+    saved = _assert_saved(run_dir, at_least=1)
+    assert not events(run_dir, "failure"), "stopping the ranks is not a failure"
+
+    again = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainer",
+            *TINY,
+            *ray_run[:-2],
+            f"cluster.address={address}",
+            "cluster.chunk_steps=5",
+            f"train.steps={saved + 3}",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert again.returncode == ExitCode.FINISHED, again.stdout[-3000:]
+    assert [e["step"] for e in events(run_dir, "resumed")] == [saved]
