@@ -37,7 +37,7 @@ def summarize(events: list[dict[str, Any]]) -> dict[str, Any]:
             }
         )
     return {
-        "outcome": "finished" if finished else "aborted" if aborted else "unfinished",
+        "outcome": _outcome(events),
         "families": families,
         "failures": dict(Counter(e["kind"] for e in of("failure"))),
         "decisions": [
@@ -85,3 +85,16 @@ def format_summary(s: dict[str, Any]) -> str:
 
 def _f(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
+
+
+def _outcome(events: list[dict[str, Any]]) -> str:
+    """How the newest session of the run ended: finished, aborted, preempted (and the step it saved), or
+    unfinished (still running, or its driver was killed)."""
+    ends = [e for e in events if e["event"] in ("run_finished", "run_aborted", "preempted")]
+    if not ends:
+        return "unfinished"
+    last = ends[-1]
+    if last["event"] == "preempted":
+        saved = last.get("saved_step")
+        return f"preempted at step {last['step']} ({'saved' if saved is not None else 'nothing saved'})"
+    return "finished" if last["event"] == "run_finished" else "aborted"

@@ -138,6 +138,7 @@ def test_sigterm_to_a_ray_driver_stops_every_rank_at_the_step_in_flight_and_save
     assert driver.returncode == ExitCode.PREEMPTED, out[-3000:]
     saved = _assert_saved(run_dir, at_least=1)
     assert not events(run_dir, "failure"), "stopping the ranks is not a failure"
+    assert f"outcome: preempted at step {saved} (saved)" in out
 
     again = subprocess.run(
         [
