@@ -8,9 +8,19 @@ torch DDP loop on the same model, batch and worker count, measured in the same r
   the same GPT, the same synthetic samples, AdamW, gradient clipping; seconds per step over the same number
   of steady-state steps.
 
+With ``--example NAME`` both sides train a task of ``examples/`` instead (``+task._target_=…`` with the
+sizes in :data:`EXAMPLES`, chosen so that one step takes ≥ 10 ms on the 2-core host): the plain side is the
+same task's code in a plain DDP loop (``plain_task_loop.py``: its model, optimizer, scheduler, dataset,
+collate and loss or ``train_step``; an epoch-seeded permutation sliced per rank; the toolkit config's
+``train.grad_clip``). ``lm_tokens`` first builds its token file from the standard library's source into a
+temp dir, as its README does. Ray runs from the repository root, so that its workers import ``examples``.
+The JSON then also names the ``example`` and its ``task`` class, gives the task's sizes under ``model``
+(and the token counts under ``data`` for ``lm_tokens``); ``example`` is null for the built-in GPT.
+
 Interleaved A B A B …; prints JSON with medians and ``ratio`` = toolkit ÷ plain (goal ≤ 1.02).
 
     .venv/bin/python scripts/bench/overhead.py [--steps 120] [--repeats 3]
+    .venv/bin/python scripts/bench/overhead.py --example digits|lm_tokens|snippets [--steps 120] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -23,9 +33,11 @@ import platform
 import shutil
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +46,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from plain_task_loop import PlainRun  # this script's directory: on the path when the script runs
+from plain_task_loop import plain_step_s as plain_task_step_s
 
+from trainer.config import Config
 from trainer.data import GlobalBatchSampler, SyntheticCorpus
 from trainer.job import run
 from trainer.journal import Journal
@@ -42,9 +57,35 @@ from trainer.model import GPT
 from trainer.testing.configs import make_config
 from trainer.testing.local_ray import local_ray
 
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))  # ``examples`` is a package of the repository, not of the installed project
+
 MODEL = {"vocab_size": 256, "seq_len": 64, "n_layer": 2, "n_head": 4, "n_embd": 128}
 BATCH = 16
 WARMUP_STEPS = 20
+
+
+@dataclass(frozen=True)
+class Example:
+    """A task of ``examples/`` sized for the benchmark: its constructor's arguments and the global batch."""
+
+    target: str
+    task_args: dict[str, Any]
+    global_batch: int
+
+
+#: Sizes where one step takes ≥ 10 ms on the 2-core host with 2 workers (one thread each): the digits MLP
+#: at 1024 wide on 512 images a rank, the LM at the built-in GPT's sizes, the snippet classifier at 64
+#: channels on full 64-byte snippets (``min_len=64``: the curriculum does not change the step's cost mid-run).
+EXAMPLES = {
+    "digits": Example("examples.digits.task.DigitsTask", {"hidden": 1024}, 1024),
+    "lm_tokens": Example(
+        "examples.lm_tokens.task.TokenFileTask",
+        {"seq_len": 64, "n_layer": 2, "n_head": 4, "n_embd": 128},
+        16,
+    ),
+    "snippets": Example("examples.snippets.task.SnippetTask", {"width": 64, "min_len": 64}, 64),
+}
 
 
 def _free_port() -> int:
@@ -53,20 +94,24 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def toolkit_step_s(steps: int, chunk: int) -> float:
+def toolkit_config(steps: int, chunk: int, workload: list[str]) -> Config:
+    """The toolkit's run: 2 workers on a local Ray, the Prometheus exporter on, checkpoints, probes and
+    the final evaluation off; ``workload`` selects the model or task and the global batch."""
+    return make_config(
+        "cluster=ray_local",
+        "device=sim_npu",
+        f"train.steps={steps}",
+        "checkpoint.interval_steps=0",
+        "probes.preflight=false",
+        f"cluster.chunk_steps={chunk}",
+        "monitoring.port=0",
+        *workload,
+    )
+
+
+def toolkit_step_s(config: Config) -> float:
     work = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
     try:
-        config = make_config(
-            "cluster=ray_local",
-            "device=sim_npu",
-            f"train.steps={steps}",
-            f"train.global_batch_size={BATCH}",
-            "checkpoint.interval_steps=0",
-            "probes.preflight=false",
-            f"cluster.chunk_steps={chunk}",
-            "monitoring.port=0",
-            *[f"model.{k}={v}" for k, v in MODEL.items()],
-        )
         with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON result
             run(config, run_dir=work)
         beats = [e for e in Journal(work / "journal.jsonl").read() if e["event"] == "heartbeat"]
@@ -75,6 +120,32 @@ def toolkit_step_s(steps: int, chunk: int) -> float:
         return (last["time"] - first["time"]) / (last["step"] - first["step"])
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def gpt_workload() -> list[str]:
+    return [f"train.global_batch_size={BATCH}", *[f"model.{k}={v}" for k, v in MODEL.items()]]
+
+
+def example_workload(example: Example, task_args: dict[str, Any]) -> list[str]:
+    return [
+        f"+task._target_={example.target}",
+        *[f"+task.{k}={v}" for k, v in task_args.items()],
+        f"train.global_batch_size={example.global_batch}",
+        "train.eval_samples=0",
+    ]
+
+
+def prepare_tokens(out: Path) -> dict[str, Any]:
+    """The LM example's token files from the standard library's source, built as its README says."""
+    subprocess.run(
+        [sys.executable, "-m", "examples.lm_tokens.prepare", "--out", str(out)],
+        cwd=REPO,
+        check=True,
+        stdout=sys.stderr,
+        timeout=300,
+    )
+    meta: dict[str, Any] = json.loads((out / "meta.json").read_text())
+    return meta
 
 
 def _plain_worker(rank: int, world: int, port: int, steps: int, out: Any) -> None:
@@ -122,40 +193,86 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chunk", type=int, default=10, help="cluster.chunk_steps of the toolkit run")
+    parser.add_argument(
+        "--example",
+        choices=sorted(EXAMPLES),
+        default=None,
+        help="a task of examples/ (default: the built-in GPT)",
+    )
     args = parser.parse_args()
+    if args.steps < WARMUP_STEPS + 2 * args.chunk:  # two heartbeats after the warm-up, or nothing to time
+        parser.error(f"--steps={args.steps}: must be at least {WARMUP_STEPS} warm-up steps + 2 * --chunk")
+    os.chdir(REPO)  # Ray's workers import ``examples`` from the directory Ray was started in
+    scratch = Path(tempfile.mkdtemp(prefix="bench-overhead-data-"))
+    try:
+        result = measure(args, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(json.dumps(result, indent=2))
+
+
+def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
+    """Interleaved toolkit and plain runs of the chosen workload; the JSON result."""
+    described: dict[str, Any] = {"example": args.example}
+    if args.example is None:
+        config = toolkit_config(args.steps, args.chunk, gpt_workload())
+        batch, sizes = BATCH, dict(MODEL)
+
+        def plain() -> float:
+            return plain_step_s(args.steps)
+    else:
+        example = EXAMPLES[args.example]
+        task_args = dict(example.task_args)
+        if args.example == "lm_tokens":
+            described["data"] = prepare_tokens(scratch / "tokens")
+            task_args["data_dir"] = str(scratch / "tokens")
+        config = toolkit_config(args.steps, args.chunk, example_workload(example, task_args))
+        described["task"] = example.target
+        batch, sizes = example.global_batch, dict(example.task_args)
+        plain_run = PlainRun(
+            example.target,
+            task_args,
+            example.global_batch,
+            args.steps,
+            WARMUP_STEPS,
+            grad_clip=config.train.grad_clip,
+            seed=config.train.seed,
+        )
+
+        def plain() -> float:
+            return plain_task_step_s(plain_run, _free_port())
+
     samples: dict[str, list[float]] = {"toolkit_step_s": [], "plain_ddp_step_s": []}
     with local_ray():
         for _ in range(args.repeats):
-            samples["toolkit_step_s"].append(toolkit_step_s(args.steps, args.chunk))
-            samples["plain_ddp_step_s"].append(plain_step_s(args.steps))
+            samples["toolkit_step_s"].append(toolkit_step_s(config))
+            samples["plain_ddp_step_s"].append(plain())
     med = {k: statistics.median(v) for k, v in samples.items()}
     ratio = med["toolkit_step_s"] / med["plain_ddp_step_s"]
-    print(
-        json.dumps(
-            {
-                "benchmark": "overhead",
-                "workers": 2,
-                "global_batch": BATCH,
-                "model": MODEL,
-                "steps": args.steps,
-                "warmup_steps": WARMUP_STEPS,
-                "chunk_steps": args.chunk,
-                "repeats": args.repeats,
-                "samples": samples,
-                "median": med,
-                "ratio": ratio,
-                "goal_ratio_max": 1.02,
-                "goal_met": ratio <= 1.02,
-                "machine": {
-                    "cpus": os.cpu_count(),
-                    "torch": torch.__version__,
-                    "ray": ray.__version__,
-                    "python": platform.python_version(),
-                },
-            },
-            indent=2,
-        )
-    )
+    return {
+        "benchmark": "overhead",
+        **described,
+        "workers": 2,
+        "global_batch": batch,
+        "model": sizes,
+        "grad_clip": config.train.grad_clip,
+        "steps": args.steps,
+        "warmup_steps": WARMUP_STEPS,
+        "chunk_steps": args.chunk,
+        "repeats": args.repeats,
+        "samples": samples,
+        "median": med,
+        "ratio": ratio,
+        "goal_ratio_max": 1.02,
+        "goal_met": ratio <= 1.02,
+        "goal_step_s_min": 0.010,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "ray": ray.__version__,
+            "python": platform.python_version(),
+        },
+    }
 
 
 if __name__ == "__main__":
