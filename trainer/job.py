@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from trainer.checkpoint import CheckpointManager, initial
+from trainer.checkpoint.lease import Lease
 from trainer.config import Config, validate
 from trainer.errors import ClusterUnreachableError, ConfigError, ExitCode
 from trainer.faults import corrupt_newest_checkpoint
@@ -55,6 +56,22 @@ def run(cfg: DictConfig | Config, run_dir: str | Path | None = None) -> ExitCode
     home.mkdir(parents=True, exist_ok=True)
     journal = Journal(home / "journal.jsonl")
     manager = CheckpointManager(checkpoint_dir(config, home), keep_last=config.checkpoint.keep_last)
+    stale_s = config.checkpoint.lease_stale_s
+    lease = Lease(manager.root, stale_after_s=stale_s, renew_s=stale_s / 6).acquire()  # or LeaseHeldError
+    try:
+        return _run_leased(config, home, journal, manager, lease)
+    finally:
+        lease.release()
+
+
+def _run_leased(
+    config: Config, home: Path, journal: Journal, manager: CheckpointManager, lease: Lease
+) -> ExitCode:
+    """The run, by the one driver that holds its lease."""
+    manager.store.fence = lease.fence
+    if lease.taken_from is not None:
+        journal.record("lease_taken_over", generation=lease.generation, previous=lease.taken_from)
+        print(f"took over the run's lease from a driver that stopped renewing it: {lease.taken_from}")
     if config.checkpoint.resume == "none" and manager.has_checkpoints():
         raise ConfigError(
             f"checkpoint.resume='none' but {manager.root} already holds checkpoints, which would be mixed with "
@@ -65,12 +82,12 @@ def run(cfg: DictConfig | Config, run_dir: str | Path | None = None) -> ExitCode
         damaged = corrupt_newest_checkpoint(manager.root)
         journal.record("fault_injected", fault="corrupt_latest_checkpoint", path=str(damaged))
     if config.cluster.mode == "ray":
-        return _run_on_ray(config, home, journal, manager)
+        return _run_on_ray(config, home, journal, manager, lease)
 
     sink = make_sink(config)
     try:
         with Preemption(config.checkpoint.preempt_grace_s).installed() as preemption:
-            return run_in_process(config, home, journal, manager, sink, preemption)
+            return run_in_process(config, home, journal, manager, sink, preemption, lease)
     finally:
         sink.close()
 
@@ -124,7 +141,9 @@ def make_sink(config: Config) -> MetricsSink:
     return sink
 
 
-def _run_on_ray(config: Config, home: Path, journal: Journal, manager: CheckpointManager) -> ExitCode:
+def _run_on_ray(
+    config: Config, home: Path, journal: Journal, manager: CheckpointManager, lease: Lease
+) -> ExitCode:
     """The worker-group path: a controller on this process drives Ray actors."""
     import ray
 
@@ -168,7 +187,7 @@ def _run_on_ray(config: Config, home: Path, journal: Journal, manager: Checkpoin
         # Installed after ray.init, which puts its own SIGTERM handler on the driver.
         with Preemption(config.checkpoint.preempt_grace_s).installed() as preemption:
             controller = Controller(
-                config, home, manager.root, journal, driver_host, sink, goodput, preemption
+                config, home, manager.root, journal, driver_host, sink, goodput, preemption, lease
             )
             code = controller.run()
     finally:

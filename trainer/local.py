@@ -13,6 +13,7 @@ from pathlib import Path
 
 from trainer.checkpoint import CheckpointManager, Restored
 from trainer.checkpoint.async_writer import AsyncCheckpointer
+from trainer.checkpoint.lease import Lease
 from trainer.config import Config
 from trainer.errors import CheckpointWriteError, ExitCode, UserCodeError
 from trainer.goodput import Goodput
@@ -31,6 +32,7 @@ def run_in_process(
     manager: CheckpointManager,
     sink: MetricsSink,
     preemption: Preemption | None = None,
+    lease: Lease | None = None,
 ) -> ExitCode:
     preemption = preemption or Preemption(config.checkpoint.preempt_grace_s)
     goodput = Goodput()
@@ -74,6 +76,12 @@ def run_in_process(
             if interval and result.step % interval == 0 and result.step < steps:
                 _checkpoint(worker, checkpointer, journal, sink, goodput, config.checkpoint.async_save)
                 last_saved = result.step
+            if lease is not None and lease.lost.is_set():
+                journal.record(
+                    "lease_lost", step=worker.step, reason="another driver took this run's lease over"
+                )
+                print("stopping: another driver took this run's lease over")
+                return ExitCode.ABORTED
             if preemption.requested and worker.step < steps:
                 progress.close()
                 saved = worker.step

@@ -77,6 +77,9 @@ def test_driver_killed_and_relaunched_resumes(make_config: Callable[..., Config]
     resumed = [e for e in events if e["event"] == "resumed"]
     assert len(resumed) == 1 and resumed[0]["step"] >= killed_after
     assert _latest_step(run_dir) == 40
+    # The killed driver's lease was still fresh, but its process is gone from this host: taken over at once.
+    [taken] = [e for e in events if e["event"] == "lease_taken_over"]
+    assert taken["previous"]["pid"] == driver.pid and taken["generation"] == 2
     # The goodput account spans both drivers and books the gap as restart time.
     final = [e for e in events if e["event"] == "goodput"][-1]
     first_start = next(e["time"] for e in events if e["event"] == "run_started")

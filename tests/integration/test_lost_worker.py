@@ -100,7 +100,15 @@ def test_worker_lost_while_restoring_at_start_resumes_from_the_survivor(
 def test_snapshot_source_lost_falls_back_to_the_checkpoint_then_the_initial_state(
     kill_at: int, state_from: str, step: int, uninterrupted: dict[str, Any], tmp_path: Path
 ) -> None:
-    """Rank 1 is killed; rank 0, the only survivor, dies while giving its snapshot: no live member is left."""
+    """Rank 1 is killed; rank 0, the only survivor, dies while giving its snapshot: no live member is left.
+
+    The checkpoint of step 5 comes from an earlier session of the run: one that rank 0 were still writing in
+    the background when it died would die with it (never half committed), which is the initial-state case."""
+    if step:
+        assert (
+            run(_config("checkpoint.interval_steps=5", f"train.steps={step}"), run_dir=tmp_path)
+            == ExitCode.FINISHED
+        )
     config = _config(
         "checkpoint.interval_steps=5",
         "faults.kill_rank=1",

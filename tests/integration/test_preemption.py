@@ -69,6 +69,20 @@ def _finish(driver: subprocess.Popen[str]) -> str:
     return out
 
 
+def _resumes_at(run_dir: Path, saved: int, *overrides: str) -> None:
+    """The same command, re-run to two steps past ``saved``, resumes at ``saved`` and finishes."""
+    command = [sys.executable, "-m", "trainer", *TINY, *overrides, f"train.steps={saved + 2}"]
+    again = subprocess.run(
+        [*command, f"hydra.run.dir={run_dir}"],
+        cwd=run_dir.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert again.returncode == ExitCode.FINISHED, again.stdout[-3000:]
+    assert [e["step"] for e in events(run_dir, "resumed")] == [saved]
+
+
 def _last_step(lines: list[str]) -> int:
     [step] = [int(line.split()[1].split("/")[0]) for line in lines if line.startswith("step ")][-1:]
     return step
@@ -96,23 +110,7 @@ def test_sigterm_to_the_process_group_of_a_single_process_run_saves_the_step_in_
     assert driver.returncode == ExitCode.PREEMPTED, out[-3000:]
     saved = _assert_saved(run_dir, at_least=seen)
 
-    again = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "trainer",
-            *TINY,
-            "device=cpu",
-            f"train.steps={saved + 2}",
-            f"hydra.run.dir={run_dir}",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert again.returncode == ExitCode.FINISHED, again.stdout[-3000:]
-    assert [e["step"] for e in events(run_dir, "resumed")] == [saved]
+    _resumes_at(run_dir, saved, "device=cpu")
 
 
 @pytest.mark.usefixtures("local_ray")
@@ -126,11 +124,10 @@ def test_sigterm_to_a_ray_driver_stops_every_rank_at_the_step_in_flight_and_save
         "device=sim_npu",
         "cluster.workers=3",
         "cluster.cpus_per_worker=0.25",
-        "cluster.chunk_steps=100000",
         "probes.preflight=false",
         f"cluster.address={address}",
     )
-    driver = _driver(run_dir, *ray_run)
+    driver = _driver(run_dir, *ray_run, "cluster.chunk_steps=100000")
     _wait_for(driver, "worker group up")
     time.sleep(3.0)  # a few dozen steps into the first chunk
     driver.send_signal(signal.SIGTERM)
@@ -140,22 +137,4 @@ def test_sigterm_to_a_ray_driver_stops_every_rank_at_the_step_in_flight_and_save
     assert not events(run_dir, "failure"), "stopping the ranks is not a failure"
     assert f"outcome: preempted at step {saved} (saved)" in out
 
-    again = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "trainer",
-            *TINY,
-            *ray_run[:-2],
-            f"cluster.address={address}",
-            "cluster.chunk_steps=5",
-            f"train.steps={saved + 3}",
-            f"hydra.run.dir={run_dir}",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert again.returncode == ExitCode.FINISHED, again.stdout[-3000:]
-    assert [e["step"] for e in events(run_dir, "resumed")] == [saved]
+    _resumes_at(run_dir, saved, *ray_run, "cluster.chunk_steps=5")

@@ -75,6 +75,8 @@ class Manifest:
     #: The LR scheduler's state and the task's extra JSON values: ``{"scheduler": .., "extra": {..}}``.
     task_state: dict[str, Any] = field(default_factory=dict)
     created_at: float = 0.0
+    #: The generation of the driver's lease it was committed under (trainer.lease); None: no lease.
+    lease_generation: int | None = None
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
@@ -111,6 +113,7 @@ class Manifest:
             )
         if body["format_version"] == 1:
             body.setdefault("task_state", {})
+        body.setdefault("lease_generation", None)  # written before leases existed
         names = {f.name for f in fields(cls)}
         if set(body) != names:
             raise CheckpointCorruptError(f"{path}: unexpected manifest keys {sorted(set(body) ^ names)}")

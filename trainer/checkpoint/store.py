@@ -21,6 +21,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+from trainer.checkpoint.lease import Fence
 from trainer.checkpoint.manifest import Manifest
 from trainer.errors import CheckpointCorruptError
 
@@ -59,6 +60,8 @@ class CheckpointStore:
     def __init__(self, root: Path, keep_last: int = 3) -> None:
         self.root = Path(root)
         self.keep_last = keep_last
+        #: The committing driver's lease (trainer.lease.Fence): checked before a commit becomes visible.
+        self.fence: Fence | None = None
 
     # --- writing -------------------------------------------------------------------------------------
     def begin(self, step: int) -> Path:
@@ -69,10 +72,17 @@ class CheckpointStore:
         return tmp
 
     def commit(self, tmp: Path, manifest: Manifest) -> Path:
-        """Seal ``tmp`` with ``manifest``, rename it into place, move ``latest``, apply retention."""
+        """Seal ``tmp`` with ``manifest``, rename it into place, move ``latest``, apply retention. With a
+        fence, a driver whose lease was taken over is refused (:class:`LeaseLostError`), before and after
+        the write."""
+        if self.fence is not None:
+            self.fence.check()
+            manifest.lease_generation = self.fence.generation
         manifest.write(tmp)
         _fsync_tree(tmp)
         final = self._free_name(manifest.step)
+        if self.fence is not None:
+            self.fence.check()
         os.rename(tmp, final)
         _fsync_dir(self.root)
         self._point_latest(final.name)

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from trainer.checkpoint import CheckpointManager
 from trainer.checkpoint.async_writer import AsyncCheckpointer
+from trainer.checkpoint.lease import Fence
 from trainer.config import from_container
 from trainer.errors import CheckpointWriteError, UserCodeError
 from trainer.worker import Worker
@@ -225,8 +226,11 @@ class WorkerActor:
         }
 
     @_fault_point
-    def save(self, root: str, keep_last: int, metrics: dict[str, float] | None = None) -> dict[str, Any]:
+    def save(
+        self, root: str, keep_last: int, metrics: dict[str, float] | None = None, fence: Fence | None = None
+    ) -> dict[str, Any]:
         """Stage a checkpoint and return once the copy is done; the write and commit go on in the background.
+        ``fence``: the driver's lease, checked before the commit (see trainer.checkpoint.lease).
 
         Returns the previous background save's committed path (if one finished since) and the time this
         call blocked training.
@@ -234,6 +238,7 @@ class WorkerActor:
         if self.checkpointer is None or self.checkpointer.manager.root != Path(root):
             self.checkpointer = AsyncCheckpointer(CheckpointManager(Path(root), keep_last))
         previous = self.flush()
+        self.checkpointer.manager.store.fence = fence
         if self.armed and self.config.faults.kill_during_checkpoint_step == self.worker.step:
             self._die_before_commit(self.checkpointer)
         # The held-out loss at this step is the reference for a parity check after a later hand-over.

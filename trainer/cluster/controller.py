@@ -9,7 +9,6 @@ another device family, or abort.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -18,7 +17,9 @@ from typing import Any
 
 import ray
 
+from trainer.checkpoint.lease import Lease
 from trainer.cluster.deadlines import Deadlines
+from trainer.cluster.endings import RunEndings
 from trainer.cluster.group import WorkerGroup
 from trainer.cluster.handover import HandOver
 from trainer.cluster.health_watch import HealthWatch
@@ -34,13 +35,13 @@ from trainer.goodput import Goodput
 from trainer.journal import Journal
 from trainer.metrics import MetricsSink, NullSink
 from trainer.policy import Action, Decision, FailureEvent, FailureKind, PolicyConfig, decide
-from trainer.preemption import Preemption, record_preempted
+from trainer.preemption import Preemption
 from trainer.progress import Progress
 
 log = logging.getLogger(__name__)
 
 
-class Controller:
+class Controller(RunEndings):
     def __init__(
         self,
         config: Config,
@@ -51,6 +52,7 @@ class Controller:
         sink: MetricsSink | None = None,
         goodput: Goodput | None = None,
         preemption: Preemption | None = None,
+        lease: Lease | None = None,
     ):
         self.config = config
         #: Set by SIGTERM/SIGINT to the driver (when installed): stop at the step in flight, save it, exit.
@@ -69,6 +71,9 @@ class Controller:
         self.state = State.STARTING
         self.step = 0
         self.saves = Saves(config, checkpoint_root, journal, self.sink, self.goodput, self.progress)
+        #: This driver's hold on the run (one driver per run); its fence goes with every save.
+        self.lease = lease
+        self.saves.fence = lease.fence if lease is not None else None
         self.deadlines = Deadlines(config.cluster, config.fault_tolerance)
         self.events: list[FailureEvent] = []
         self.given_up: set[str] = set()
@@ -95,6 +100,9 @@ class Controller:
                 if self.preemption.requested:  # between two states: the group holds the run at self.step
                     self.state = self._preempted(saveable=self.state is State.RUNNING)
                     break
+                if self.lease is not None and self.lease.lost.is_set():
+                    self.state = self._lease_lost()
+                    break
                 state, started = self.state, time.monotonic()
                 try:
                     self.state = self._handlers[state]()
@@ -113,11 +121,6 @@ class Controller:
         if self.state is State.PREEMPTED:
             return ExitCode.PREEMPTED
         return ExitCode.FINISHED if self.state is State.FINISHED else ExitCode.ABORTED
-
-    @property
-    def members(self) -> list[Any]:
-        assert self.group is not None
-        return self.group.members
 
     # --- states --------------------------------------------------------------------------------------
     def _start(self) -> State:
@@ -275,39 +278,6 @@ class Controller:
         self.journal.record("recovered", family=self.family, **entry)
         print(f"recovered at step {self.step} from {loaded.origin}; replaced ranks {replaced}")
 
-    def _finish(self) -> State:
-        self.progress.close()
-        eval_loss, totals = self.saves.finish(self.members[0], self.step)
-        self.journal.record(
-            "run_finished",
-            step=self.step,
-            loss=self.last_loss,
-            eval_loss=eval_loss,
-            family=self.family,
-            families=self.families_used,
-            recoveries=len(self.recoveries),
-            goodput=totals["ratio"],
-        )
-        print(
-            f"finished at step {self.step} on {self.family}: loss {self.last_loss:.4f}, held-out {eval_loss:.4f}"
-        )
-        return State.FINISHED
-
-    def _preempted(self, outcome: ChunkOutcome | None = None, saveable: bool = True) -> State:
-        """Commit the step in flight (within the grace period) and stop: a signal asked for it."""
-        member, why = None, f"the run was {self.state.value.replace('_', ' ')}, not training"
-        if outcome is not None:  # the chunk stopped every rank after one step; save from one that did
-            done = {r: res["step"] for r, res in outcome.results.items() if res["ok"]}
-            why = "a worker failed while the ranks stopped"
-            if done and not outcome.failed():
-                self.step = max(done.values())
-                member = self.members[min(r for r, s in done.items() if s == self.step)]
-        elif saveable and self.group is not None:
-            member = self.members[0]
-        saved, why = self.saves.final(member, self.step, self.preemption.left_s()) if member else (None, why)
-        record_preempted(self.journal, self.preemption, self.step, saved, why)
-        return State.PREEMPTED
-
     # --- events --------------------------------------------------------------------------------------
     def _on_failure(self, outcome: ChunkOutcome) -> State:
         self.failure_time = time.monotonic()
@@ -325,19 +295,6 @@ class Controller:
                 "ranks_not_released", ranks=outcome.unreleased, release_s=outcome.release_s, step=self.step
             )
         return self.on_event(kind, ranks, detail, outcome)
-
-    def _on_user_error(self, exc: UserCodeError) -> State:
-        """The user's code raised on a worker: stop now. Not an event for the policy — a retry or another
-        family would raise it again — and the newest checkpoint stays as it is (a save in flight commits)."""
-        message = str(getattr(exc, "cause", exc))  # Ray's wrapper holds the worker's error as its cause
-        self.user_error = message
-        self.journal.record("user_error", step=self.step, family=self.family, error=message)
-        with contextlib.suppress(ray.exceptions.RayError):
-            if self.group is not None:
-                self.saves.flush(self.members[0], self.step, timeout_s=60)
-        self.journal.record("run_aborted", step=self.step, reason="the task's code raised")
-        print(f"error in the task's code, the run stops (exit code {int(ExitCode.USER_ERROR)}):\n{message}")
-        return State.ABORTED
 
     def _on_lost(self, exc: Exception) -> State:
         """A worker found gone outside a training chunk: ask the others who is left, then tell the policy."""

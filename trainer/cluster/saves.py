@@ -9,6 +9,7 @@ from typing import Any
 
 import ray
 
+from trainer.checkpoint.lease import Fence
 from trainer.config import Config
 from trainer.goodput import Goodput
 from trainer.journal import Journal
@@ -30,6 +31,8 @@ class Saves:
         self.journal, self.sink, self.goodput, self.progress = journal, sink, goodput, progress
         #: The step of the newest checkpoint staged (or restored); -1 before any.
         self.last_saved = -1
+        #: The driver's lease fence, handed to the member that commits (None: no lease).
+        self.fence: Fence | None = None
 
     def restore(self, members: list[Any]) -> int:
         """Every member restores the newest good checkpoint (damaged newer ones are skipped and reported);
@@ -50,7 +53,7 @@ class Saves:
         """``member`` stages a checkpoint of ``step``; it commits in the background."""
         keep = self.config.checkpoint.keep_last
         started = time.monotonic()
-        reply = ray.get(member.save.remote(str(self.checkpoint_root), keep, metrics))
+        reply = ray.get(member.save.remote(str(self.checkpoint_root), keep, metrics, self.fence))
         self.goodput.bad("checkpoint", time.monotonic() - started)
         self.sink.checkpoint("save", reply["blocking_s"], reply["bytes"], step)
         self.committed(reply, step)

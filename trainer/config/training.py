@@ -115,6 +115,9 @@ class CheckpointConfig:
     #: After SIGTERM/SIGINT to the driver: seconds to stop at the step in flight and commit it (under
     #: Kubernetes' default 30 s before SIGKILL).
     preempt_grace_s: float = 20.0
+    #: One driver per checkpoint directory (trainer.checkpoint.lease): a lease its holder has not renewed
+    #: for this long is taken over by a new driver; a live one makes a second driver refuse to start.
+    lease_stale_s: float = 30.0
 
     def __post_init__(self) -> None:
         _require("checkpoint.dir", self.dir, bool(self.dir), "a non-empty path")
@@ -124,6 +127,7 @@ class CheckpointConfig:
         _require("checkpoint.keep_last", self.keep_last, self.keep_last >= 1, "an integer >= 1")
         _require("checkpoint.resume", self.resume, self.resume in RESUME_MODES, ", ".join(RESUME_MODES))
         _require("checkpoint.preempt_grace_s", self.preempt_grace_s, self.preempt_grace_s > 0, "seconds > 0")
+        _require("checkpoint.lease_stale_s", self.lease_stale_s, self.lease_stale_s >= 1, "seconds >= 1")
 
 
 @dataclass

@@ -1,0 +1,99 @@
+"""How a group run ends, other than by a decision of the policy: finished, stopped by a signal
+(preemption), stopped because another driver took the run over, or stopped by a bug in the user's code.
+
+A part of :class:`~trainer.cluster.controller.Controller` kept in a file of its own; the attributes below are
+the controller's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import ray
+
+from trainer.checkpoint.lease import Lease
+from trainer.cluster.group import WorkerGroup
+from trainer.cluster.run_control import State
+from trainer.cluster.saves import Saves
+from trainer.cluster.watch import ChunkOutcome
+from trainer.errors import ExitCode, UserCodeError
+from trainer.journal import Journal
+from trainer.preemption import Preemption, record_preempted
+from trainer.progress import Progress
+
+
+class RunEndings:
+    journal: Journal
+    saves: Saves
+    progress: Progress
+    preemption: Preemption
+    lease: Lease | None
+    group: WorkerGroup | None
+    state: State
+    step: int
+    family: str
+    families_used: list[str]
+    recoveries: list[dict[str, Any]]
+    last_loss: float
+    abort_reason: str
+    user_error: str | None
+
+    @property
+    def members(self) -> list[Any]:
+        assert self.group is not None
+        return self.group.members
+
+    def _finish(self) -> State:
+        self.progress.close()
+        eval_loss, totals = self.saves.finish(self.members[0], self.step)
+        self.journal.record(
+            "run_finished",
+            step=self.step,
+            loss=self.last_loss,
+            eval_loss=eval_loss,
+            family=self.family,
+            families=self.families_used,
+            recoveries=len(self.recoveries),
+            goodput=totals["ratio"],
+        )
+        print(
+            f"finished at step {self.step} on {self.family}: loss {self.last_loss:.4f}, held-out {eval_loss:.4f}"
+        )
+        return State.FINISHED
+
+    def _preempted(self, outcome: ChunkOutcome | None = None, saveable: bool = True) -> State:
+        """Commit the step in flight (within the grace period) and stop: a signal asked for it."""
+        member, why = None, f"the run was {self.state.value.replace('_', ' ')}, not training"
+        if outcome is not None:  # the chunk stopped every rank after one step; save from one that did
+            done = {r: res["step"] for r, res in outcome.results.items() if res["ok"]}
+            why = "a worker failed while the ranks stopped"
+            if done and not outcome.failed():
+                self.step = max(done.values())
+                member = self.members[min(r for r, s in done.items() if s == self.step)]
+        elif saveable and self.group is not None:
+            member = self.members[0]
+        saved, why = self.saves.final(member, self.step, self.preemption.left_s()) if member else (None, why)
+        record_preempted(self.journal, self.preemption, self.step, saved, why)
+        return State.PREEMPTED
+
+    def _lease_lost(self) -> State:
+        """Another driver took the run over (this one was paused past the lease's staleness): stop; its
+        saves are refused by the fence anyway."""
+        self.abort_reason = "another driver took this run's lease over"
+        self.journal.record("lease_lost", step=self.step, reason=self.abort_reason)
+        print(f"stopping: {self.abort_reason}")
+        return State.ABORTED
+
+    def _on_user_error(self, exc: UserCodeError) -> State:
+        """The user's code raised on a worker: stop now. Not an event for the policy — a retry or another
+        family would raise it again — and the newest checkpoint stays as it is (a save in flight commits)."""
+        message = str(getattr(exc, "cause", exc))  # Ray's wrapper holds the worker's error as its cause
+        self.user_error = message
+        self.journal.record("user_error", step=self.step, family=self.family, error=message)
+        with contextlib.suppress(ray.exceptions.RayError):
+            if self.group is not None:
+                self.saves.flush(self.members[0], self.step, timeout_s=60)
+        self.journal.record("run_aborted", step=self.step, reason="the task's code raised")
+        print(f"error in the task's code, the run stops (exit code {int(ExitCode.USER_ERROR)}):\n{message}")
+        return State.ABORTED
