@@ -128,6 +128,12 @@ class PrometheusSink(MetricsSink):
             registry=r,
         )
         self.stragglers = Counter("trainer_stragglers_total", "Straggler flags by rank", ["rank"], registry=r)
+        self.task_metric = Gauge(
+            "trainer_task_metric",
+            "A figure of the task's own (Task.metrics), last reported",
+            ["name"],
+            registry=r,
+        )
         self.skipped = Counter(
             "trainer_skipped_steps_total", "Steps skipped because their gradients were not finite", registry=r
         )
@@ -250,6 +256,10 @@ class PrometheusSink(MetricsSink):
 
     def skipped_steps(self, count: int) -> None:
         self.skipped.inc(count)
+
+    def task_metrics(self, values: Mapping[str, float]) -> None:
+        for name, value in values.items():
+            self.task_metric.labels(name=name).set(value)
 
     def goodput(self, ratio: float, badput_s: Mapping[str, float]) -> None:
         self.goodput_ratio.set(ratio)

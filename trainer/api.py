@@ -104,6 +104,14 @@ class Task(ABC):
             count += size
         return total / count if count else float("nan")
 
+    def metrics(self) -> dict[str, float]:
+        """Figures of the task's own — a running accuracy, a curriculum's level, an EMA's drift — reported with
+        the built-in ones: rank 0's values reach the journal (``task_metrics``) and the metrics endpoint
+        (``trainer_task_metric{name="..."}``). Called on every rank after each chunk of steps (in a
+        single-process run, every ``train.log_interval`` steps), on the process that trains; must be cheap
+        and must not call collectives. Values are numbers."""
+        return {}
+
     # --- state that must survive ---------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:
         """State outside the model and optimizer that must survive (EMA weights, counters, a curriculum's

@@ -18,7 +18,7 @@ from trainer.config import Config
 from trainer.errors import CheckpointWriteError, ExitCode, UserCodeError
 from trainer.goodput import Goodput
 from trainer.journal import Journal
-from trainer.metrics import MetricsSink
+from trainer.metrics import MetricsSink, report_task_metrics
 from trainer.nonfinite import report_skipped
 from trainer.preemption import Preemption, record_preempted
 from trainer.progress import Progress
@@ -73,6 +73,8 @@ def run_in_process(
             progress.update(
                 result.step, result.loss, samples / max(result.step_time_s, 1e-9), worker.adapter.name, 0
             )
+            if result.step % config.train.log_interval == 0 or result.step == steps:
+                report_task_metrics(result.step, worker.task_metrics(), journal, sink)
             if interval and result.step % interval == 0 and result.step < steps:
                 _checkpoint(worker, checkpointer, journal, sink, goodput, config.checkpoint.async_save)
                 last_saved = result.step

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from typing import Any
+
+from trainer.errors import UserCodeError
+from trainer.journal import Journal
 
 
 class MetricsSink(ABC):
@@ -66,6 +70,10 @@ class MetricsSink(ABC):
         """``count`` more steps were skipped: their gradients were not finite."""
 
     @abstractmethod
+    def task_metrics(self, values: Mapping[str, float]) -> None:
+        """The task's own figures (``Task.metrics``), by name, as last reported."""
+
+    @abstractmethod
     def goodput(self, ratio: float, badput_s: Mapping[str, float]) -> None:
         """Productive training time ÷ wall time, and unproductive seconds by bucket."""
 
@@ -119,5 +127,28 @@ class NullSink(MetricsSink):
     def skipped_steps(self, count: int) -> None:
         pass
 
+    def task_metrics(self, values: Mapping[str, float]) -> None:
+        pass
+
     def goodput(self, ratio: float, badput_s: Mapping[str, float]) -> None:
         pass
+
+
+def checked_metrics(values: Any, where: str) -> dict[str, float]:
+    """A task's metrics as numbers by name; anything else is the task's bug (:class:`UserCodeError`)."""
+    if not isinstance(values, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)
+        for k, v in values.items()
+    ):
+        raise UserCodeError(
+            f"Task.metrics returned {values!r:.200} on {where}; allowed: a dict of numbers by string name"
+        )
+    return {k: float(v) for k, v in values.items()}
+
+
+def report_task_metrics(step: int, values: Mapping[str, float], journal: Journal, sink: MetricsSink) -> None:
+    """Rank 0's task metrics at ``step``: journalled (not durably: they come with every heartbeat) and
+    exported."""
+    if values:
+        journal.record("task_metrics", durable=False, step=step, **{"values": dict(values)})
+        sink.task_metrics(values)

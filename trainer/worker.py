@@ -31,6 +31,7 @@ from trainer.data.positions import DataPositions, to_device
 from trainer.devices import DeviceAdapter, get_adapter
 from trainer.errors import ConfigError, UserCodeError
 from trainer.faults import CollectiveFaults
+from trainer.metrics import checked_metrics
 from trainer.nonfinite import NonFiniteSteps, grad_norm
 from trainer.tasks import build_task
 
@@ -277,6 +278,11 @@ class Worker:
         self.scaler.update()
         if self.scheduler is not None:
             self.scheduler.step()
+
+    def task_metrics(self) -> dict[str, float]:
+        """The task's own figures (:meth:`Task.metrics`), checked: numbers by name."""
+        values = self._user("metrics", self.task.metrics)
+        return checked_metrics(values, f"rank {self.rank}")
 
     @torch.no_grad()
     def evaluate(self) -> float:

@@ -46,6 +46,9 @@ def test_a_nan_step_changes_nothing_and_resume_after_it_is_exact(tmp_path: Path)
     assert bytes(seven["skipped_steps"].tolist()) == b"[7]"
     [skipped] = events(tmp_path / "seven", "nonfinite_skipped")
     assert skipped["steps"] == [7]
+    assert [(e["step"], e["values"]["steps_seen"]) for e in events(tmp_path / "seven", "task_metrics")] == [
+        (7, 7)
+    ]
 
     # Stopped after the NaN step and resumed: the same final state as straight through.
     assert run(_local(nan, "train.steps=12"), run_dir=tmp_path / "straight") == ExitCode.FINISHED
@@ -94,3 +97,7 @@ def test_a_nan_on_one_rank_of_three_is_skipped_by_all(tmp_path: Path) -> None:
     assert not [e for e in journal if e["event"] in {"failure", "user_error", "recovered"}]
     state = restored_state(config, tmp_path / "checkpoints")
     assert int(state["step"]) == 12 and bytes(state["skipped_steps"].tolist()) == b"[7]"
+    # The task's own figures came with every heartbeat, from rank 0, at the chunk's last step.
+    reported = [(e["step"], e["values"]) for e in journal if e["event"] == "task_metrics"]
+    assert [step for step, _ in reported] == [3, 6, 9, 12]  # chunks end at each checkpoint (every 3)
+    assert all(v["steps_seen"] == step and v["ema_drift"] > 0 for step, v in reported)

@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -206,3 +207,15 @@ def test_promtool_checks_the_prometheus_config() -> None:
     assert job["job_name"] == "trainer"
     assert job["static_configs"][0]["targets"] == ["127.0.0.1:9400"]
     assert config["rule_files"] == ["alerts.yml"]
+
+
+def test_a_tasks_own_metrics_are_served_by_name() -> None:
+    sink = PrometheusSink(port=0)
+    try:
+        sink.task_metrics({"accuracy": 0.75, "curriculum_level": 3.0})
+        with urllib.request.urlopen(f"http://127.0.0.1:{sink.port}/metrics", timeout=5) as resp:
+            served = resp.read().decode()
+    finally:
+        sink.close()
+    assert 'trainer_task_metric{name="accuracy"} 0.75' in served
+    assert 'trainer_task_metric{name="curriculum_level"} 3.0' in served

@@ -110,6 +110,16 @@ class SetState(_Base):
         return {"seen": {1, 2}}
 
 
+class TextMetrics(_Base):
+    def metrics(self) -> dict[str, float]:
+        return {"accuracy": "high"}  # type: ignore[dict-item]
+
+
+class ReservedState(_Base):
+    def extra_state(self) -> dict[str, Any]:
+        return {"trainer/skipped_steps": []}
+
+
 class RaisingLoss(_Base):
     def loss(self, model: Any, batch: Any) -> torch.Tensor:
         raise KeyError("label")
@@ -124,6 +134,8 @@ class RaisingLoss(_Base):
         ("test_task_api.EmptyData", (), "train_dataset returned a dataset of length 0"),
         ("test_task_api.SetState", (), "extra state 'seen' is a set"),
         ("test_task_api.RaisingLoss", (), "loss raised KeyError: 'label'"),
+        ("test_task_api.TextMetrics", (), "metrics returned {'accuracy': 'high'}"),
+        ("test_task_api.ReservedState", (), "uses the key 'trainer/skipped_steps'"),
         ("trainer.testing.tasks.ClusterTask", ("train.grad_accum_steps=2",), "train_step is overridden"),
     ],
 )

@@ -166,6 +166,7 @@ class WorkerActor:
             "compute_times": compute,
             "elapsed_s": time.perf_counter() - start,
             "skipped_steps": self.worker.nonfinite.since(first_step),
+            "task_metrics": self.worker.task_metrics(),
         }
 
     def _inject(self, next_step: int) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from trainer.cluster.watch import ChunkOutcome
 from trainer.config import Config
 from trainer.journal import Journal
-from trainer.metrics import MetricsSink
+from trainer.metrics import MetricsSink, report_task_metrics
 from trainer.nonfinite import report_skipped
 
 
@@ -25,6 +25,8 @@ class Heartbeat:
     rank_step_s: dict[int, float]
     #: Steps skipped because their gradients were not finite (the same on every rank).
     skipped_steps: list[int]
+    #: Rank 0's figures of the task's own (Task.metrics) at the end of the chunk.
+    task_metrics: dict[str, float]
 
     @classmethod
     def of(cls, outcome: ChunkOutcome, until: int) -> Heartbeat:
@@ -42,6 +44,7 @@ class Heartbeat:
                 if r["step_times"]
             },
             skipped_steps=list(first.get("skipped_steps", [])),
+            task_metrics=dict(first.get("task_metrics", {})),
         )
 
     @property
@@ -66,6 +69,7 @@ class Heartbeat:
         )
         if self.skipped_steps:
             report_skipped(self.skipped_steps, family, journal, sink)
+        report_task_metrics(self.step, self.task_metrics, journal, sink)
 
 
 def _seq_len(config: Config) -> int:

@@ -54,7 +54,8 @@ def check_task(config: Config) -> None:
     from trainer.checkpoint.initial import load_initial_weights
     from trainer.checkpoint.state import json_tree
     from trainer.data.positions import DataPositions
-    from trainer.errors import CheckpointIncompatibleError
+    from trainer.errors import CheckpointIncompatibleError, UserCodeError
+    from trainer.metrics import checked_metrics
 
     task = build_task(config)
     name = type(task).__name__
@@ -117,3 +118,7 @@ def check_task(config: Config) -> None:
                 json_tree(value, f"extra state {key!r}")
     except CheckpointIncompatibleError as exc:
         raise refuse("state", f"cannot be saved: {exc}") from None
+    try:
+        checked_metrics(call("metrics", task.metrics), "the driver's check")
+    except UserCodeError as exc:
+        raise refuse("metrics", str(exc).removeprefix("Task.metrics ")) from None

@@ -69,6 +69,7 @@ class ClusterTask(Task):
     def build_model(self, device: torch.device) -> nn.Module:
         model = DictOutput(self.dim, self.hidden, self.classes).to(device)
         self.ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.model = model
         return model
 
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
@@ -102,6 +103,14 @@ class ClusterTask(Task):
                 self.ema[key].mul_(self.decay).add_(value.detach(), alpha=1 - self.decay)
         self.steps_seen += 1
         return loss
+
+    def metrics(self) -> dict[str, float]:
+        """How far the EMA trails the weights (a figure of the task's own), and the steps it has seen."""
+        drift = max((self.ema[k] - v).abs().max().item() for k, v in self._weights().items())
+        return {"ema_drift": drift, "steps_seen": self.steps_seen}
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.model.state_dict().items()}
 
     def extra_state(self) -> dict[str, Any]:
         return {**{f"ema.{k}": v for k, v in self.ema.items()}, "steps_seen": self.steps_seen}
