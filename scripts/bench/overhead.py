@@ -44,9 +44,11 @@ from typing import Any
 import ray
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
-from plain_task_loop import PlainRun  # this script's directory: on the path when the script runs
+from plain_task_loop import (
+    PlainRun,  # this script's directory: on the path when the script runs
+    spawned_step_s,
+)
 from plain_task_loop import plain_step_s as plain_task_step_s
 
 from trainer.config import Config
@@ -176,16 +178,7 @@ def _plain_worker(rank: int, world: int, port: int, steps: int, out: Any) -> Non
 
 
 def plain_step_s(steps: int, world: int = 2) -> float:
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_plain_worker, args=(r, world, port, steps, out)) for r in range(world)]
-    for p in procs:
-        p.start()
-    value = float(out.get(timeout=600))
-    for p in procs:
-        p.join(timeout=60)
-    return value
+    return spawned_step_s(_plain_worker, steps, _free_port(), world)
 
 
 def main() -> None:

@@ -119,9 +119,15 @@ def plain_worker(rank: int, world: int, port: int, run: PlainRun, out: Any) -> N
 
 def plain_step_s(run: PlainRun, port: int, world: int = 2) -> float:
     """Steady-state seconds per step of ``run`` on ``world`` spawned gloo processes."""
+    return spawned_step_s(plain_worker, run, port, world)
+
+
+def spawned_step_s(target: Callable[..., None], payload: Any, port: int, world: int) -> float:
+    """Start ``target(rank, world, port, payload, out)`` on ``world`` spawned processes; the seconds per
+    step rank 0 puts on ``out``."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=plain_worker, args=(r, world, port, run, out)) for r in range(world)]
+    procs = [ctx.Process(target=target, args=(r, world, port, payload, out)) for r in range(world)]
     for p in procs:
         p.start()
     value = float(out.get(timeout=600))
