@@ -65,6 +65,37 @@ def corrupt_matmul(result: torch.Tensor) -> torch.Tensor:
     return bad
 
 
+@dataclass(frozen=True)
+class BitFlip:
+    """Silent data corruption as fleets report it: one bit of one element of a result flipped.
+
+    ``element`` indexes the flattened result; ``bit`` counts from the least significant bit of the element's
+    IEEE encoding (for float32: 0-22 mantissa, 23-30 exponent, 31 sign).
+    """
+
+    element: int = 0
+    bit: int = 0
+
+    def apply(self, result: torch.Tensor) -> torch.Tensor:
+        """A copy of ``result`` with the bit flipped; ``result`` itself is left alone."""
+        width = result.element_size() * 8
+        if result.element_size() not in _SAME_WIDTH_INT:
+            raise ValueError(f"BitFlip: no integer view for {result.dtype}")
+        if not 0 <= self.bit < width:
+            raise ValueError(f"BitFlip.bit={self.bit}: allowed: 0..{width - 1} for {result.dtype}")
+        if not 0 <= self.element < result.numel():
+            raise ValueError(f"BitFlip.element={self.element}: allowed: 0..{result.numel() - 1}")
+        bad = result.clone().contiguous()
+        words = bad.view(-1).view(_SAME_WIDTH_INT[result.element_size()])
+        # The top bit of a signed integer view is its sign: as a Python int, that mask is negative.
+        mask = 1 << self.bit if self.bit < width - 1 else -(1 << self.bit)
+        words[self.element] ^= mask
+        return bad
+
+
+_SAME_WIDTH_INT: dict[int, torch.dtype] = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def corrupt_newest_checkpoint(root: Path) -> Path | None:
     """Flip one byte in the middle of the newest committed checkpoint's largest file; returns that file."""
     from trainer.checkpoint.store import CheckpointStore

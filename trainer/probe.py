@@ -7,6 +7,7 @@ family's backend and a device probe of its own device.
 
     python -m trainer.probe --device sim_npu --world-size 3 --sizes 4K,1M,8M --iters 5 --json
     python -m trainer.probe --world-size 3 --slow-rank 1     # injected: names rank 1, exits 1
+    python -m trainer.probe --world-size 3 --flip-bit 1:0    # one bit of rank 1's result: names rank 1
 
 Exit code 0 when the interconnect and every device are healthy, 1 when something is degraded or failed,
 2 for a bad argument or an unknown device family.
@@ -31,15 +32,17 @@ import torch.multiprocessing as mp
 
 from trainer.devices import get_adapter
 from trainer.errors import ConfigError, ExitCode
-from trainer.faults import CollectiveFaults
+from trainer.faults import BitFlip, CollectiveFaults
 from trainer.health import (
     DeviceReport,
     InterconnectReport,
     assess,
+    compare_results,
     compare_timings,
     probe_device,
     probe_interconnect,
     run_with_deadline,
+    wrong_ranks,
 )
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -65,6 +68,8 @@ class ProbeOptions:
     slow_rank_delay_s: float = 0.05
     error_rate: float = 0.0
     wrong_compute_rank: int | None = None
+    #: ``(rank, bit)``: flip this bit of one result element of the rank's device probe (a silent corruption).
+    flip_bit: tuple[int, int] | None = None
 
     def faults(self, rank: int) -> CollectiveFaults:
         slow = (self.slow_rank,) if self.slow_rank is not None else ()
@@ -93,6 +98,14 @@ def parse_sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
+def _parse_flip(text: str) -> tuple[int, int]:
+    """``1:3`` → rank 1, bit 3 (bit 0 is the least significant bit of the float32 encoding)."""
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", text)
+    if not match or int(match.group(2)) > 31:
+        raise argparse.ArgumentTypeError(f"--flip-bit {text!r}: allowed: RANK:BIT with BIT in 0..31")
+    return int(match.group(1)), int(match.group(2))
+
+
 def _parse(argv: list[str] | None) -> tuple[ProbeOptions, int | None, bool]:
     p = argparse.ArgumentParser(prog="python -m trainer.probe", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", help="device family (cpu, cuda, npu, sim_npu, ...)")
@@ -116,6 +129,9 @@ def _parse(argv: list[str] | None) -> tuple[ProbeOptions, int | None, bool]:
     g.add_argument("--slow-rank-delay-s", type=float, default=0.05)
     g.add_argument("--error-rate", type=float, default=0.0, help="probability that a collective fails")
     g.add_argument("--wrong-compute-rank", type=int, help="a rank whose matmul is corrupted")
+    g.add_argument(
+        "--flip-bit", type=_parse_flip, help="RANK:BIT, one bit flipped in that rank's matmul result"
+    )
     a = p.parse_args(argv)
     if a.iters < 1 or a.warmup < 0 or a.timeout <= 0 or not 0 < a.degraded_fraction <= 1:
         p.error("allowed: --iters >= 1, --warmup >= 0, --timeout > 0, --degraded-fraction in (0, 1]")
@@ -137,6 +153,7 @@ def _parse(argv: list[str] | None) -> tuple[ProbeOptions, int | None, bool]:
         slow_rank_delay_s=a.slow_rank_delay_s,
         error_rate=a.error_rate,
         wrong_compute_rank=a.wrong_compute_rank,
+        flip_bit=a.flip_bit,
     )
     return options, a.world_size, a.json
 
@@ -156,8 +173,11 @@ def probe_rank(
     )
     adapter = get_adapter(options.device)
     wrong = options.wrong_compute_rank == rank
+    flip = None
+    if options.flip_bit is not None and options.flip_bit[0] == rank:
+        flip = BitFlip(element=0, bit=options.flip_bit[1])
     return interconnect, probe_device(
-        adapter, device, faults_wrong_compute=wrong, timeout_s=options.timeout_s
+        adapter, device, faults_wrong_compute=wrong, timeout_s=options.timeout_s, bit_flip=flip
     )
 
 
@@ -171,7 +191,8 @@ def summarise(
     verdict = None
     if interconnect is not None:
         verdict = assess(interconnect, options.baseline_busbw, options.degraded_fraction)
-    wrong = sorted(r for r, d in devices.items() if d.wrong_result)
+    wrong = list(wrong_ranks(devices))
+    bitwise = compare_results(devices)
     failed = sorted(r for r, d in devices.items() if not d.ok and not d.wrong_result)
     timings = {r: d.matmul_s for r, d in devices.items() if d.ok and d.matmul_s is not None}
     healthy = verdict is not None and verdict.healthy and not wrong and not failed and not errors
@@ -182,6 +203,8 @@ def summarise(
         "assessment": None if verdict is None else asdict(verdict),
         "devices": {str(r): devices[r].to_dict() for r in sorted(devices)},
         "wrong_compute_ranks": wrong,
+        "bitwise_disagreeing_ranks": list(bitwise.disagreeing),
+        "bitwise_undecided_ranks": list(bitwise.undecided),
         "failed_device_ranks": failed,
         # Informational only: ranks sharing one host's CPUs make matmul times too noisy to fail on.
         "slow_device_ranks": compare_timings(timings),
@@ -308,6 +331,8 @@ def format_table(summary: dict[str, Any]) -> str:
         matmul = "-" if d["matmul_s"] is None else f"{d['matmul_s'] * 1e3:.3f}"
         err = "-" if d["max_abs_error"] is None else f"{d['max_abs_error']:.3g}"
         note = "WRONG RESULT" if d["wrong_result"] else (d["error"] or "")
+        if int(rank) in summary["bitwise_disagreeing_ranks"] and not d["wrong_result"]:
+            note = "RESULT BITS DIFFER from the other ranks'"
         lines.append(f"  {rank:>4} {d['ok']!s:>5} {matmul:>12} {err:>12}  {note}")
     for rank, error in summary["rank_errors"].items():
         lines.append(f"# rank {rank}: {error}")

@@ -194,3 +194,21 @@ def test_probe_command_prints_json_and_exits_0() -> None:
     assert all(p["busbw_bytes_per_s"] > 0 for p in points)
     assert summary["interconnect"]["busbw_bytes_per_s"] == points[-1]["busbw_bytes_per_s"]
     assert sorted(summary["devices"]) == ["0", "1"]
+
+
+def test_probe_command_names_the_rank_with_one_flipped_bit() -> None:
+    # The lowest mantissa bit of one element on rank 1 of 3: both checks name rank 1 and nobody else.
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    cmd = [sys.executable, "-m", "trainer.probe", "--world-size", "3", "--sizes", "4K", "--iters", "1"]
+    cmd += ["--flip-bit", "1:0", "--json"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["healthy"] is False
+    assert summary["wrong_compute_ranks"] == [1]
+    assert summary["bitwise_disagreeing_ranks"] == [1]
+    devices = summary["devices"]
+    assert [devices[r]["wrong_result"] for r in ("0", "1", "2")] == [False, True, False]
+    assert devices["1"]["wrong_elements"] == 1
+    assert devices["0"]["result_digest"] == devices["2"]["result_digest"] != devices["1"]["result_digest"]

@@ -18,7 +18,7 @@ from trainer.cluster.newest_state import LOST_ERRORS
 from trainer.cluster.watch import ChunkOutcome
 from trainer.config import Config
 from trainer.goodput import Goodput
-from trainer.health.device import compare_timings
+from trainer.health.device import compare_results, compare_timings, wrong_ranks
 from trainer.health.interconnect import assess
 from trainer.journal import Journal
 from trainer.metrics import MetricsSink
@@ -84,7 +84,9 @@ class HealthWatch:
             {link.name: link.bandwidth_bytes_per_s for link in report.links},
             verdict.degraded,
         )
-        wrong = tuple(r["rank"] for r in replies if r["device"].wrong_result)
+        devices = {r["rank"]: r["device"] for r in replies}
+        wrong = wrong_ranks(devices)
+        bitwise = compare_results(devices)
         slow_devices = compare_timings({r["rank"]: r["device"].matmul_s for r in replies if r["device"].ok})
         self.journal.record(
             "probe",
@@ -102,6 +104,8 @@ class HealthWatch:
             else [report.slowest_link.src, report.slowest_link.dst],
             slow_rank=report.slow_rank,
             wrong_compute_ranks=list(wrong),
+            bitwise_disagreeing_ranks=list(bitwise.disagreeing),
+            bitwise_undecided_ranks=list(bitwise.undecided),
             slow_device_ranks=slow_devices,
             cost_fraction=self.cost_fraction(),
             interconnect=report.to_dict(),
@@ -110,7 +114,8 @@ class HealthWatch:
             return (
                 FailureKind.WRONG_COMPUTE,
                 wrong,
-                f"device probe: matmul result wrong on ranks {list(wrong)}",
+                f"device probe: matmul result wrong on ranks {list(wrong)} (against the float64 reference "
+                f"or bitwise against the other ranks)",
             )
         if report.timed_out:
             # A thread is still blocked in the probe's collective: the group must be re-formed.
