@@ -33,3 +33,21 @@ def local_ray() -> Iterator[None]:
     """One local Ray for the whole session, advertising the simulated device families."""
     with start_local_ray():
         yield
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """One S3-compatible server (moto's, its own process on 127.0.0.1) for the whole session."""
+    from trainer.testing.s3 import s3_server
+
+    with s3_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def s3_run(s3_endpoint: str) -> tuple[str, dict[str, str], str]:
+    """A fresh bucket: ``(checkpoint.dir URL, checkpoint.storage_options, bucket name)``."""
+    from trainer.testing.s3 import new_bucket, storage_options
+
+    bucket = new_bucket(s3_endpoint)
+    return f"s3://{bucket}/run", storage_options(s3_endpoint), bucket

@@ -16,6 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainer.checkpoint import CheckpointManager, initial
 from trainer.checkpoint.lease import Lease
+from trainer.checkpoint.objects import ObjectStore, local_path, scheme
+from trainer.checkpoint.store import CheckpointStore
 from trainer.config import Config, validate
 from trainer.errors import ClusterUnreachableError, ConfigError, ExitCode
 from trainer.faults import corrupt_newest_checkpoint
@@ -41,8 +43,11 @@ def resolve_run_dir(run_dir: str | Path | None) -> Path:
     return Path.cwd().resolve()
 
 
-def checkpoint_dir(config: Config, run_dir: Path) -> Path:
-    path = Path(config.checkpoint.dir)
+def checkpoint_dir(config: Config, run_dir: Path) -> Path | str:
+    """``checkpoint.dir``: a URL as it is (object storage), a relative path inside the run directory."""
+    if scheme(config.checkpoint.dir) is not None:
+        return config.checkpoint.dir
+    path = Path(local_path(config.checkpoint.dir))
     return path if path.is_absolute() else run_dir / path
 
 
@@ -55,9 +60,15 @@ def run(cfg: DictConfig | Config, run_dir: str | Path | None = None) -> ExitCode
     home = resolve_run_dir(run_dir)
     home.mkdir(parents=True, exist_ok=True)
     journal = Journal(home / "journal.jsonl")
-    manager = CheckpointManager(checkpoint_dir(config, home), keep_last=config.checkpoint.keep_last)
+    manager = CheckpointManager(
+        checkpoint_dir(config, home), config.checkpoint.keep_last, config.checkpoint.storage_options
+    )
+    if isinstance(manager.store, ObjectStore):
+        manager.store.check()  # a missing bucket, bad credentials, an unreachable endpoint: refused now
     stale_s = config.checkpoint.lease_stale_s
-    lease = Lease(manager.root, stale_after_s=stale_s, renew_s=stale_s / 6).acquire()  # or LeaseHeldError
+    lease = Lease(
+        manager.store.lease_slot(), stale_after_s=stale_s, renew_s=stale_s / 6
+    ).acquire()  # or LeaseHeldError
     try:
         return _run_leased(config, home, journal, manager, lease)
     finally:
@@ -79,7 +90,12 @@ def _run_leased(
         )
 
     if config.faults.corrupt_latest_checkpoint:
-        damaged = corrupt_newest_checkpoint(manager.root)
+        if not isinstance(manager.store, CheckpointStore):
+            raise ConfigError(
+                f"faults.corrupt_latest_checkpoint damages files on disk; checkpoint.dir={manager.root} is "
+                "object storage; allowed: a local checkpoint.dir for this fault"
+            )
+        damaged = corrupt_newest_checkpoint(manager.store.root)
         journal.record("fault_injected", fault="corrupt_latest_checkpoint", path=str(damaged))
     if config.cluster.mode == "ray":
         return _run_on_ray(config, home, journal, manager, lease)
@@ -195,5 +211,5 @@ def _run_on_ray(
         if started_here:
             ray.shutdown()
     print("\n== summary\n" + format_summary(summarize(journal.read())))
-    print(f"the run lives in {home} (journal.jsonl, {manager.root.name}/)")
+    print(f"the run lives in {home} (journal.jsonl; checkpoints: {manager.root})")
     return code

@@ -121,7 +121,7 @@ def run_in_process(
     )
     print(f"finished at step {worker.step}: loss {worker.last_loss:.4f}, held-out loss {eval_loss:.4f}")
     print(f"goodput: {totals['ratio']:.1%} of {totals['wall_s']:.1f} s")
-    print(f"the run lives in {home} (journal.jsonl, {manager.root.name}/)")
+    print(f"the run lives in {home} (journal.jsonl; checkpoints: {manager.root})")
     return ExitCode.FINISHED
 
 
@@ -156,7 +156,7 @@ def _checkpoint(
     step, loss = worker.step, worker.last_loss
     started = time.monotonic()
 
-    def committed(path: Path, blocking_s: float) -> None:
+    def committed(path: Path | str, blocking_s: float) -> None:
         journal.record("checkpoint_saved", step=step, path=str(path), loss=loss, blocking_s=blocking_s)
         sink.checkpoint("commit", time.monotonic() - started, checkpointer.staged_bytes, step)
 
@@ -164,7 +164,7 @@ def _checkpoint(
         future = worker.save_async(checkpointer, metrics)
         blocking = checkpointer.last_blocking_s
 
-        def on_done(f: Future[Path]) -> None:
+        def on_done(f: Future[Path | str]) -> None:
             if f.exception() is None:
                 committed(f.result(), blocking)
             else:  # training goes on; the previous checkpoint is intact

@@ -322,7 +322,7 @@ class Worker:
             self.nonfinite.with_state(self.task.extra_state()),
         )
 
-    def save(self, manager: CheckpointManager, metrics: dict[str, float] | None = None) -> Path:
+    def save(self, manager: CheckpointManager, metrics: dict[str, float] | None = None) -> Path | str:
         """Write and commit a checkpoint now (blocks for the whole write)."""
         return manager.save(
             self.capture(),
@@ -334,7 +334,7 @@ class Worker:
 
     def save_async(
         self, checkpointer: AsyncCheckpointer, metrics: dict[str, float] | None = None
-    ) -> Future[Path]:
+    ) -> Future[Path | str]:
         """Stage a checkpoint (blocks only for the copy) and commit it in the background."""
         return checkpointer.save(
             self.capture(),

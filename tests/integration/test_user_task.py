@@ -33,10 +33,16 @@ THREE = (
 )
 
 
-def test_user_task_survives_a_killed_worker_bit_for_bit(tmp_path: Path) -> None:
+def test_user_task_survives_a_killed_worker_bit_for_bit_with_checkpoints_on_s3(
+    tmp_path: Path, s3_run: tuple[str, dict[str, str], str]
+) -> None:
+    """The killed run's checkpoints go to the S3 server (each actor reaches it with the run's storage
+    options); the uninterrupted one's to a local directory."""
+    url, options, _ = s3_run
     clean = make_config(*THREE)
     assert run(clean, run_dir=tmp_path / "clean") == ExitCode.FINISHED
-    killed = make_config(*THREE, "faults.kill_rank=1", "faults.kill_at_step=12")
+    on_s3 = (f"checkpoint.dir={url}", *(f"+checkpoint.storage_options.{k}={v}" for k, v in options.items()))
+    killed = make_config(*THREE, *on_s3, "faults.kill_rank=1", "faults.kill_at_step=12")
     assert run(killed, run_dir=tmp_path / "killed") == ExitCode.FINISHED
 
     [recovered] = [
@@ -44,7 +50,15 @@ def test_user_task_survives_a_killed_worker_bit_for_bit(tmp_path: Path) -> None:
     ]
     assert recovered["replaced_ranks"] == [1] and recovered["state_from"].startswith("peer snapshot")
     a = restored_state(clean, tmp_path / "clean" / "checkpoints")
-    b = restored_state(clean, tmp_path / "killed" / "checkpoints")
+    assert [
+        e["path"]
+        for e in Journal(tmp_path / "killed" / "journal.jsonl").read()
+        if e["event"] == "checkpoint_saved"
+    ] == [
+        f"{url}/step_000000010",
+        f"{url}/step_000000020",
+    ]
+    b = restored_state(killed, url)
     assert mismatched(a, b) == []
     assert bytes(b["extra/steps_seen"].tolist()) == b"20"
 

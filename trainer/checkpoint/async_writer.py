@@ -29,7 +29,7 @@ class AsyncCheckpointer:
     def __init__(self, manager: CheckpointManager) -> None:
         self.manager = manager
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
-        self._pending: Future[Path] | None = None
+        self._pending: Future[Path | str] | None = None
         self._staging: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
         #: Seconds the caller was blocked by the most recent :meth:`save` (waiting + copying).
@@ -44,7 +44,7 @@ class AsyncCheckpointer:
         adapter: DeviceAdapter,
         progress: TrainingProgress,
         config: dict[str, Any],
-    ) -> Future[Path]:
+    ) -> Future[Path | str]:
         """Stage the state and write it in the background; the future yields the committed directory.
 
         A previous save that failed to write (:class:`CheckpointWriteError`, e.g. a full disk) does not stop
@@ -92,12 +92,12 @@ class AsyncCheckpointer:
         """Bytes of tensor state in the staging buffers (the last save's size)."""
         return sum(t.numel() * t.element_size() for t in self._staging.values())
 
-    def wait(self) -> Path | None:
+    def wait(self) -> Path | str | None:
         """Block until the pending save (if any) has committed; re-raise its error."""
         pending, self._pending = self._pending, None
         return None if pending is None else pending.result()
 
-    def close(self) -> Path | None:
+    def close(self) -> Path | str | None:
         """Finish the pending save and stop the writer thread."""
         try:
             return self.wait()

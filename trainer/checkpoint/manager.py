@@ -25,6 +25,7 @@ from trainer.checkpoint import layout
 from trainer.checkpoint import rng as rng_io
 from trainer.checkpoint import state as portable
 from trainer.checkpoint.manifest import Manifest, checksum_files
+from trainer.checkpoint.objects import ObjectStore, local_path, redact, scheme
 from trainer.checkpoint.safe_dcp import SafeFileSystemReader, TensorOnlyLoadPlanner
 from trainer.checkpoint.store import CheckpointStore
 from trainer.devices import DeviceAdapter
@@ -50,25 +51,40 @@ class TrainingProgress:
 
 @dataclass
 class Restored:
-    path: Path
+    #: The checkpoint restored: its directory, or its URL on object storage.
+    path: Path | str
     manifest: Manifest
     #: True when RNG state continued bit for bit; False when it was re-derived from (seed, step, rank).
     rng_restored: bool
     #: ``(path, reason)`` of newer checkpoints that were damaged and skipped.
-    skipped: list[tuple[Path, str]]
+    skipped: list[tuple[Path | str, str]]
     #: History of the restored state including this restore's family change, if any.
     history: list[dict[str, Any]]
     #: The task's extra state (tensors and JSON values), for ``Task.load_extra_state``.
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def open_store(
+    where: str | Path, keep_last: int = 3, storage_options: dict[str, Any] | None = None
+) -> CheckpointStore | ObjectStore:
+    """The store of ``checkpoint.dir``: a directory (a path or ``file://``), or object storage (``s3://``)."""
+    if isinstance(where, str) and scheme(where) is not None:
+        return ObjectStore(where, keep_last, storage_options)
+    return CheckpointStore(Path(local_path(str(where))), keep_last)
+
+
 class CheckpointManager:
-    def __init__(self, root: Path, keep_last: int = 3) -> None:
-        self.store = CheckpointStore(root, keep_last)
+    def __init__(
+        self, root: str | Path, keep_last: int = 3, storage_options: dict[str, Any] | None = None
+    ) -> None:
+        self.store = open_store(root, keep_last, storage_options)
+        #: Bytes of the files of the most recent checkpoint this manager committed.
+        self.last_commit_bytes = 0
 
     @property
-    def root(self) -> Path:
-        return self.store.root
+    def root(self) -> str:
+        """Where the checkpoints live: a directory, or a URL."""
+        return str(self.store)
 
     def save(
         self,
@@ -77,8 +93,8 @@ class CheckpointManager:
         adapter: DeviceAdapter,
         progress: TrainingProgress,
         config: dict[str, Any],
-    ) -> Path:
-        """Write and commit one checkpoint (single process); returns its final directory."""
+    ) -> Path | str:
+        """Write and commit one checkpoint (single process); returns its final directory (or URL)."""
         tmp = self.store.begin(progress.step)
         try:
             cpu_tensors = {k: t.detach().to("cpu") for k, t in state.tensors.items()}
@@ -88,7 +104,8 @@ class CheckpointManager:
                 writer = FileSystemWriter(tmp, sync_files=False, thread_count=_WRITER_THREADS)
                 dcp.save(layout.nested(cpu_tensors), storage_writer=writer, no_dist=True)
             rng_io.write_rng(tmp, 0, adapter.rng_key(), rng_states)
-            manifest = self._manifest(tmp, state, adapter, progress, config)
+            manifest = self._manifest(tmp, state, adapter, progress, redact(config))
+            self.last_commit_bytes = sum(f["bytes"] for f in manifest.files.values())
             return self.store.commit(tmp, manifest)
         except BaseException as exc:
             free = shutil.disk_usage(tmp).free if tmp.exists() else None
@@ -105,7 +122,8 @@ class CheckpointManager:
             previous = self.store.latest_pointer()
             raise CheckpointWriteError(
                 f"checkpoint of step {progress.step} could not be written to {self.root}: {cause}{disk}; nothing "
-                f"was committed, the previous checkpoint ({previous.name if previous else 'none'}) is intact"
+                f"was committed, the previous checkpoint ({self.store.name_of(previous) if previous else 'none'}) "
+                "is intact"
             ) from exc
 
     def _manifest(
@@ -163,33 +181,36 @@ class CheckpointManager:
         if not candidates:
             return None
         expected = portable.template(model, optimizer, extra)
-        skipped: list[tuple[Path, str]] = []
-        for path in candidates:
-            try:
-                manifest = self.store.verify(path)
-                saved = {layout.from_disk(k, manifest.format_version): v for k, v in manifest.tensors.items()}
-                portable.check_compatible(expected, saved, str(path))
-                loaded = {k: torch.empty_like(t) for k, t in expected.items()}
-                read_tensors(path, loaded, manifest.format_version)
-            except CheckpointCorruptError as exc:
-                log.warning("skipping damaged checkpoint %s: %s", path, exc)
-                skipped.append((path, str(exc)))
-                continue
-            restored_extra = portable.apply(
-                loaded,
-                manifest.optimizer,
-                manifest.scaler,
-                model,
-                optimizer,
-                scaler,
-                manifest.task_state,
-                scheduler,
-            )
-            rng_restored, history = self._restore_rng(path, manifest, adapter, device, rank, world_size, seed)
-            return Restored(path, manifest, rng_restored, skipped, history, restored_extra)
+        skipped: list[tuple[Path | str, str]] = []
+        for ref in candidates:
+            with self.store.opened(ref) as path:
+                try:
+                    manifest = self.store.verify(path)
+                    saved = {
+                        layout.from_disk(k, manifest.format_version): v for k, v in manifest.tensors.items()
+                    }
+                    portable.check_compatible(expected, saved, str(ref))
+                    loaded = {k: torch.empty_like(t) for k, t in expected.items()}
+                    read_tensors(path, loaded, manifest.format_version)
+                except CheckpointCorruptError as exc:
+                    log.warning("skipping damaged checkpoint %s: %s", ref, exc)
+                    skipped.append((ref, str(exc)))
+                    continue
+                restored_extra = portable.apply(
+                    loaded,
+                    manifest.optimizer,
+                    manifest.scaler,
+                    model,
+                    optimizer,
+                    scaler,
+                    manifest.task_state,
+                    scheduler,
+                )
+                rng = self._restore_rng(path, manifest, adapter, device, rank, world_size, seed)
+            return Restored(ref, manifest, rng[0], skipped, rng[1], restored_extra)
         raise NoCheckpointError(
             f"no loadable checkpoint in {self.root}; every candidate is damaged: "
-            + "; ".join(f"{p.name}: {why}" for p, why in skipped)
+            + "; ".join(f"{self.store.name_of(p)}: {why}" for p, why in skipped)
         )
 
     @staticmethod

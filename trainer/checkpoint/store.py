@@ -14,21 +14,23 @@ renaming aside first, so a half-deleted directory never looks committed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
-from trainer.checkpoint.lease import Fence
+from trainer.checkpoint.lease import Fence, FileSlot
 from trainer.checkpoint.manifest import Manifest
 from trainer.errors import CheckpointCorruptError
 
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
-_NAME = re.compile(r"^step_(\d{9})(?:\.(\d+))?$")
+NAME = re.compile(r"^step_(\d{9})(?:\.(\d+))?$")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -50,8 +52,9 @@ def _fsync_tree(path: Path) -> None:
         _fsync_dir(Path(root))
 
 
-def _sort_key(path: Path) -> tuple[int, int]:
-    match = _NAME.match(path.name)
+def sort_key(path: Path | str) -> tuple[int, int]:
+    """Checkpoints in order: by step, then by the ``.N`` suffix of a second save of one step."""
+    match = NAME.match(Path(path).name)
     assert match is not None
     return int(match.group(1)), int(match.group(2) or 0)
 
@@ -62,6 +65,16 @@ class CheckpointStore:
         self.keep_last = keep_last
         #: The committing driver's lease (trainer.lease.Fence): checked before a commit becomes visible.
         self.fence: Fence | None = None
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    def name_of(self, ref: str | Path) -> str:
+        return Path(ref).name
+
+    def lease_slot(self) -> FileSlot:
+        """Where the driver's lease lives: a file beside the checkpoints."""
+        return FileSlot(self.root)
 
     # --- writing -------------------------------------------------------------------------------------
     def begin(self, step: int) -> Path:
@@ -137,7 +150,7 @@ class CheckpointStore:
         """Committed checkpoint directories, oldest first."""
         if not self.root.is_dir():
             return []
-        return sorted((p for p in self.root.iterdir() if p.is_dir() and _NAME.match(p.name)), key=_sort_key)
+        return sorted((p for p in self.root.iterdir() if p.is_dir() and NAME.match(p.name)), key=sort_key)
 
     def latest_pointer(self) -> Path | None:
         """Where ``latest`` points, or None (absent, unreadable or dangling — with a warning)."""
@@ -150,7 +163,7 @@ class CheckpointStore:
             log.warning("%s is unreadable (%s); scanning %s instead", pointer, exc, self.root)
             return None
         target = self.root / name
-        if not _NAME.match(name) or not target.is_dir():
+        if not NAME.match(name) or not target.is_dir():
             log.warning(
                 "%s points to %r, which is not a committed checkpoint; scanning instead", pointer, name
             )
@@ -166,13 +179,21 @@ class CheckpointStore:
             ordered.insert(0, target)
         return ordered
 
+    @contextlib.contextmanager
+    def opened(self, ref: str | Path) -> Iterator[Path]:
+        """Checkpoint ``ref`` as a local directory: itself, on disk."""
+        yield Path(ref)
+
     def verify(self, path: Path) -> Manifest:
-        """The manifest of ``path`` after checking it and every file it lists; raises CheckpointCorruptError."""
-        manifest = Manifest.read(path)
-        manifest.verify_files(path)
-        match = _NAME.match(path.name)
-        if match is None or int(match.group(1)) != manifest.step:
-            raise CheckpointCorruptError(
-                f"{path}: directory name does not match manifest step {manifest.step}"
-            )
-        return manifest
+        return verify_dir(path)
+
+
+def verify_dir(path: Path) -> Manifest:
+    """The manifest of checkpoint directory ``path`` after checking it and every file it lists; raises
+    CheckpointCorruptError."""
+    manifest = Manifest.read(path)
+    manifest.verify_files(path)
+    match = NAME.match(path.name)
+    if match is None or int(match.group(1)) != manifest.step:
+        raise CheckpointCorruptError(f"{path}: directory name does not match manifest step {manifest.step}")
+    return manifest

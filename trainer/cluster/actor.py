@@ -213,7 +213,7 @@ class WorkerActor:
     @_fault_point
     def restore(self, root: str, keep_last: int) -> dict[str, Any] | None:
         with self.loading:
-            restored = self.worker.restore(CheckpointManager(Path(root), keep_last))
+            restored = self.worker.restore(self._manager(root, keep_last))
             self.holds_state = True  # the checkpoint's state, or the initial state when there is none
         if restored is None:
             return None
@@ -226,6 +226,9 @@ class WorkerActor:
             "skipped": [(str(p), why) for p, why in restored.skipped],
         }
 
+    def _manager(self, root: str, keep_last: int) -> CheckpointManager:
+        return CheckpointManager(root, keep_last, self.config.checkpoint.storage_options)
+
     @_fault_point
     def save(
         self, root: str, keep_last: int, metrics: dict[str, float] | None = None, fence: Fence | None = None
@@ -236,8 +239,8 @@ class WorkerActor:
         Returns the previous background save's committed path (if one finished since) and the time this
         call blocked training.
         """
-        if self.checkpointer is None or self.checkpointer.manager.root != Path(root):
-            self.checkpointer = AsyncCheckpointer(CheckpointManager(Path(root), keep_last))
+        if self.checkpointer is None or self.checkpointer.manager.root != root:
+            self.checkpointer = AsyncCheckpointer(self._manager(root, keep_last))
         previous = self.flush()
         self.checkpointer.manager.store.fence = fence
         if self.armed and self.config.faults.kill_during_checkpoint_step == self.worker.step:
@@ -262,15 +265,22 @@ class WorkerActor:
         store.commit = commit  # type: ignore[method-assign]
 
     @_fault_point
-    def flush(self) -> dict[str, str | None]:
-        """Wait for the background save: ``committed`` (its path) or ``failed`` (why it was not written)."""
+    def flush(self) -> dict[str, Any]:
+        """Wait for the background save: ``committed`` (its path or URL) and ``committed_bytes``, or
+        ``failed`` (why it was not written)."""
         if self.checkpointer is None:
             return {"committed": None, "failed": None}
         try:
             path = self.checkpointer.wait()
         except CheckpointWriteError as exc:
             return {"committed": None, "failed": str(exc)}
-        return {"committed": None if path is None else str(path), "failed": None}
+        if path is None:
+            return {"committed": None, "failed": None}
+        return {
+            "committed": str(path),
+            "committed_bytes": self.checkpointer.manager.last_commit_bytes,
+            "failed": None,
+        }
 
     def parameters(self) -> dict[str, torch.Tensor]:
         """CPU copies of the model's parameters and buffers (for tests and parity checks)."""

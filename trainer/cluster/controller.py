@@ -46,7 +46,7 @@ class Controller(RunEndings):
         self,
         config: Config,
         run_dir: Path,
-        checkpoint_root: Path,
+        checkpoint_root: str,
         journal: Journal,
         driver_host: str,
         sink: MetricsSink | None = None,

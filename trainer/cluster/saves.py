@@ -4,7 +4,7 @@ writes it in the background; this books what each background write did and what 
 from __future__ import annotations
 
 import time
-from pathlib import Path
+from pathlib import PurePosixPath
 from typing import Any
 
 import ray
@@ -21,7 +21,7 @@ class Saves:
     def __init__(
         self,
         config: Config,
-        checkpoint_root: Path,
+        checkpoint_root: str,
         journal: Journal,
         sink: MetricsSink,
         goodput: Goodput,
@@ -93,9 +93,9 @@ class Saves:
             self.progress.message(f"error: {reply['failed']}")
         path = reply.get("committed")
         if path is not None:
-            saved = int(Path(path).name[5:14])
+            saved = int(PurePosixPath(path).name[5:14])
             self.journal.record("checkpoint_saved", path=path, step=saved)
-            self.sink.checkpoint("commit", 0.0, _dir_bytes(Path(path)), saved)
+            self.sink.checkpoint("commit", 0.0, int(reply.get("committed_bytes") or 0), saved)
 
     def record_goodput(self) -> dict[str, Any]:
         """Journal and export the goodput account so far (a re-launched driver continues from it)."""
@@ -103,7 +103,3 @@ class Saves:
         self.journal.record("goodput", **totals)
         self.sink.goodput(totals["ratio"], totals["badput_s"])
         return totals
-
-
-def _dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from omegaconf import II
 
@@ -118,9 +119,16 @@ class CheckpointConfig:
     #: One driver per checkpoint directory (trainer.checkpoint.lease): a lease its holder has not renewed
     #: for this long is taken over by a new driver; a live one makes a second driver refuse to start.
     lease_stale_s: float = 30.0
+    #: Options of the object store's filesystem when ``dir`` is a URL (``s3://bucket/prefix``), passed to
+    #: s3fs: ``endpoint_url``, ``key``, ``secret``, ``token``, ``client_kwargs``… Credentials are redacted
+    #: from every manifest; without them s3fs reads the usual AWS environment variables and profiles.
+    storage_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _require("checkpoint.dir", self.dir, bool(self.dir), "a non-empty path")
+        _require("checkpoint.dir", self.dir, bool(self.dir), "a non-empty path or s3://bucket/prefix")
+        from trainer.checkpoint.objects import check_location  # here: config imports nothing at load time
+
+        check_location(self.dir)
         _require(
             "checkpoint.interval_steps", self.interval_steps, self.interval_steps >= 0, "an integer >= 0"
         )

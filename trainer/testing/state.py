@@ -33,11 +33,13 @@ def _json_bytes(value: Any) -> torch.Tensor:
     return torch.tensor(list(json.dumps(value, sort_keys=True).encode()), dtype=torch.uint8)
 
 
-def restored_state(config: Config, checkpoint_root: Path) -> dict[str, torch.Tensor]:
-    """The state of the newest good checkpoint under ``checkpoint_root``, restored into a fresh worker."""
+def restored_state(config: Config, checkpoint_root: Path | str) -> dict[str, torch.Tensor]:
+    """The state of the newest good checkpoint under ``checkpoint_root`` (a directory, or a URL reached with
+    ``config.checkpoint.storage_options``), restored into a fresh worker."""
     worker = Worker(config)
     worker.setup()
-    if worker.restore(CheckpointManager(checkpoint_root)) is None:
+    manager = CheckpointManager(checkpoint_root, storage_options=config.checkpoint.storage_options)
+    if worker.restore(manager) is None:
         raise AssertionError(f"no checkpoint under {checkpoint_root}")
     return {**live_state(worker), "step": torch.tensor(worker.step)}
 

@@ -1,0 +1,278 @@
+"""Checkpoints on object storage (``checkpoint.dir=s3://…``) keep the disk's guarantees, against a real
+S3-compatible server (moto's standalone server on 127.0.0.1, its own process; no mock of the client):
+committed only when complete, ``latest``, retention, never overwritten, damaged ones skipped, an upload
+killed mid-way invisible, credentials never stored, and the driver's lease taken with conditional writes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from trainer.checkpoint import CheckpointManager
+from trainer.checkpoint.lease import Lease, LeaseHeldError
+from trainer.errors import CheckpointWriteError, ConfigError, ExitCode
+from trainer.job import run
+from trainer.testing.configs import make_config
+from trainer.testing.runs import events
+from trainer.testing.s3 import SECRET_KEY, client
+from trainer.testing.state import live_state, mismatched
+from trainer.worker import Worker
+
+TINY = (
+    "device=cpu",
+    "model.n_layer=1",
+    "model.n_embd=16",
+    "model.seq_len=8",
+    "train.global_batch_size=4",
+    "monitoring=off",
+)
+
+S3Run = tuple[str, dict[str, str], str]
+
+
+def _worker(*overrides: str) -> Worker:
+    worker = Worker(make_config(*TINY, *overrides))
+    worker.setup()
+    worker.attach(0, 1)
+    return worker
+
+
+def _trained(steps: int) -> Worker:
+    worker = _worker()
+    for _ in range(steps):
+        worker.train_step()
+    return worker
+
+
+def _objects(endpoint: str, bucket: str) -> dict[str, bytes]:
+    s3 = client(endpoint)
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
+    return {k: s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
+
+
+def _options_overrides(url: str, options: dict[str, str]) -> tuple[str, ...]:
+    return (f"checkpoint.dir={url}", *(f"+checkpoint.storage_options.{k}={v}" for k, v in options.items()))
+
+
+def test_saved_on_s3_restores_bit_for_bit_and_latest_names_the_newest(
+    s3_run: S3Run, s3_endpoint: str
+) -> None:
+    url, options, bucket = s3_run
+    manager = CheckpointManager(url, keep_last=3, storage_options=options)
+    worker = _trained(2)
+    first = worker.save(manager)
+    worker.train_step()
+    second = worker.save(manager)
+    assert (first, second) == (f"{url}/step_000000002", f"{url}/step_000000003")
+    assert manager.store.committed() == [first, second]
+    assert manager.store.latest_pointer() == second
+
+    fresh = _worker()
+    restored = fresh.restore(CheckpointManager(url, storage_options=options))
+    assert restored is not None and restored.path == second and restored.skipped == []
+    assert mismatched(live_state(worker), live_state(fresh)) == []
+    objects = _objects(s3_endpoint, bucket)
+    manifest = json.loads(objects["run/step_000000003/manifest.json"])
+    assert set(manifest["files"]) == {
+        k.removeprefix("run/step_000000003/") for k in objects if k.startswith("run/step_000000003/")
+    } - {"manifest.json"}
+
+
+def test_credentials_never_reach_the_bucket(s3_run: S3Run, s3_endpoint: str) -> None:
+    url, options, bucket = s3_run
+    worker = _worker(*_options_overrides(url, options))
+    worker.train_step()
+    worker.save(CheckpointManager(url, storage_options=options))
+    objects = _objects(s3_endpoint, bucket)
+    assert not [k for k, body in objects.items() if SECRET_KEY.encode() in body]
+    manifest = json.loads(objects["run/step_000000001/manifest.json"])
+    stored = manifest["config"]["checkpoint"]["storage_options"]
+    assert stored == {"endpoint_url": s3_endpoint, "key": "<redacted>", "secret": "<redacted>"}
+
+
+def test_retention_deletes_whole_checkpoints_and_a_second_save_of_a_step_overwrites_nothing(
+    s3_run: S3Run, s3_endpoint: str
+) -> None:
+    url, options, bucket = s3_run
+    manager = CheckpointManager(url, keep_last=2, storage_options=options)
+    worker = _trained(1)
+    worker.save(manager)
+    before = _objects(s3_endpoint, bucket)
+    again = worker.save(manager)  # the same step: a new name, the first untouched
+    assert again == f"{url}/step_000000001.1"
+    after = _objects(s3_endpoint, bucket)
+    assert {k: v for k, v in after.items() if k in before and k != "run/latest"} == {
+        k: v for k, v in before.items() if k != "run/latest"
+    }
+    worker.train_step()
+    worker.save(manager)
+    assert manager.store.committed() == [again, f"{url}/step_000000002"]
+    assert not [k for k in _objects(s3_endpoint, bucket) if k.startswith("run/step_000000001/")]
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_naming_its_url(s3_run: S3Run, s3_endpoint: str) -> None:
+    url, options, bucket = s3_run
+    manager = CheckpointManager(url, storage_options=options)
+    worker = _trained(1)
+    worker.save(manager)
+    older = live_state(worker)
+    worker.train_step()
+    worker.save(manager)
+    s3 = client(s3_endpoint)
+    key = "run/step_000000002/__0_0.distcp"
+    body = bytearray(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    body[len(body) // 2] ^= 0x10  # one flipped bit in the middle of the tensor data
+    s3.put_object(Bucket=bucket, Key=key, Body=bytes(body))
+
+    fresh = _worker()
+    restored = fresh.restore(CheckpointManager(url, storage_options=options))
+    assert restored is not None and restored.path == f"{url}/step_000000001"
+    assert [ref for ref, _ in restored.skipped] == [f"{url}/step_000000002"]
+    assert f"{url}/step_000000002" in restored.skipped[0][1] and "__0_0.distcp" in restored.skipped[0][1]
+    assert mismatched(older, live_state(fresh)) == []
+
+
+KILLED_MID_UPLOAD = """
+import os, signal, sys
+from trainer.checkpoint import CheckpointManager
+from trainer.testing.configs import make_config
+from trainer.worker import Worker
+url, endpoint, key, secret = sys.argv[1:5]
+manager = CheckpointManager(url, storage_options={"endpoint_url": endpoint, "key": key, "secret": secret})
+worker = Worker(make_config(*sys.argv[5:]))
+worker.setup()
+worker.attach(0, 1)
+worker.train_step()
+worker.save(manager)
+worker.train_step()
+fs = manager.store.fs
+put = fs.put
+
+def put_then_die(sources, targets, **kwargs):  # the data objects go up, then the process is killed
+    put(sources, targets, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+fs.put = put_then_die
+worker.save(manager)
+"""
+
+
+def test_an_upload_killed_mid_way_leaves_no_visible_checkpoint_and_the_previous_intact(
+    s3_run: S3Run, s3_endpoint: str
+) -> None:
+    url, options, bucket = s3_run
+    child = subprocess.run(
+        [sys.executable, "-c", KILLED_MID_UPLOAD, url, s3_endpoint, options["key"], options["secret"], *TINY],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert child.returncode == -9, child.stderr[-2000:]
+    keys = set(_objects(s3_endpoint, bucket))
+    assert "run/step_000000002/__0_0.distcp" in keys and "run/step_000000002/manifest.json" not in keys
+    manager = CheckpointManager(url, storage_options=options)
+    assert manager.store.committed() == [f"{url}/step_000000001"]
+    assert manager.store.latest_pointer() == f"{url}/step_000000001"
+
+    restored = _worker().restore(manager)  # a new start also clears the half upload away
+    assert restored is not None and restored.manifest.step == 1
+    assert not [k for k in _objects(s3_endpoint, bucket) if k.startswith("run/step_000000002")]
+
+
+def test_one_driver_per_run_on_s3_with_conditional_writes(s3_run: S3Run) -> None:
+    url, options, _ = s3_run
+    store = CheckpointManager(url, storage_options=options).store
+    holder = Lease(store.lease_slot(), stale_after_s=30, renew_s=0.2).acquire()
+    try:
+        with pytest.raises(LeaseHeldError, match=r"in use by another driver: pid \d+ .*generation 1"):
+            Lease(store.lease_slot(), stale_after_s=30).acquire()
+        time.sleep(0.5)  # renewals are conditional writes on the holder's own ETag: they keep succeeding
+        assert not holder.lost.is_set()
+    finally:
+        holder._stop.set()  # the holder "pauses": it stops renewing without releasing
+
+    # Two drivers find the lease stale at the same moment: If-Match lets exactly one take it over.
+    racers = [Lease(store.lease_slot(), stale_after_s=0.1, renew_s=60) for _ in range(4)]
+    time.sleep(0.2)
+    outcomes: list[Any] = [None] * len(racers)
+
+    def take(i: int) -> None:
+        try:
+            outcomes[i] = racers[i].acquire()
+        except LeaseHeldError as exc:
+            outcomes[i] = exc
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(len(racers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [o for o in outcomes if isinstance(o, Lease)]
+    assert len(winners) == 1, outcomes
+    assert winners[0].generation == 2 and winners[0].taken_from is not None
+    try:
+        worker = _trained(1)
+        paused = CheckpointManager(url, storage_options=options)
+        paused.store.fence = holder.fence  # the paused driver comes back and tries to commit
+        with pytest.raises(CheckpointWriteError, match="taken over"):
+            worker.save(paused)
+        assert paused.store.committed() == []
+        current = CheckpointManager(url, storage_options=options)
+        current.store.fence = winners[0].fence
+        worker.save(current)
+        with current.store.opened(f"{url}/step_000000001") as local:
+            assert current.store.verify(local).lease_generation == 2  # committed under the winner's
+    finally:
+        for lease in winners:
+            lease.release()
+    assert not store.lease_slot().exists()
+
+
+def test_a_run_checkpoints_to_s3_and_a_second_run_resumes_from_it(s3_run: S3Run, tmp_path: Path) -> None:
+    url, options, _ = s3_run
+    overrides = (*TINY, *_options_overrides(url, options), "checkpoint.interval_steps=3")
+    assert run(make_config(*overrides, "train.steps=6"), run_dir=tmp_path / "first") == ExitCode.FINISHED
+    assert run(make_config(*overrides, "train.steps=9"), run_dir=tmp_path / "second") == ExitCode.FINISHED
+    (resumed,) = events(tmp_path / "second", "resumed")
+    assert resumed["path"] == f"{url}/step_000000006" and resumed["step"] == 6
+    saved = [e["path"] for e in events(tmp_path / "second", "checkpoint_saved")]
+    assert saved[-1] == f"{url}/step_000000009"
+    journal = (tmp_path / "first" / "journal.jsonl").read_text() + (
+        tmp_path / "second" / "journal.jsonl"
+    ).read_text()
+    assert SECRET_KEY not in journal
+
+
+@pytest.mark.parametrize(
+    ("where", "cause"),
+    [
+        ("missing-bucket", r"bucket .* does not exist"),
+        ("closed-port", r"unreachable|Could not connect|connect"),
+    ],
+)
+def test_bad_object_storage_fails_before_training_naming_the_key(
+    where: str, cause: str, s3_endpoint: str, tmp_path: Path
+) -> None:
+    from trainer.testing.s3 import free_port, storage_options
+
+    if where == "missing-bucket":
+        url, options = "s3://no-such-bucket-here/run", storage_options(s3_endpoint)
+    else:
+        url, options = "s3://any/run", storage_options(f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(ConfigError, match=rf"checkpoint.dir {url}.*{cause}"):
+        run(make_config(*TINY, *_options_overrides(url, options), "train.steps=2"), run_dir=tmp_path)
+    assert events(tmp_path, "run_started") == []
+
+
+def test_an_unsupported_scheme_is_refused_naming_what_is_allowed() -> None:
+    with pytest.raises(ConfigError, match=r"checkpoint.dir='gs://b/p'.*allowed: .*s3://bucket/prefix"):
+        make_config(*TINY, "checkpoint.dir=gs://b/p")
+    with pytest.raises(ConfigError, match=r"checkpoint.dir='s3:///p' names no bucket"):
+        make_config(*TINY, "checkpoint.dir=s3:///p")

@@ -1,0 +1,353 @@
+"""Checkpoints on object storage (``checkpoint.dir=s3://bucket/prefix``), with the guarantees of the disk.
+
+Layout under the URL::
+
+    <url>/latest                          name of the newest committed checkpoint (one PUT replaces it)
+    <url>/step_000000040/manifest.json    uploaded last: its presence is what makes the checkpoint committed
+    <url>/step_000000040/...              DCP files and rng/, uploaded first
+    <url>/.driver-lease.json              the driver's lease (trainer.checkpoint.lease), conditional writes
+
+Object storage has no rename, so the commit is the manifest: a checkpoint is written into a local spool
+directory exactly as on disk (DCP, RNG, digests), its data objects are uploaded under a name no object uses
+yet, and the manifest goes up last with a create-only PUT (``If-None-Match: *``), so no object of a
+committed checkpoint is ever overwritten. An upload killed mid-way leaves objects without a manifest:
+invisible to readers and removed on the next start. Retention deletes the manifest first, so a
+half-deleted checkpoint never looks committed. A checkpoint is loaded by downloading it into the spool and
+verifying every file against the manifest's digests before a tensor is read.
+
+Credentials come from ``checkpoint.storage_options`` (passed to s3fs: ``endpoint_url``, ``key``,
+``secret``, ``token``…) or from the usual AWS environment and instance metadata; the manifests keep the
+configuration with those values redacted (see :func:`redact`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from trainer.checkpoint.lease import Fence, ObjectSlot
+from trainer.checkpoint.manifest import MANIFEST_NAME, Manifest
+from trainer.checkpoint.store import LATEST, NAME, sort_key, verify_dir
+from trainer.errors import CheckpointCorruptError, CheckpointWriteError, ConfigError
+
+log = logging.getLogger(__name__)
+
+#: URL schemes ``checkpoint.dir`` accepts besides a local path (``file://`` is one).
+SCHEMES = ("s3",)
+#: Seconds :meth:`ObjectStore.check` waits for the store to answer before a run starts.
+PREFLIGHT_TIMEOUT_S = 30.0
+#: storage_options keys whose values are credentials: never written to a manifest, the journal or a log.
+_SECRET = re.compile(r"(secret|password|token|credential|key)", re.IGNORECASE)
+_NOT_SECRET = {"endpoint_url", "region_name", "client_kwargs", "config_kwargs"}
+
+
+def scheme(where: str) -> str | None:
+    """The URL scheme of ``checkpoint.dir`` (``s3``), or None for a local path (``file://`` included)."""
+    match = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", where)
+    if match is None or match.group(1).lower() == "file":
+        return None
+    return match.group(1).lower()
+
+
+def local_path(where: str) -> str:
+    """``where`` without a ``file://`` prefix."""
+    return where[len("file://") :] if where.lower().startswith("file://") else where
+
+
+def check_location(where: str) -> None:
+    """Refuse a ``checkpoint.dir`` URL this toolkit cannot commit to safely, naming what is allowed."""
+    kind = scheme(where)
+    if kind is None:
+        return
+    if kind not in SCHEMES:
+        raise ConfigError(
+            f"checkpoint.dir={where!r}: the scheme {kind}:// is not supported; allowed: a local or shared path, "
+            "file://path, or s3://bucket/prefix (object storage with conditional writes)"
+        )
+    bucket = where.split("://", 1)[1].split("/", 1)[0]
+    if not bucket:
+        raise ConfigError(f"checkpoint.dir={where!r} names no bucket; allowed: s3://bucket[/prefix]")
+
+
+def redact(value: Any) -> Any:
+    """``value`` (a config container) with every credential under a ``storage_options`` mapping replaced by
+    ``"<redacted>"``: keys such as ``key``, ``secret``, ``token``, ``password``, at any depth."""
+    if isinstance(value, dict):
+        out: dict[Any, Any] = {}
+        for k, v in value.items():
+            if k == "storage_options" and isinstance(v, dict):
+                out[k] = _redact_options(v)
+            else:
+                out[k] = redact(v)
+        return out
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
+
+
+def _redact_options(options: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in options.items():
+        if isinstance(v, dict):
+            out[k] = _redact_options(v)
+        elif str(k) not in _NOT_SECRET and _SECRET.search(str(k)) and v is not None:
+            out[k] = "<redacted>"
+        else:
+            out[k] = v
+    return out
+
+
+def filesystem(where: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
+    """The fsspec filesystem of ``where`` and the path inside it; a clear error when s3fs is missing."""
+    try:
+        import fsspec.core
+    except ImportError as exc:  # pragma: no cover - fsspec comes with the dependencies
+        raise ConfigError(f"checkpoint.dir={where!r} needs fsspec ({exc})") from None
+    try:
+        fs, path = fsspec.core.url_to_fs(where, **dict(storage_options or {}))
+    except ImportError as exc:
+        raise ConfigError(
+            f"checkpoint.dir={where!r} needs s3fs, which is not installed ({exc}); allowed: "
+            "pip install 'fleet-trainer[s3]', or a local path"
+        ) from None
+    except TypeError as exc:
+        raise ConfigError(
+            f"checkpoint.storage_options are not accepted by the {scheme(where)}:// filesystem ({exc})"
+        ) from None
+    return fs, str(path).rstrip("/")
+
+
+def _spool_root() -> Path:
+    return Path(tempfile.gettempdir()) / "fleet-trainer-spool"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ObjectStore:
+    """The same interface as :class:`trainer.checkpoint.store.CheckpointStore`, over an fsspec URL.
+    Checkpoints are named by their URL (``s3://bucket/prefix/step_000000040``)."""
+
+    def __init__(self, url: str, keep_last: int = 3, storage_options: dict[str, Any] | None = None) -> None:
+        check_location(url)
+        self.url = url.rstrip("/")
+        self.keep_last = keep_last
+        self.fs, self.base = filesystem(self.url, storage_options)
+        #: The committing driver's lease (trainer.checkpoint.lease.Fence): checked before a commit.
+        self.fence: Fence | None = None
+        #: This process's local directory for saves being written and checkpoints being read.
+        self.spool = _spool_root() / f"p{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+    def __str__(self) -> str:
+        return self.url
+
+    def _key(self, *parts: str) -> str:
+        return "/".join((self.base, *parts))
+
+    def name_of(self, ref: str | Path) -> str:
+        return PurePosixPath(str(ref)).name
+
+    # --- writing -------------------------------------------------------------------------------------
+    def begin(self, step: int) -> Path:
+        """A fresh local directory to write the checkpoint of ``step`` into before it is uploaded."""
+        tmp = self.spool / f".tmp-step_{step:09d}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        return tmp
+
+    def commit(self, tmp: Path, manifest: Manifest) -> str:
+        """Upload ``tmp`` under a fresh name, the manifest last and create-only, move ``latest``, apply
+        retention; returns the checkpoint's URL. A driver whose lease was taken over is refused."""
+        if self.fence is not None:
+            self.fence.check(self.lease_slot())
+            manifest.lease_generation = self.fence.generation
+        manifest.write(tmp)
+        name = self._free_name(manifest.step)
+        files = sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
+        targets = [self._key(name, p.relative_to(tmp).as_posix()) for p in files]
+        try:
+            if files:
+                self.fs.put([str(p) for p in files], targets)
+            if self.fence is not None:
+                self.fence.check(self.lease_slot())
+            self.fs.pipe(self._key(name, MANIFEST_NAME), (tmp / MANIFEST_NAME).read_bytes(), mode="create")
+        except FileExistsError as exc:
+            raise CheckpointWriteError(
+                f"{self.url}/{name}: another writer committed this name meanwhile ({exc}); nothing was overwritten"
+            ) from None
+        self.fs.pipe(self._key(LATEST), (name + "\n").encode())
+        shutil.rmtree(tmp, ignore_errors=True)
+        self._retain(keep=name)
+        return f"{self.url}/{name}"
+
+    def abandon(self, tmp: Path) -> None:
+        """Remove a save that failed before commit (its local files; uploaded objects without a manifest
+        are invisible and removed by :meth:`remove_partial`)."""
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    def _free_name(self, step: int) -> str:
+        taken = self._prefixes()
+        base = f"step_{step:09d}"
+        if base not in taken:
+            return base
+        n = 1
+        while f"{base}.{n}" in taken:
+            n += 1
+        return f"{base}.{n}"
+
+    def _retain(self, keep: str) -> None:
+        for old in self._committed_names()[: -self.keep_last]:
+            if old == keep:
+                continue
+            self.fs.rm_file(self._key(old, MANIFEST_NAME))  # un-commit first
+            self.fs.rm(self._key(old), recursive=True)
+
+    def remove_partial(self) -> list[str]:
+        """Delete uploads that never committed and the spools of processes that are gone; returns the
+        URLs removed."""
+        removed = []
+        committed = set(self._committed_names())
+        for name in sorted(self._prefixes() - committed):
+            self.fs.rm(self._key(name), recursive=True)
+            removed.append(f"{self.url}/{name}")
+        root = _spool_root()
+        if root.is_dir():
+            for spool in root.iterdir():
+                match = re.match(r"^p(\d+)-", spool.name)
+                if match and not _pid_alive(int(match.group(1))):
+                    shutil.rmtree(spool, ignore_errors=True)
+        return removed
+
+    # --- reading -------------------------------------------------------------------------------------
+    def _listing(self) -> list[str]:
+        """Every object key under the URL, up to two levels deep (fresh: the listing cache is dropped)."""
+        self.fs.invalidate_cache(self.base)
+        try:
+            return [str(k) for k in self.fs.find(self.base, maxdepth=2)]
+        except FileNotFoundError:
+            return []
+
+    def _prefixes(self) -> set[str]:
+        """Names of checkpoint prefixes holding any object, committed or not."""
+        out = set()
+        for key in self._listing():
+            parts = key[len(self.base) + 1 :].split("/")
+            if len(parts) > 1 and NAME.match(parts[0]):
+                out.add(parts[0])
+        return out
+
+    def _committed_names(self) -> list[str]:
+        names = set()
+        for key in self._listing():
+            parts = key[len(self.base) + 1 :].split("/")
+            if len(parts) == 2 and parts[1] == MANIFEST_NAME and NAME.match(parts[0]):
+                names.add(parts[0])
+        return sorted(names, key=sort_key)
+
+    def committed(self) -> list[str]:
+        """URLs of the committed checkpoints, oldest first."""
+        return [f"{self.url}/{n}" for n in self._committed_names()]
+
+    def latest_pointer(self) -> str | None:
+        """Where ``latest`` points, or None (absent, unreadable or dangling — with a warning)."""
+        try:
+            name = self.fs.cat_file(self._key(LATEST)).decode().strip()
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            log.warning("%s/%s is unreadable (%s); scanning instead", self.url, LATEST, exc)
+            return None
+        if not NAME.match(name) or name not in self._committed_names():
+            log.warning(
+                "%s/%s points to %r, not a committed checkpoint; scanning instead", self.url, LATEST, name
+            )
+            return None
+        return f"{self.url}/{name}"
+
+    def candidates(self) -> list[str]:
+        """Checkpoints to try, best first: the ``latest`` target, then the others newest first."""
+        ordered = list(reversed(self.committed()))
+        target = self.latest_pointer()
+        if target is not None and target in ordered:
+            ordered.remove(target)
+            ordered.insert(0, target)
+        return ordered
+
+    @contextlib.contextmanager
+    def opened(self, ref: str | Path) -> Iterator[Path]:
+        """A local copy of checkpoint ``ref`` (downloaded into the spool, removed afterwards)."""
+        name = self.name_of(ref)
+        local = self.spool / f"fetch-{uuid.uuid4().hex[:8]}" / name
+        local.mkdir(parents=True)
+        try:
+            prefix = self._key(name)
+            keys = [str(k) for k in self.fs.find(prefix)]
+            if keys:
+                self.fs.get(keys, [str(local / k[len(prefix) + 1 :]) for k in keys])
+            yield local
+        finally:
+            shutil.rmtree(local.parent, ignore_errors=True)
+
+    def verify(self, path: Path) -> Manifest:
+        """The manifest of a downloaded checkpoint after checking it and every file it lists (errors name
+        the checkpoint's URL, not the local copy)."""
+        try:
+            return verify_dir(path)
+        except CheckpointCorruptError as exc:
+            raise CheckpointCorruptError(str(exc).replace(str(path), f"{self.url}/{path.name}")) from None
+
+    def check(self, timeout_s: float = PREFLIGHT_TIMEOUT_S) -> None:
+        """Before a run starts: the bucket exists, and an object can be written under the URL and deleted,
+        within ``timeout_s``; else a :class:`ConfigError` naming ``checkpoint.dir`` and the cause."""
+        outcome: list[BaseException | None] = []
+
+        def attempt() -> None:
+            try:
+                bucket = self.base.split("/", 1)[0]
+                try:  # not fs.exists: it answers False for an endpoint that does not answer at all
+                    self.fs.call_s3("head_bucket", Bucket=bucket)
+                except FileNotFoundError:
+                    raise FileNotFoundError(f"the bucket {bucket!r} does not exist") from None
+                probe = self._key(f".write-check-{uuid.uuid4().hex[:8]}")
+                self.fs.pipe(probe, b"")
+                self.fs.rm_file(probe)
+                outcome.append(None)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=attempt, name="checkpoint-dir-check", daemon=True)
+        thread.start()
+        thread.join(timeout_s)
+        if not outcome:
+            cause = f"no answer within {timeout_s:g} s (endpoint unreachable?)"
+        elif outcome[0] is None:
+            return
+        elif isinstance(outcome[0], PermissionError):
+            cause = f"access denied: wrong credentials or a read-only location ({outcome[0]})"
+        elif isinstance(outcome[0], FileNotFoundError):
+            cause = str(outcome[0]).strip("'\"")
+        else:
+            cause = f"unreachable or refused: {type(outcome[0]).__name__}: {outcome[0]}"
+        raise ConfigError(
+            f"checkpoint.dir {self.url}: {cause}; allowed: an existing bucket that these credentials can "
+            "write (checkpoint.storage_options or the AWS environment)"
+        )
+
+    def lease_slot(self) -> ObjectSlot:
+        """Where the driver's lease lives: an object beside the checkpoints, written conditionally."""
+        return ObjectSlot(self.fs, self.base, self.url)
