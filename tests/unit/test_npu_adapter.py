@@ -6,9 +6,10 @@ exposes it — importing ``torch_npu`` lazily, the ``npu`` device type and ``tor
 way importing torch_npu can fail (absent; CANN libraries missing, raising RuntimeError or OSError) turns
 into "unavailable, because …" instead of an exception.
 
-What this does NOT check: Ascend hardware, CANN or HCCL. The stand-in ``torch_npu`` package, written into
-``tmp_path`` by these tests, is CPU-backed: its device module answers from Python counters and a CPU
-generator, and its ``hccl`` backend is gloo underneath. Each case runs in a fresh interpreter
+What this does NOT check: Ascend hardware, CANN or HCCL. The stand-in ``torch_npu`` package
+(``tests/unit/npu_stand_in/torch_npu``; test_npu_wheel_api.py checks it against the real wheel) is
+CPU-backed: its device module answers from Python counters and a CPU generator, and its ``hccl`` backend is
+gloo underneath. Each case runs in a fresh interpreter
 (``subprocess.run``), because importing it renames torch's PrivateUse1 backend and registers a device
 module and a backend, none of which can be undone in the test process. Each child prints one JSON line that
 the test parses.
@@ -29,104 +30,10 @@ import torch.distributed as dist
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 120
+#: The stand-in torch_npu package (its docstring says which real wheel it was checked against).
+STAND_IN_ROOT = Path(__file__).resolve().parent / "npu_stand_in"
 STAND_IN_DEVICES = 2
 STAND_IN_VERSION = "0.0.0+standin"
-
-STAND_IN = f'''\
-"""STAND-IN for torch_npu, written by tests/unit/test_npu_adapter.py. NOT Ascend hardware.
-
-It reproduces the API surface the NPU adapter relies on — the "npu" device type, a torch.npu device
-module and an "hccl" process-group backend — backed by the CPU and gloo. CANN and HCCL are not involved.
-"""
-
-import types
-
-import torch
-import torch.distributed as dist
-
-__version__ = "{STAND_IN_VERSION}"
-DEVICE_COUNT = {STAND_IN_DEVICES}
-
-torch.utils.rename_privateuse1_backend("npu")
-
-generator = torch.Generator()  # stands in for the NPU's on-device generator
-_current = [0]
-
-
-def _index(device=None):
-    if device is None:
-        return _current[0]
-    index = torch.device("npu", device).index if isinstance(device, int) else torch.device(device).index
-    return _current[0] if index is None else index
-
-
-def is_available():
-    return True
-
-
-def device_count():
-    return DEVICE_COUNT
-
-
-def set_device(device):
-    index = _index(device)
-    if not 0 <= index < DEVICE_COUNT:
-        raise RuntimeError(f"invalid device ordinal {{index}}")
-    _current[0] = index
-
-
-def current_device():
-    return _current[0]
-
-
-def synchronize(device=None):
-    _index(device)
-
-
-def memory_allocated(device=None):
-    return 1024 * (_index(device) + 1)
-
-
-def memory_reserved(device=None):
-    return 4096 * (_index(device) + 1)
-
-
-def get_device_properties(device=None):
-    return types.SimpleNamespace(name="Ascend910B (stand-in)", total_memory=64 * 2**30)
-
-
-def get_device_name(device=None):
-    return get_device_properties(device).name
-
-
-def get_rng_state(device="npu"):
-    return generator.get_state()
-
-
-def set_rng_state(new_state, device="npu"):
-    generator.set_state(new_state)
-
-
-def manual_seed_all(seed):
-    generator.manual_seed(seed)
-
-
-npu = types.ModuleType("torch.npu")
-for _name in (
-    "is_available", "device_count", "set_device", "current_device", "synchronize", "memory_allocated",
-    "memory_reserved", "get_device_properties", "get_device_name", "get_rng_state", "set_rng_state",
-    "manual_seed_all",
-):
-    setattr(npu, _name, globals()[_name])
-torch._register_device_module("npu", npu)
-
-
-def _create_hccl(store, rank, world_size, timeout):
-    return dist.ProcessGroupGloo(store, rank, world_size, timeout)
-
-
-dist.Backend.register_backend("hccl", _create_hccl, devices=["cpu", "npu"])
-'''
 
 # Each child prints exactly one JSON object as its last stdout line.
 WIRING = """
@@ -258,9 +165,9 @@ def _write_package(root: Path, init_source: str) -> Path:
 
 
 @pytest.fixture
-def stand_in(tmp_path: Path) -> Path:
-    """A directory holding the working stand-in ``torch_npu``; put it on PYTHONPATH."""
-    return _write_package(tmp_path / "stand_in", STAND_IN)
+def stand_in() -> Path:
+    """The directory holding the working stand-in ``torch_npu``; put it on PYTHONPATH."""
+    return STAND_IN_ROOT
 
 
 def test_adapter_wires_to_the_stand_in(stand_in: Path) -> None:
