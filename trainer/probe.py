@@ -31,6 +31,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from trainer.devices import get_adapter
+from trainer.devices.base import DeviceAdapter
+from trainer.devices.timeouts import join_group
 from trainer.errors import ConfigError, ExitCode
 from trainer.faults import BitFlip, CollectiveFaults
 from trainer.health import (
@@ -213,13 +215,14 @@ def summarise(
 
 
 # --- running the ranks ------------------------------------------------------------------------------------
-def _join_group(backend: str, rank: int, world: int, timeout_s: float, port: int | None) -> None:
-    timeout = timedelta(seconds=timeout_s * 2 + _START_GRACE_S)
+def _join_group(adapter: DeviceAdapter, rank: int, world: int, timeout_s: float, port: int | None) -> None:
+    """Join with the family's backend timeouts (process group and backend environment) for the probes."""
+    timeout_s = timeout_s * 2 + _START_GRACE_S
     if port is None:
-        dist.init_process_group(backend, init_method="env://", timeout=timeout)
+        join_group(adapter, timeout_s)
         return
-    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=timeout_s))
+    join_group(adapter, timeout_s, store=store, rank=rank, world_size=world)
 
 
 def _spawned_rank(rank: int, world: int, port: int, options: ProbeOptions, results: Any) -> None:
@@ -229,7 +232,7 @@ def _spawned_rank(rank: int, world: int, port: int, options: ProbeOptions, resul
     try:
         adapter = get_adapter(options.device)
         device = adapter.bind(rank)
-        _join_group(adapter.distributed_backend(), rank, world, options.timeout_s, port)
+        _join_group(adapter, rank, world, options.timeout_s, port)
         interconnect, device_report = probe_rank(options, rank, device)
         results.put((rank, interconnect, device_report, None))
         ok = interconnect.ok
@@ -290,7 +293,7 @@ def run_torchrun(options: ProbeOptions) -> tuple[dict[str, Any] | None, bool]:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     adapter = get_adapter(options.device)
     device = adapter.bind(int(os.environ.get("LOCAL_RANK", "0")))
-    _join_group(adapter.distributed_backend(), rank, world, options.timeout_s, None)
+    _join_group(adapter, rank, world, options.timeout_s, None)
     interconnect, device_report = probe_rank(options, rank, device)
     gathered: list[Any] = [None] * world
     if interconnect.ok:  # after a timeout the group is unusable: report this rank alone

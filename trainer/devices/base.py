@@ -14,6 +14,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from trainer.devices.timeouts import BackendTimeouts
+
 
 class DeviceAdapter(ABC):
     """One accelerator family (``cuda``, ``npu``, ``cpu``, or a simulated family).
@@ -48,6 +50,12 @@ class DeviceAdapter(ABC):
     @abstractmethod
     def distributed_backend(self) -> str:
         """The ``torch.distributed`` backend for collectives on this family (nccl, hccl, gloo)."""
+
+    @abstractmethod
+    def backend_timeouts(self, collective_timeout_s: float) -> BackendTimeouts:
+        """The process-group timeout and backend environment for a collective timeout of
+        ``collective_timeout_s`` (derived from the measured step time); see :mod:`trainer.devices.timeouts`.
+        Raises ``ValueError`` for a timeout that is not a positive number of seconds."""
 
     @abstractmethod
     def ray_resource(self) -> str:

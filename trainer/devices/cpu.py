@@ -9,7 +9,9 @@ from typing import Any
 
 import torch
 
+from trainer.devices import timeouts
 from trainer.devices.base import DeviceAdapter
+from trainer.devices.timeouts import BackendTimeouts
 
 
 class CpuAdapter(DeviceAdapter):
@@ -35,6 +37,9 @@ class CpuAdapter(DeviceAdapter):
 
     def distributed_backend(self) -> str:
         return "gloo"
+
+    def backend_timeouts(self, collective_timeout_s: float) -> BackendTimeouts:
+        return timeouts.gloo(collective_timeout_s)
 
     def ray_resource(self) -> str:
         return "CPU"

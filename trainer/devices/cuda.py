@@ -8,7 +8,9 @@ from typing import Any
 
 import torch
 
+from trainer.devices import timeouts
 from trainer.devices.accelerator import AcceleratorAdapter
+from trainer.devices.timeouts import BackendTimeouts
 
 
 class CudaAdapter(AcceleratorAdapter):
@@ -22,6 +24,9 @@ class CudaAdapter(AcceleratorAdapter):
 
     def distributed_backend(self) -> str:
         return "nccl"
+
+    def backend_timeouts(self, collective_timeout_s: float) -> BackendTimeouts:
+        return timeouts.nccl(collective_timeout_s)
 
     def ray_resource(self) -> str:
         return "GPU"

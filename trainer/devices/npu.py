@@ -19,7 +19,9 @@ from typing import Any
 
 import torch
 
+from trainer.devices import timeouts
 from trainer.devices.accelerator import AcceleratorAdapter
+from trainer.devices.timeouts import BackendTimeouts
 
 
 class NpuAdapter(AcceleratorAdapter):
@@ -35,6 +37,9 @@ class NpuAdapter(AcceleratorAdapter):
 
     def distributed_backend(self) -> str:
         return "hccl"
+
+    def backend_timeouts(self, collective_timeout_s: float) -> BackendTimeouts:
+        return timeouts.hccl(collective_timeout_s)
 
     def ray_resource(self) -> str:
         return "NPU"

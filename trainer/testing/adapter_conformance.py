@@ -135,6 +135,22 @@ class AdapterConformance:
             f"distributed_backend() returned {backend!r}; allowed: {sorted(KNOWN_BACKENDS | registered)}"
         )
 
+    def test_backend_timeouts_follow_the_collective_timeout(self, adapter: DeviceAdapter) -> None:
+        for requested in (0.5, 45.0, 3600.0):
+            timeouts = adapter.backend_timeouts(requested)
+            assert timeouts.backend == adapter.distributed_backend(), (
+                f"backend_timeouts({requested}) is for {timeouts.backend!r}, the adapter's backend is "
+                f"{adapter.distributed_backend()!r}"
+            )
+            assert timeouts.process_group_s >= requested, (
+                f"backend_timeouts({requested}).process_group_s={timeouts.process_group_s}: shorter than asked"
+            )
+            assert all(isinstance(k, str) and isinstance(v, str) for k, v in timeouts.environment.items())
+            assert _non_empty_str(timeouts.rule), "backend_timeouts() must say how its values were derived"
+        for bad in (0.0, -1.0, float("nan"), float("inf")):
+            with pytest.raises(ValueError, match="timeout_s"):
+                adapter.backend_timeouts(bad)
+
     def test_distributed_backend_is_registered_when_available(self, adapter: DeviceAdapter) -> None:
         require_available(adapter)
         if not dist.is_available():
