@@ -12,12 +12,21 @@ state ≥ 500 MB) and ``write_throughput_ratio`` = A's write throughput ÷ C's (
 device (``--device cuda``) the state lives on the GPU and the blocking time is compared with the measured
 device-to-host copy bandwidth.
 
+With ``--dir s3://bucket/prefix`` the three go to object storage: A is the toolkit's save to that URL
+(spooled locally, uploaded, manifest last), B ``torch.save`` into memory and one upload of the bytes, C a
+raw upload of the same number of bytes to the same server. ``--s3-test-server`` starts an S3-compatible
+server on 127.0.0.1 for the run (moto's, from the test extras) and makes the bucket; otherwise the
+credentials come from ``--storage-option key=value`` (repeatable) or the AWS environment.
+
     .venv/bin/python scripts/bench/checkpoint.py [--megabytes 600] [--repeats 3] [--device cpu|cuda]
+    .venv/bin/python scripts/bench/checkpoint.py --dir s3://bench/ckpt --s3-test-server --megabytes 200
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import platform
@@ -32,6 +41,7 @@ import torch
 
 from trainer.checkpoint import CheckpointManager, TrainingProgress
 from trainer.checkpoint.async_writer import AsyncCheckpointer
+from trainer.checkpoint.objects import filesystem
 from trainer.checkpoint.state import capture
 from trainer.devices import get_adapter
 from trainer.model import GPT
@@ -99,6 +109,27 @@ def run_raw_write(nbytes: int, directory: Path) -> float:
     return elapsed
 
 
+def run_torch_save_upload(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, fs: Any, key: str
+) -> float:
+    started = time.perf_counter()
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, buffer)
+    fs.pipe(key, buffer.getbuffer())
+    elapsed = time.perf_counter() - started
+    fs.rm_file(key)
+    return elapsed
+
+
+def run_raw_upload(nbytes: int, fs: Any, key: str) -> float:
+    data = os.urandom(8 << 20) * (nbytes // (8 << 20)) + os.urandom(nbytes % (8 << 20))
+    started = time.perf_counter()
+    fs.pipe(key, data)
+    elapsed = time.perf_counter() - started
+    fs.rm_file(key)
+    return elapsed
+
+
 def d2h_bandwidth(nbytes: int) -> float | None:
     if not torch.cuda.is_available():
         return None
@@ -118,9 +149,28 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument(
-        "--dir", default=None, help="where to write (default: a temp dir on the working disk)"
+        "--dir",
+        default=None,
+        help="where to write: a directory (default: a temp dir on the working disk) or s3://…",
     )
+    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--s3-test-server", action="store_true", help="start a local S3 server for the run")
     args = parser.parse_args()
+    if args.dir and args.dir.startswith("s3://"):
+        with contextlib.ExitStack() as stack:
+            options = dict(o.split("=", 1) for o in args.storage_option)
+            if args.s3_test_server:
+                from trainer.testing import s3
+
+                endpoint = stack.enter_context(s3.s3_server())
+                s3.client(endpoint).create_bucket(Bucket=args.dir[5:].split("/", 1)[0])
+                options = {**s3.storage_options(endpoint), **options}
+            main_on(args, options)
+    else:
+        main_on(args, {})
+
+
+def main_on(args: argparse.Namespace, options: dict[str, str]) -> None:
     # What a single-process job uses (Worker.setup: the host's cores divided by the workers on it).
     torch.set_num_threads(os.cpu_count() or 1)
 
@@ -128,8 +178,12 @@ def main() -> None:
     model, optimizer = build_state(args.megabytes, device)
     nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     nbytes += sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values())
-    work = Path(tempfile.mkdtemp(prefix="bench-ckpt-", dir=args.dir or os.getcwd()))
-    checkpointer = AsyncCheckpointer(CheckpointManager(work / "ckpt", keep_last=1))
+    remote = bool(options) or bool(args.dir and args.dir.startswith("s3://"))
+    work = Path(tempfile.mkdtemp(prefix="bench-ckpt-", dir=None if remote else args.dir or os.getcwd()))
+    url = f"{args.dir.rstrip('/')}/bench-{os.getpid()}" if remote else None
+    manager = CheckpointManager(url or work / "ckpt", keep_last=1, storage_options=options)
+    checkpointer = AsyncCheckpointer(manager)
+    fs, base = filesystem(url, options) if url else (None, "")
     samples: dict[str, list[float]] = {
         "async_blocking_s": [],
         "async_write_s": [],
@@ -142,16 +196,25 @@ def main() -> None:
             blocking, write = run_async(checkpointer, model, optimizer, i + 1)
             samples["async_blocking_s"].append(blocking)
             samples["async_write_s"].append(write)
-            samples["torch_save_s"].append(run_torch_save(model, optimizer, work))
-            samples["raw_write_s"].append(run_raw_write(nbytes, work))
+            if fs is not None:
+                samples["torch_save_s"].append(
+                    run_torch_save_upload(model, optimizer, fs, f"{base}-torch.pt")
+                )
+                samples["raw_write_s"].append(run_raw_upload(nbytes, fs, f"{base}-raw.bin"))
+            else:
+                samples["torch_save_s"].append(run_torch_save(model, optimizer, work))
+                samples["raw_write_s"].append(run_raw_write(nbytes, work))
     finally:
         checkpointer.close()
         shutil.rmtree(work, ignore_errors=True)
+        if fs is not None:
+            fs.rm(base, recursive=True)
 
     med = {k: statistics.median(v) for k, v in samples.items()}
     result: dict[str, Any] = {
         "benchmark": "checkpoint",
         "device": args.device,
+        "target": "object storage (raw = one upload of the same bytes)" if fs is not None else "local disk",
         "state_bytes": nbytes,
         "repeats": args.repeats,
         "samples": samples,

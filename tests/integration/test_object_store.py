@@ -271,6 +271,34 @@ def test_bad_object_storage_fails_before_training_naming_the_key(
     assert events(tmp_path, "run_started") == []
 
 
+def test_refused_credentials_and_a_read_only_bucket_fail_before_training(tmp_path: Path) -> None:
+    """A server that checks signatures and IAM policies: a wrong secret, and a user who may only read."""
+    from trainer.testing.s3 import SETUP_ACTIONS, s3_server, users_with_keys
+
+    with s3_server(unauthenticated_actions=SETUP_ACTIONS) as endpoint:
+        keys = users_with_keys(endpoint, "guarded")
+        wrong = {"endpoint_url": endpoint, "key": keys["writer"]["key"], "secret": "not-the-secret"}
+        reader = {"endpoint_url": endpoint, **keys["reader"]}
+        for options, cause in [
+            (wrong, "the credentials are refused"),
+            (reader, "read-only for these credentials"),
+        ]:
+            with pytest.raises(ConfigError, match=rf"checkpoint.dir s3://guarded/run: {cause}"):
+                run(make_config(*TINY, *_options_overrides("s3://guarded/run", options)), run_dir=tmp_path)
+        writer = {
+            "endpoint_url": endpoint,
+            **keys["writer"],
+        }  # the same run with rights to write goes through
+        assert (
+            run(
+                make_config(*TINY, *_options_overrides("s3://guarded/run", writer), "train.steps=2"),
+                run_dir=tmp_path,
+            )
+            == ExitCode.FINISHED
+        )
+        assert "not-the-secret" not in (tmp_path / "journal.jsonl").read_text()
+
+
 def test_an_unsupported_scheme_is_refused_naming_what_is_allowed() -> None:
     with pytest.raises(ConfigError, match=r"checkpoint.dir='gs://b/p'.*allowed: .*s3://bucket/prefix"):
         make_config(*TINY, "checkpoint.dir=gs://b/p")

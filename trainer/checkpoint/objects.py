@@ -315,6 +315,7 @@ class ObjectStore:
         """Before a run starts: the bucket exists, and an object can be written under the URL and deleted,
         within ``timeout_s``; else a :class:`ConfigError` naming ``checkpoint.dir`` and the cause."""
         outcome: list[BaseException | None] = []
+        stage = ["reaching the bucket"]
 
         def attempt() -> None:
             try:
@@ -323,6 +324,7 @@ class ObjectStore:
                     self.fs.call_s3("head_bucket", Bucket=bucket)
                 except FileNotFoundError:
                     raise FileNotFoundError(f"the bucket {bucket!r} does not exist") from None
+                stage[0] = "writing under the URL"
                 probe = self._key(f".write-check-{uuid.uuid4().hex[:8]}")
                 self.fs.pipe(probe, b"")
                 self.fs.rm_file(probe)
@@ -337,12 +339,14 @@ class ObjectStore:
             cause = f"no answer within {timeout_s:g} s (endpoint unreachable?)"
         elif outcome[0] is None:
             return
+        elif isinstance(outcome[0], PermissionError) and stage[0] == "reaching the bucket":
+            cause = f"the credentials are refused, or grant no access to the bucket ({outcome[0]})"
         elif isinstance(outcome[0], PermissionError):
-            cause = f"access denied: wrong credentials or a read-only location ({outcome[0]})"
+            cause = f"read-only for these credentials: writing is denied ({outcome[0]})"
         elif isinstance(outcome[0], FileNotFoundError):
             cause = str(outcome[0]).strip("'\"")
         else:
-            cause = f"unreachable or refused: {type(outcome[0]).__name__}: {outcome[0]}"
+            cause = f"unreachable or refused while {stage[0]}: {type(outcome[0]).__name__}: {outcome[0]}"
         raise ConfigError(
             f"checkpoint.dir {self.url}: {cause}; allowed: an existing bucket that these credentials can "
             "write (checkpoint.storage_options or the AWS environment)"

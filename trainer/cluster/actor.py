@@ -226,6 +226,10 @@ class WorkerActor:
             "skipped": [(str(p), why) for p, why in restored.skipped],
         }
 
+    def sees(self, path: str) -> bool:
+        """Whether ``path`` exists on this worker's node (is a checkpoint directory shared with the driver's)."""
+        return os.path.exists(path)
+
     def _manager(self, root: str, keep_last: int) -> CheckpointManager:
         return CheckpointManager(root, keep_last, self.config.checkpoint.storage_options)
 

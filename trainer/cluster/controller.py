@@ -26,7 +26,7 @@ from trainer.cluster.health_watch import HealthWatch
 from trainer.cluster.heartbeat import Heartbeat
 from trainer.cluster.newest_state import LOST_ERRORS, HeldState, Loaded, hold_newest, load
 from trainer.cluster.run_control import BADPUT_STATES, State
-from trainer.cluster.saves import Saves
+from trainer.cluster.saves import Saves, check_shared
 from trainer.cluster.watch import ChunkOutcome, run_chunk
 from trainer.config import Config
 from trainer.devices import get_adapter
@@ -147,6 +147,7 @@ class Controller(RunEndings):
             arm_call_faults=family not in self.families_used,
         )
         self.group.start()
+        check_shared(self.checkpoint_root, [*self.group.members, *self.group.spares])
         self.families_used.append(family)
         self.sink.run_info(self.config.name, family, self.group.size, self.config.train.steps)
         self.journal.record("group_started", family=family, world_size=self.group.size, step=self.step)

@@ -4,13 +4,16 @@ writes it in the background; this books what each background write did and what 
 from __future__ import annotations
 
 import time
-from pathlib import PurePosixPath
+import uuid
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import ray
 
 from trainer.checkpoint.lease import Fence
+from trainer.checkpoint.objects import scheme
 from trainer.config import Config
+from trainer.errors import ConfigError
 from trainer.goodput import Goodput
 from trainer.journal import Journal
 from trainer.metrics import MetricsSink
@@ -103,3 +106,28 @@ class Saves:
         self.journal.record("goodput", **totals)
         self.sink.goodput(totals["ratio"], totals["badput_s"])
         return totals
+
+
+def check_shared(checkpoint_root: str, actors: list[Any]) -> None:
+    """Refuse a local ``checkpoint.dir`` that some worker cannot see: rank 0 would commit checkpoints to its
+    own node's disk, which a worker on another node (or the run after that node is lost) cannot read.
+    A marker written here must be visible from every worker's node (a shared filesystem); object storage
+    needs no check."""
+    if scheme(checkpoint_root) is not None:
+        return
+    root = Path(checkpoint_root)
+    root.mkdir(parents=True, exist_ok=True)
+    marker = root / f".shared-check-{uuid.uuid4().hex[:8]}"
+    marker.touch()
+    try:
+        seen = ray.get([a.sees.remote(str(marker)) for a in actors])
+    finally:
+        marker.unlink(missing_ok=True)
+    blind = [i for i, ok in enumerate(seen) if not ok]
+    if blind:
+        raise ConfigError(
+            f"checkpoint.dir={checkpoint_root} is not shared with the nodes of {len(blind)} of {len(seen)} "
+            "workers (a file written there by the driver is not visible to them), so checkpoints written by "
+            "rank 0 would live on one node's disk only; allowed: a path on a filesystem every node mounts, or "
+            "object storage (checkpoint.dir=s3://bucket/prefix)"
+        )

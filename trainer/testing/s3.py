@@ -9,6 +9,7 @@ process on 127.0.0.1 and a free port, stopped by whoever started it (and killed 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -30,8 +31,14 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def s3_server(lifetime_s: float = 7200.0, start_timeout_s: float = 60.0) -> Iterator[str]:
-    """An S3 server on 127.0.0.1; yields its endpoint URL (``http://127.0.0.1:PORT``)."""
+def s3_server(
+    lifetime_s: float = 7200.0, start_timeout_s: float = 60.0, unauthenticated_actions: int | None = None
+) -> Iterator[str]:
+    """An S3 server on 127.0.0.1; yields its endpoint URL (``http://127.0.0.1:PORT``).
+
+    ``unauthenticated_actions``: after that many requests the server checks every signature and IAM
+    policy (moto's ``INITIAL_NO_AUTH_ACTION_COUNT``); the first ones create the users (see
+    :func:`users_with_keys`). None: any credentials are accepted."""
     try:
         import moto.server  # noqa: F401
     except ImportError as exc:
@@ -40,6 +47,8 @@ def s3_server(lifetime_s: float = 7200.0, start_timeout_s: float = 60.0) -> Iter
         ) from None
     port = free_port()
     env = {**os.environ, "MOTO_ALLOW_NONEXISTENT_REGION": "true"}
+    if unauthenticated_actions is not None:
+        env["INITIAL_NO_AUTH_ACTION_COUNT"] = str(unauthenticated_actions)
     server = subprocess.Popen(
         [
             "timeout",
@@ -108,3 +117,44 @@ def new_bucket(endpoint: str, prefix: str = "ckpt") -> str:
     name = f"{prefix}-{uuid.uuid4().hex[:12]}"
     client(endpoint).create_bucket(Bucket=name)
     return name
+
+
+#: IAM policies of :func:`users_with_keys`' users.
+POLICIES = {
+    "writer": ["s3:*"],
+    "reader": ["s3:GetObject", "s3:ListBucket", "s3:HeadBucket", "s3:GetBucketLocation"],
+}
+#: Requests :func:`users_with_keys` makes before the server starts checking (3 per user, 1 bucket).
+SETUP_ACTIONS = 3 * len(POLICIES) + 1
+
+
+def users_with_keys(endpoint: str, bucket: str) -> dict[str, dict[str, str]]:
+    """On a server started with ``unauthenticated_actions=SETUP_ACTIONS``: a user per :data:`POLICIES` entry
+    with an access key, and ``bucket``; returns ``{user: {"key", "secret"}}``."""
+    import boto3
+
+    iam = boto3.client(
+        "iam",
+        endpoint_url=endpoint,
+        aws_access_key_id="setup",
+        aws_secret_access_key="setup",
+        region_name="us-east-1",
+    )
+    keys = {}
+    for user, actions in POLICIES.items():
+        iam.create_user(UserName=user)
+        document = {
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}],
+        }
+        iam.put_user_policy(UserName=user, PolicyName=f"{user}-s3", PolicyDocument=json.dumps(document))
+        created = iam.create_access_key(UserName=user)["AccessKey"]
+        keys[user] = {"key": created["AccessKeyId"], "secret": created["SecretAccessKey"]}
+    boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=keys["writer"]["key"],
+        aws_secret_access_key=keys["writer"]["secret"],
+        region_name="us-east-1",
+    ).create_bucket(Bucket=bucket)
+    return keys
