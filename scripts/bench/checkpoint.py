@@ -115,7 +115,7 @@ def run_torch_save_upload(
     started = time.perf_counter()
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, buffer)
-    fs.pipe(key, buffer.getbuffer())
+    fs.pipe(key, buffer.getvalue())
     elapsed = time.perf_counter() - started
     fs.rm_file(key)
     return elapsed
