@@ -36,6 +36,8 @@ class FailureKind(StrEnum):
     DEGRADED_PROBE = "degraded_probe"
     #: A device probe found a wrong result (silent data corruption).
     WRONG_COMPUTE = "wrong_compute"
+    #: The family's own health tools report a device failing (uncorrectable ECC, fatal XID, link down).
+    DEVICE_UNHEALTHY = "device_unhealthy"
     #: A rank was flagged as a straggler repeatedly.
     STRAGGLER = "straggler"
     #: The family's workers cannot start (no devices, no resources, driver missing).
@@ -51,6 +53,8 @@ _FAMILY_FAILURES = {
     FailureKind.DEADLINE,
     FailureKind.WORKER_ERROR,
 }
+#: Kinds that name devices to leave out: their workers are excluded and replaced from spares.
+_EXCLUDED = {FailureKind.WRONG_COMPUTE, FailureKind.DEVICE_UNHEALTHY, FailureKind.STRAGGLER}
 #: Kinds that are findings, not failures: they do not spend the restart budget.
 _FINDINGS = {FailureKind.DEGRADED_PROBE, FailureKind.STRAGGLER}
 
@@ -192,7 +196,7 @@ def decide(history: Sequence[FailureEvent], policy: PolicyConfig) -> Decision:
             f"(fault_tolerance.max_degraded_probes={policy.max_degraded_probes}); last: {event.detail}",
         )
 
-    if event.kind in (FailureKind.WRONG_COMPUTE, FailureKind.STRAGGLER) and event.ranks:
+    if event.kind in _EXCLUDED and event.ranks:
         return Decision(
             Action.EXCLUDE,
             f"{event.kind.value} on ranks {list(event.ranks)}: exclude their devices, continue on spares",

@@ -161,9 +161,10 @@ def _parse(argv: list[str] | None) -> tuple[ProbeOptions, int | None, bool]:
 
 
 def probe_rank(
-    options: ProbeOptions, rank: int, device: torch.device
+    options: ProbeOptions, rank: int, adapter: DeviceAdapter, device: torch.device
 ) -> tuple[InterconnectReport, DeviceReport]:
-    """Both probes on this rank of the current default group (collective); never raises."""
+    """Both probes on this rank of the current default group (collective); never raises. ``adapter`` is the
+    one that bound ``device``."""
     interconnect = probe_interconnect(
         device,
         sizes_bytes=options.sizes_bytes,
@@ -173,7 +174,6 @@ def probe_rank(
         faults=options.faults(rank),
         timeout_s=options.timeout_s,
     )
-    adapter = get_adapter(options.device)
     wrong = options.wrong_compute_rank == rank
     flip = None
     if options.flip_bit is not None and options.flip_bit[0] == rank:
@@ -195,9 +195,12 @@ def summarise(
         verdict = assess(interconnect, options.baseline_busbw, options.degraded_fraction)
     wrong = list(wrong_ranks(devices))
     bitwise = compare_results(devices)
-    failed = sorted(r for r, d in devices.items() if not d.ok and not d.wrong_result)
+    unhealthy = sorted(r for r, d in devices.items() if d.device_unhealthy)
+    failed = sorted(
+        r for r, d in devices.items() if not d.ok and not d.wrong_result and not d.device_unhealthy
+    )
     timings = {r: d.matmul_s for r, d in devices.items() if d.ok and d.matmul_s is not None}
-    healthy = verdict is not None and verdict.healthy and not wrong and not failed and not errors
+    healthy = verdict is not None and verdict.healthy and not (wrong or unhealthy or failed or errors)
     return {
         "healthy": healthy,
         "device_family": options.device,
@@ -208,6 +211,7 @@ def summarise(
         "bitwise_disagreeing_ranks": list(bitwise.disagreeing),
         "bitwise_undecided_ranks": list(bitwise.undecided),
         "failed_device_ranks": failed,
+        "unhealthy_device_ranks": unhealthy,
         # Informational only: ranks sharing one host's CPUs make matmul times too noisy to fail on.
         "slow_device_ranks": compare_timings(timings),
         "rank_errors": {str(r): e for r, e in sorted(errors.items())},
@@ -233,7 +237,7 @@ def _spawned_rank(rank: int, world: int, port: int, options: ProbeOptions, resul
         adapter = get_adapter(options.device)
         device = adapter.bind(rank)
         _join_group(adapter, rank, world, options.timeout_s, port)
-        interconnect, device_report = probe_rank(options, rank, device)
+        interconnect, device_report = probe_rank(options, rank, adapter, device)
         results.put((rank, interconnect, device_report, None))
         ok = interconnect.ok
     except Exception as exc:
@@ -294,7 +298,7 @@ def run_torchrun(options: ProbeOptions) -> tuple[dict[str, Any] | None, bool]:
     adapter = get_adapter(options.device)
     device = adapter.bind(int(os.environ.get("LOCAL_RANK", "0")))
     _join_group(adapter, rank, world, options.timeout_s, None)
-    interconnect, device_report = probe_rank(options, rank, device)
+    interconnect, device_report = probe_rank(options, rank, adapter, device)
     gathered: list[Any] = [None] * world
     if interconnect.ok:  # after a timeout the group is unusable: report this rank alone
         run_with_deadline(dist.all_gather_object, options.timeout_s, gathered, device_report)
@@ -336,6 +340,11 @@ def format_table(summary: dict[str, Any]) -> str:
         note = "WRONG RESULT" if d["wrong_result"] else (d["error"] or "")
         if int(rank) in summary["bitwise_disagreeing_ranks"] and not d["wrong_result"]:
             note = "RESULT BITS DIFFER from the other ranks'"
+        if d["device_unhealthy"]:
+            fatal = [
+                f"{f['tool']}: {f['detail']}" for f in d["vendor"]["findings"] if f["severity"] == "fatal"
+            ]
+            note = ("; ".join([note, *fatal]) if note else "; ".join(fatal)) + " (VENDOR TOOLS)"
         lines.append(f"  {rank:>4} {d['ok']!s:>5} {matmul:>12} {err:>12}  {note}")
     for rank, error in summary["rank_errors"].items():
         lines.append(f"# rank {rank}: {error}")

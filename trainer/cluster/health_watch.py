@@ -10,6 +10,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections import Counter
+from dataclasses import asdict
 from typing import Any
 
 import ray
@@ -18,7 +19,7 @@ from trainer.cluster.newest_state import LOST_ERRORS
 from trainer.cluster.watch import ChunkOutcome
 from trainer.config import Config
 from trainer.goodput import Goodput
-from trainer.health.device import compare_results, compare_timings, wrong_ranks
+from trainer.health.device import DeviceReport, compare_results, compare_timings, wrong_ranks
 from trainer.health.interconnect import assess
 from trainer.journal import Journal
 from trainer.metrics import MetricsSink
@@ -87,6 +88,13 @@ class HealthWatch:
         devices = {r["rank"]: r["device"] for r in replies}
         wrong = wrong_ranks(devices)
         bitwise = compare_results(devices)
+        unhealthy = tuple(rank for rank in sorted(devices) if devices[rank].device_unhealthy)
+        vendor = [
+            {"rank": rank, **asdict(finding)}
+            for rank in sorted(devices)
+            if devices[rank].vendor is not None
+            for finding in devices[rank].vendor.findings  # type: ignore[union-attr]
+        ]
         slow_devices = compare_timings({r["rank"]: r["device"].matmul_s for r in replies if r["device"].ok})
         self.journal.record(
             "probe",
@@ -94,7 +102,7 @@ class HealthWatch:
             family=family,
             step=step,
             duration_s=elapsed,
-            healthy=verdict.healthy and not wrong,
+            healthy=verdict.healthy and not wrong and not unhealthy,
             degraded=verdict.degraded,
             reason=verdict.reason,
             busbw_bytes_per_s=verdict.busbw_bytes_per_s,
@@ -106,6 +114,9 @@ class HealthWatch:
             wrong_compute_ranks=list(wrong),
             bitwise_disagreeing_ranks=list(bitwise.disagreeing),
             bitwise_undecided_ranks=list(bitwise.undecided),
+            unhealthy_device_ranks=list(unhealthy),
+            vendor_findings=vendor,
+            vendor_skipped=_skipped(devices),
             slow_device_ranks=slow_devices,
             cost_fraction=self.cost_fraction(),
             interconnect=report.to_dict(),
@@ -117,6 +128,9 @@ class HealthWatch:
                 f"device probe: matmul result wrong on ranks {list(wrong)} (against the float64 reference "
                 f"or bitwise against the other ranks)",
             )
+        if unhealthy:
+            details = "; ".join(f"rank {v['rank']}: {v['tool']}: {v['detail']}" for v in vendor)
+            return FailureKind.DEVICE_UNHEALTHY, unhealthy, f"vendor health tools: {details}"
         if report.timed_out:
             # A thread is still blocked in the probe's collective: the group must be re-formed.
             return FailureKind.COLLECTIVE_FAILED, (), f"{phase} probe timed out: {report.error}"
@@ -188,3 +202,13 @@ class HealthWatch:
     def cost_fraction(self) -> float:
         """In-flight probing time as a fraction of training time so far (preflight probes excluded)."""
         return self.probe_s / self.train_s if self.train_s > 0 else 0.0
+
+
+def _skipped(devices: dict[int, DeviceReport]) -> dict[str, str]:
+    """The vendor tools not read and why, from the first rank that ran the probe (the same on every host
+    of one family, as a rule)."""
+    for rank in sorted(devices):
+        report = devices[rank].vendor
+        if report is not None:
+            return dict(report.skipped)
+    return {}

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 
 from trainer.devices.timeouts import BackendTimeouts
+from trainer.devices.vendor import VendorReport
 
 
 class DeviceAdapter(ABC):
@@ -56,6 +57,11 @@ class DeviceAdapter(ABC):
         """The process-group timeout and backend environment for a collective timeout of
         ``collective_timeout_s`` (derived from the measured step time); see :mod:`trainer.devices.timeouts`.
         Raises ``ValueError`` for a timeout that is not a positive number of seconds."""
+
+    @abstractmethod
+    def vendor_health(self, device: torch.device, timeout_s: float) -> VendorReport:
+        """What the family's own health tools say about ``device`` (see :mod:`trainer.devices.vendor`).
+        Never raises; tools absent from the host are listed in ``skipped`` with the reason."""
 
     @abstractmethod
     def ray_resource(self) -> str:

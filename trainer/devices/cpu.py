@@ -12,6 +12,7 @@ import torch
 from trainer.devices import timeouts
 from trainer.devices.base import DeviceAdapter
 from trainer.devices.timeouts import BackendTimeouts
+from trainer.devices.vendor import VendorReport
 
 
 class CpuAdapter(DeviceAdapter):
@@ -40,6 +41,9 @@ class CpuAdapter(DeviceAdapter):
 
     def backend_timeouts(self, collective_timeout_s: float) -> BackendTimeouts:
         return timeouts.gloo(collective_timeout_s)
+
+    def vendor_health(self, device: torch.device, timeout_s: float) -> VendorReport:
+        return VendorReport(skipped={"vendor tools": f"the {self.name} family has none"})
 
     def ray_resource(self) -> str:
         return "CPU"

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from types import ModuleType
 from typing import Any
 
 import torch
 
-from trainer.devices import timeouts
+from trainer.devices import timeouts, vendor
 from trainer.devices.accelerator import AcceleratorAdapter
 from trainer.devices.timeouts import BackendTimeouts
+from trainer.devices.vendor import VendorReport
 
 
 class CudaAdapter(AcceleratorAdapter):
@@ -27,6 +29,10 @@ class CudaAdapter(AcceleratorAdapter):
 
     def backend_timeouts(self, collective_timeout_s: float) -> BackendTimeouts:
         return timeouts.nccl(collective_timeout_s)
+
+    def vendor_health(self, device: torch.device, timeout_s: float) -> VendorReport:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        return vendor.cuda_health(vendor.physical_device(device.index or 0, visible), timeout_s)
 
     def ray_resource(self) -> str:
         return "GPU"

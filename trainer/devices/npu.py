@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 from types import ModuleType
 from typing import Any
 
 import torch
 
-from trainer.devices import timeouts
+from trainer.devices import timeouts, vendor
 from trainer.devices.accelerator import AcceleratorAdapter
 from trainer.devices.timeouts import BackendTimeouts
+from trainer.devices.vendor import VendorReport
 
 
 class NpuAdapter(AcceleratorAdapter):
@@ -40,6 +42,12 @@ class NpuAdapter(AcceleratorAdapter):
 
     def backend_timeouts(self, collective_timeout_s: float) -> BackendTimeouts:
         return timeouts.hccl(collective_timeout_s)
+
+    def vendor_health(self, device: torch.device, timeout_s: float) -> VendorReport:
+        physical = vendor.physical_device(device.index or 0, os.environ.get("ASCEND_RT_VISIBLE_DEVICES"))
+        if isinstance(physical, str):
+            return VendorReport(skipped={"vendor tools": f"ASCEND_RT_VISIBLE_DEVICES entry {physical!r}"})
+        return vendor.ascend_health(physical, timeout_s)
 
     def ray_resource(self) -> str:
         return "NPU"

@@ -7,11 +7,19 @@ families exercises RNG re-derivation) and the dtype set of the family it mimics.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 
+from trainer.devices import vendor
 from trainer.devices.cpu import CpuAdapter
+from trainer.devices.vendor import VendorReport
+
+#: A directory of stand-in vendor tools (``nvidia-smi``, ``npu-smi``, ``hccn_tool``) that simulated families
+#: read as the family they mimic would read the real ones; unset, they read none.
+SIM_VENDOR_TOOLS_ENV = "TRAINER_SIM_VENDOR_TOOLS"
+_READERS = {"cuda": vendor.cuda_health, "npu": vendor.ascend_health}
 
 _MIMIC_DTYPES: dict[str, frozenset[torch.dtype]] = {
     "npu": frozenset({torch.float32, torch.float16, torch.bfloat16}),
@@ -30,6 +38,20 @@ class SimulatedAdapter(CpuAdapter):
             )
         self.name = name  # type: ignore[misc]  # per-instance family name
         self.mimics = mimics
+        #: The local rank this process bound: the index of the simulated device (CPU tensors carry none).
+        self.local_rank = 0
+
+    def bind(self, local_rank: int) -> torch.device:
+        self.local_rank = local_rank
+        return super().bind(local_rank)
+
+    def vendor_health(self, device: torch.device, timeout_s: float) -> VendorReport:
+        directory = os.environ.get(SIM_VENDOR_TOOLS_ENV)
+        reader = _READERS.get(self.mimics)
+        if reader is None or not directory:
+            why = f"simulated family {self.name}: set {SIM_VENDOR_TOOLS_ENV} to a directory of stand-in tools"
+            return VendorReport(skipped={"vendor tools": why})
+        return reader(self.local_rank, timeout_s, directory)
 
     def ray_resource(self) -> str:
         return self.name

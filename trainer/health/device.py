@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from trainer.devices.base import DeviceAdapter
+from trainer.devices.vendor import VendorReport
 from trainer.faults import BitFlip, corrupt_matmul
 from trainer.health.deadline import run_with_deadline
 
@@ -124,6 +125,10 @@ class DeviceReport:
     wrong_elements: int = 0
     #: Seconds of the bit-level checks: copy to the host, comparison with the reference, digest.
     check_s: float | None = None
+    #: What the family's own health tools said about this device (``adapter.vendor_health``).
+    vendor: VendorReport | None = None
+    #: A vendor tool reported a fatal condition (uncorrectable ECC, fatal XID, link down, NPU alarm).
+    device_unhealthy: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -148,7 +153,7 @@ def probe_device(
     exact_input_range(size, dtype)
     start = time.monotonic()
     outcome = run_with_deadline(
-        _measure, timeout_s, adapter, device, size, faults_wrong_compute, dtype, bit_flip
+        _measure, timeout_s, adapter, device, size, faults_wrong_compute, dtype, bit_flip, timeout_s / 2
     )
     if outcome.value is None:
         error = outcome.error or "device probe returned nothing"
@@ -174,6 +179,7 @@ def _measure(
     wrong: bool,
     dtype: torch.dtype,
     bit_flip: BitFlip | None,
+    tools_timeout_s: float,
 ) -> dict[str, Any]:
     a, b, reference = probe_inputs(size, dtype)
     a_dev, b_dev = a.to(device), b.to(device)
@@ -197,9 +203,12 @@ def _measure(
     digest = result_digest(host)
     check_s = time.perf_counter() - t_check
     memory = _allocate(adapter, device)
+    vendor = adapter.vendor_health(device, tools_timeout_s)
     wrong_result = error > tolerance
     return {
-        "ok": not wrong_result,
+        "ok": not wrong_result and not vendor.fatal,
+        "vendor": vendor,
+        "device_unhealthy": bool(vendor.fatal),
         "wrong_result": wrong_result,
         "max_abs_error": error,
         "tolerance": tolerance,

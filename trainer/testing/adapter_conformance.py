@@ -151,6 +151,16 @@ class AdapterConformance:
             with pytest.raises(ValueError, match="timeout_s"):
                 adapter.backend_timeouts(bad)
 
+    def test_vendor_health_reports_without_raising(
+        self, adapter: DeviceAdapter, device: torch.device
+    ) -> None:
+        from trainer.devices.vendor import VendorReport
+
+        report = adapter.vendor_health(device, 10.0)
+        assert isinstance(report, VendorReport), f"vendor_health() returned {report!r}"
+        assert all(_non_empty_str(why) for why in report.skipped.values()), "a skipped tool needs a reason"
+        assert report.ran or report.skipped, "vendor_health() must say which tools it read or why none"
+
     def test_distributed_backend_is_registered_when_available(self, adapter: DeviceAdapter) -> None:
         require_available(adapter)
         if not dist.is_available():
