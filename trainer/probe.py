@@ -72,6 +72,8 @@ class ProbeOptions:
     wrong_compute_rank: int | None = None
     #: ``(rank, bit)``: flip this bit of one result element of the rank's device probe (a silent corruption).
     flip_bit: tuple[int, int] | None = None
+    #: Searched for the vendors' health tools before PATH (stand-ins for simulated families).
+    vendor_tools_dir: str | None = None
 
     def faults(self, rank: int) -> CollectiveFaults:
         slow = (self.slow_rank,) if self.slow_rank is not None else ()
@@ -125,6 +127,7 @@ def _parse(argv: list[str] | None) -> tuple[ProbeOptions, int | None, bool]:
     p.add_argument("--baseline-busbw", type=float, help="expected bus bandwidth, bytes/s")
     p.add_argument("--degraded-fraction", type=float, default=0.8)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--vendor-tools-dir", help="look for nvidia-smi / npu-smi / hccn_tool here before PATH")
     g = p.add_argument_group("injected faults (for demos and tests)")
     g.add_argument("--delay-s", type=float, default=0.0, help="seconds added to every collective")
     g.add_argument("--slow-rank", type=int, help="a rank whose links are slow")
@@ -156,6 +159,7 @@ def _parse(argv: list[str] | None) -> tuple[ProbeOptions, int | None, bool]:
         error_rate=a.error_rate,
         wrong_compute_rank=a.wrong_compute_rank,
         flip_bit=a.flip_bit,
+        vendor_tools_dir=a.vendor_tools_dir,
     )
     return options, a.world_size, a.json
 
@@ -179,7 +183,12 @@ def probe_rank(
     if options.flip_bit is not None and options.flip_bit[0] == rank:
         flip = BitFlip(element=0, bit=options.flip_bit[1])
     return interconnect, probe_device(
-        adapter, device, faults_wrong_compute=wrong, timeout_s=options.timeout_s, bit_flip=flip
+        adapter,
+        device,
+        faults_wrong_compute=wrong,
+        timeout_s=options.timeout_s,
+        bit_flip=flip,
+        vendor_tools_dir=options.vendor_tools_dir,
     )
 
 

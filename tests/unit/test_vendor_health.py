@@ -1,16 +1,16 @@
 """The vendors' health tools as findings, read from STAND-IN executables that print the tools' documented
 output (see :mod:`trainer.devices.vendor` for where each format is documented).
 
-The stand-ins are small scripts written into ``tmp_path``: ``nvidia-smi`` reports an uncorrectable ECC error
-on GPU 1 (and a hardware slowdown, an inactive NVLink and an Xid 79 there when asked), ``npu-smi`` an alarm on
-NPU 2, ``hccn_tool`` a link down on NPU 0. They run as real processes, under the readers' deadlines.
+The stand-ins (:mod:`trainer.testing.vendor_stand_ins`) are small scripts written into ``tmp_path``:
+``nvidia-smi`` reports an uncorrectable ECC error on GPU 1 (and a hardware slowdown, an inactive NVLink and an
+Xid 79 there), ``npu-smi`` an alarm on NPU 2, ``hccn_tool`` a link down on NPU 0. They run as real processes,
+under the readers' deadlines.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from trainer.devices import get_adapter
-from trainer.devices.sim import SIM_VENDOR_TOOLS_ENV
+from trainer.devices.sim import SIM_VISIBLE_DEVICES_ENV
 from trainer.devices.vendor import (
     ascend_health,
     cuda_health,
@@ -31,78 +31,21 @@ from trainer.devices.vendor import (
     physical_device,
 )
 from trainer.policy import Action, FailureEvent, FailureKind, PolicyConfig, decide
+from trainer.testing.vendor_stand_ins import (
+    DMESG,
+    NPU_SMI,
+    NVIDIA_QUERY,
+    NVLINK,
+    write_stand_ins,
+    write_tool,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-# nvidia-smi --query-gpu=index,uuid,pci.bus_id,ecc.errors.uncorrected.volatile.total,clocks_event_reasons.hw_slowdown
-#            --format=csv,noheader,nounits
-NVIDIA_QUERY = (
-    "0, GPU-5f3c0b1e-0000-0000-0000-000000000000, 00000000:18:00.0, 0, Not Active\n"
-    "1, GPU-5f3c0b1e-0000-0000-0000-000000000001, 00000000:3B:00.0, 2, Active\n"
-)
-# nvidia-smi nvlink --status -i 1
-NVLINK = "GPU 1: NVIDIA H100 80GB HBM3 (UUID: GPU-5f3c0b1e-0000-0000-0000-000000000001)\n\t Link 0: 26.562 GB/s\n\t Link 1: <inactive>\n"
-NVLINK_UP = "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-5f3c0b1e-0000-0000-0000-000000000000)\n\t Link 0: 26.562 GB/s\n\t Link 1: 26.562 GB/s\n"
-DMESG = (
-    "[  101.2] nvidia-nvlink: Nvlink Core is being initialized\n"
-    "[ 4242.7] NVRM: Xid (PCI:0000:3b:00): 79, pid=2231, name=python, GPU has fallen off the bus.\n"
-)
-# npu-smi info (Ascend npu-smi reference, "npu-smi info"): NPU 2 in Alarm.
-NPU_SMI = """\
-+--------------------------------------------------------------------------------------------------------+
-| npu-smi 25.2.0                                       Version: 25.2.0                                   |
-+-------------------------------+-----------------+------------------------------------------------------+
-| NPU     Name                  | Health          | Power(W)     Temp(C)           Hugepages-Usage(page) |
-| Chip    Device                | Bus-Id          | AICore(%)    Memory-Usage(MB)                        |
-+===============================+=================+======================================================+
-| 0       910B1                 | OK              | 95.5          43                0    / 0             |
-| 0       0                     | 0000:C1:00.0    | 0            3380  / 65536                           |
-+===============================+=================+======================================================+
-| 1       910B1                 | OK              | 93.1          41                0    / 0             |
-| 0       1                     | 0000:01:00.0    | 0            3380  / 65536                           |
-+===============================+=================+======================================================+
-| 2       910B1                 | Alarm           | 90.0          44                0    / 0             |
-| 0       2                     | 0000:C2:00.0    | 0            3380  / 65536                           |
-+===============================+=================+======================================================+
-"""
-
-STAND_IN = '''#!{python}
-"""STAND-IN for {tool}, written by tests/unit/test_vendor_health.py: prints documented sample output."""
-import json, sys, time
-answers = json.loads({answers!r})
-args = " ".join(sys.argv[1:])
-if "{tool}" == "dmesg" and {hang}:
-    time.sleep(60)
-for pattern, text in answers:
-    if pattern in args:
-        sys.stdout.write(text)
-        sys.exit(0)
-sys.stderr.write("stand-in {tool}: no answer for " + repr(args))
-sys.exit(2)
-'''
-
-
-def _tool(directory: Path, name: str, answers: list[tuple[str, str]], hang: bool = False) -> None:
-    path = directory / name
-    path.write_text(STAND_IN.format(python=sys.executable, tool=name, answers=json.dumps(answers), hang=hang))
-    path.chmod(path.stat().st_mode | stat.S_IXUSR)
 
 
 @pytest.fixture
 def tools(tmp_path: Path) -> Path:
-    """A directory of stand-in nvidia-smi, dmesg, npu-smi and hccn_tool."""
-    directory = tmp_path / "tools"
-    directory.mkdir()
-    _tool(directory, "nvidia-smi", [("--query-gpu", NVIDIA_QUERY), ("-i 1", NVLINK), ("-i 0", NVLINK_UP)])
-    _tool(directory, "dmesg", [("", DMESG)])
-    _tool(directory, "npu-smi", [("info", NPU_SMI)])
-    health = "net health status: Success\n"
-    _tool(
-        directory,
-        "hccn_tool",
-        [("-i 0 -link", "link status: DOWN\n"), ("-link", "link status: UP\n"), ("-net_health", health)],
-    )
-    return directory
+    return write_stand_ins(tmp_path / "tools")
 
 
 # --- parsers -----------------------------------------------------------------------------------------------
@@ -159,29 +102,30 @@ def test_absent_or_hung_tools_are_skipped_with_the_reason(tmp_path: Path, tools:
     none = ascend_health(0, timeout_s=5, directory=str(empty))
     assert none.findings == () and none.ran == ()
     assert none.skipped["hccn_tool link"] == f"hccn_tool not found on {empty}"
-    _tool(tools, "dmesg", [("", DMESG)], hang=True)
+    write_tool(tools, "dmesg", [("", DMESG)], hang=True)
     hung = cuda_health(1, timeout_s=1.5, directory=str(tools))
     assert hung.skipped["kernel log"] == "dmesg did not answer within 1.5 s"
     assert hung.fatal[0].detail == "2 uncorrectable ECC errors"
 
 
 def test_families_without_tools_say_why() -> None:
-    assert get_adapter("cpu").vendor_health(torch.device("cpu"), 5).skipped == {
-        "vendor tools": "the cpu family has none"
-    }
+    cpu = get_adapter("cpu").vendor_health(torch.device("cpu"), 5)
+    assert cpu.skipped == {"vendor tools": "the cpu family has none"}
     sim = get_adapter("sim_npu").vendor_health(torch.device("cpu"), 5)
-    assert SIM_VENDOR_TOOLS_ENV in sim.skipped["vendor tools"]
+    assert "probes.vendor_tools_dir" in sim.skipped["vendor tools"]
 
 
-def test_a_simulated_family_reads_stand_ins_for_the_device_it_bound(
+def test_a_simulated_family_reads_stand_ins_for_its_visible_device(
     tools: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(SIM_VENDOR_TOOLS_ENV, str(tools))
     adapter = get_adapter("sim_cuda")
     device = adapter.bind(1)
-    assert adapter.vendor_health(device, 20).fatal[0].detail == "2 uncorrectable ECC errors"
+    assert adapter.vendor_health(device, 20, str(tools)).fatal[0].detail == "2 uncorrectable ECC errors"
     npu = get_adapter("sim_npu")
-    assert npu.vendor_health(npu.bind(0), 20).fatal[0].detail == "link DOWN"
+    assert npu.vendor_health(npu.bind(0), 20, str(tools)).fatal[0].detail == "link DOWN"
+    # In a worker group, the bundle's device is made visible, as Ray does with CUDA_VISIBLE_DEVICES.
+    monkeypatch.setenv(SIM_VISIBLE_DEVICES_ENV, "1")
+    assert adapter.vendor_health(adapter.bind(0), 20, str(tools)).fatal[0].device == 1
 
 
 def test_the_policy_excludes_an_unhealthy_device() -> None:
@@ -204,8 +148,9 @@ def test_the_probe_command_names_the_device_the_tools_report(
     env = {
         k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     }
-    env.update({"PYTHONPATH": str(REPO_ROOT), SIM_VENDOR_TOOLS_ENV: str(tools)})
+    env["PYTHONPATH"] = str(REPO_ROOT)
     cmd = [sys.executable, "-m", "trainer.probe", "--device", family, "--world-size", "2", "--sizes", "4K"]
+    cmd += ["--vendor-tools-dir", str(tools)]
     proc = subprocess.run(
         [*cmd, "--iters", "1", "--json"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
     )
@@ -215,3 +160,14 @@ def test_the_probe_command_names_the_device_the_tools_report(
     sick = summary["devices"][str(sick_rank)]
     assert sick["device_unhealthy"] is True and any(detail in f["detail"] for f in sick["vendor"]["findings"])
     assert summary["wrong_compute_ranks"] == [] and summary["failed_device_ranks"] == []
+
+
+def test_a_tools_directory_that_does_not_exist_is_refused_naming_the_key(tmp_path: Path) -> None:
+    from trainer.config.operations import ProbesConfig
+    from trainer.errors import ConfigError
+
+    with pytest.raises(
+        ConfigError, match=r"probes.vendor_tools_dir='.*nowhere' is not allowed; allowed: null or"
+    ):
+        ProbesConfig(vendor_tools_dir=str(tmp_path / "nowhere"))
+    assert ProbesConfig(vendor_tools_dir=str(tmp_path)).vendor_tools_dir == str(tmp_path)

@@ -27,6 +27,8 @@ from trainer.checkpoint import CheckpointManager
 from trainer.checkpoint.async_writer import AsyncCheckpointer
 from trainer.checkpoint.lease import Fence
 from trainer.config import from_container
+from trainer.devices.sim import SIM_VISIBLE_DEVICES_ENV
+from trainer.devices.timeouts import join_group
 from trainer.errors import CheckpointWriteError, UserCodeError
 from trainer.worker import Worker
 
@@ -73,8 +75,18 @@ def run_or_leave(body: Callable[[], None], leave: Callable[[], None]) -> str | N
 
 
 class WorkerActor:
-    def __init__(self, config: dict[str, Any], workers_per_node: int, die_in: str | None = None) -> None:
-        """``die_in``: the name of a call this worker dies in (injected fault; None for healthy workers)."""
+    def __init__(
+        self,
+        config: dict[str, Any],
+        workers_per_node: int,
+        die_in: str | None = None,
+        simulated_device: int | None = None,
+    ) -> None:
+        """``die_in``: the name of a call this worker dies in (injected fault; None for healthy workers).
+        ``simulated_device``: the device of a simulated family this worker stands on (its bundle), made
+        visible as Ray makes a GPU visible (CUDA_VISIBLE_DEVICES) to a CUDA worker."""
+        if simulated_device is not None:
+            os.environ[SIM_VISIBLE_DEVICES_ENV] = str(simulated_device)
         self.config = from_container(config)
         self.worker = Worker(self.config, local_world_size=workers_per_node)
         self.worker.setup()
@@ -111,13 +123,8 @@ class WorkerActor:
         """
         self.leave()
         store = dist.TCPStore(host, port, world_size, is_master=False, timeout=timedelta(seconds=timeout_s))
-        dist.init_process_group(
-            backend=self.worker.adapter.distributed_backend(),
-            store=store,
-            rank=rank,
-            world_size=world_size,
-            timeout=timedelta(seconds=timeout_s),
-        )
+        # The backend's own timeouts and error handling follow timeout_s too (HCCL_EXEC_TIMEOUT, NCCL's).
+        join_group(self.worker.adapter, timeout_s, store=store, rank=rank, world_size=world_size)
         self.worker.attach(rank, world_size)
         self.armed = arm_faults
         # Device faults belong to the devices of the first incarnation: a replacement is healthy.
@@ -315,5 +322,6 @@ class WorkerActor:
             worker.device,
             faults_wrong_compute=self.armed and family_faults.wrong_compute_rank == worker.rank,
             timeout_s=timeout_s,
+            vendor_tools_dir=self.config.probes.vendor_tools_dir,
         )
         return {"rank": worker.rank, "interconnect": interconnect, "device": device}

@@ -20,6 +20,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from trainer.cluster.actor import WorkerActor
 from trainer.config import Config, to_container
 from trainer.devices import DeviceAdapter
+from trainer.devices.sim import SimulatedAdapter
 from trainer.errors import DeviceUnavailableError
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,8 @@ class WorkerGroup:
         die_in = faults.die_in_call if doomed else None
         self._spawned += 1
         resource = self.adapter.ray_resource()
+        # A simulated family's device is its bundle: it stays bad for whichever worker is placed on it.
+        simulated_device = bundle_index if isinstance(self.adapter, SimulatedAdapter) else None
         options: dict[str, Any] = {
             "num_cpus": self.config.cluster.cpus_per_worker,
             "max_restarts": 0,
@@ -147,7 +150,9 @@ class WorkerGroup:
         elif resource != "CPU":
             options["resources"] = {resource: 1.0}
         actor = (
-            ray.remote(WorkerActor).options(**options).remote(to_container(self.config), self.size, die_in)
+            ray.remote(WorkerActor)
+            .options(**options)
+            .remote(to_container(self.config), self.size, die_in, simulated_device)
         )
         self._bundle_of[actor] = bundle_index
         return actor

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from trainer.config.checks import require as _require
@@ -260,6 +261,9 @@ class ProbesConfig:
     #: In-flight probing may cost at most this fraction of training time: a due probe that would exceed
     #: it is skipped (and journalled as skipped).
     max_cost_fraction: float = 0.01
+    #: A directory searched for the vendors' health tools (nvidia-smi, npu-smi, hccn_tool) before PATH; for
+    #: simulated families the only place they are read from (stand-ins). None: PATH only, none for them.
+    vendor_tools_dir: str | None = None
 
     def __post_init__(self) -> None:
         _require("probes.interval_steps", self.interval_steps, self.interval_steps >= 0, "an integer >= 0")
@@ -278,3 +282,9 @@ class ProbesConfig:
             "a float in (0, 1]",
         )
         _require("probes.sizes_bytes", self.sizes_bytes, bool(self.sizes_bytes), "a non-empty list of sizes")
+        _require(
+            "probes.vendor_tools_dir",
+            self.vendor_tools_dir,
+            self.vendor_tools_dir is None or os.path.isdir(self.vendor_tools_dir),
+            "null or an existing directory",
+        )

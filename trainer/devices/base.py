@@ -59,9 +59,12 @@ class DeviceAdapter(ABC):
         Raises ``ValueError`` for a timeout that is not a positive number of seconds."""
 
     @abstractmethod
-    def vendor_health(self, device: torch.device, timeout_s: float) -> VendorReport:
-        """What the family's own health tools say about ``device`` (see :mod:`trainer.devices.vendor`).
-        Never raises; tools absent from the host are listed in ``skipped`` with the reason."""
+    def vendor_health(
+        self, device: torch.device, timeout_s: float, directory: str | None = None
+    ) -> VendorReport:
+        """What the family's own health tools say about ``device`` (see :mod:`trainer.devices.vendor`), the
+        tools looked for in ``directory`` first, then PATH. Never raises; tools absent from the host are
+        listed in ``skipped`` with the reason."""
 
     @abstractmethod
     def ray_resource(self) -> str:

@@ -42,7 +42,9 @@ class CpuAdapter(DeviceAdapter):
     def backend_timeouts(self, collective_timeout_s: float) -> BackendTimeouts:
         return timeouts.gloo(collective_timeout_s)
 
-    def vendor_health(self, device: torch.device, timeout_s: float) -> VendorReport:
+    def vendor_health(
+        self, device: torch.device, timeout_s: float, directory: str | None = None
+    ) -> VendorReport:
         return VendorReport(skipped={"vendor tools": f"the {self.name} family has none"})
 
     def ray_resource(self) -> str:

@@ -30,9 +30,11 @@ class CudaAdapter(AcceleratorAdapter):
     def backend_timeouts(self, collective_timeout_s: float) -> BackendTimeouts:
         return timeouts.nccl(collective_timeout_s)
 
-    def vendor_health(self, device: torch.device, timeout_s: float) -> VendorReport:
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        return vendor.cuda_health(vendor.physical_device(device.index or 0, visible), timeout_s)
+    def vendor_health(
+        self, device: torch.device, timeout_s: float, directory: str | None = None
+    ) -> VendorReport:
+        physical = vendor.physical_device(device.index or 0, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        return vendor.cuda_health(physical, timeout_s, vendor.search_path(directory))
 
     def ray_resource(self) -> str:
         return "GPU"

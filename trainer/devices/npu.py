@@ -43,11 +43,13 @@ class NpuAdapter(AcceleratorAdapter):
     def backend_timeouts(self, collective_timeout_s: float) -> BackendTimeouts:
         return timeouts.hccl(collective_timeout_s)
 
-    def vendor_health(self, device: torch.device, timeout_s: float) -> VendorReport:
+    def vendor_health(
+        self, device: torch.device, timeout_s: float, directory: str | None = None
+    ) -> VendorReport:
         physical = vendor.physical_device(device.index or 0, os.environ.get("ASCEND_RT_VISIBLE_DEVICES"))
         if isinstance(physical, str):
             return VendorReport(skipped={"vendor tools": f"ASCEND_RT_VISIBLE_DEVICES entry {physical!r}"})
-        return vendor.ascend_health(physical, timeout_s)
+        return vendor.ascend_health(physical, timeout_s, vendor.search_path(directory))
 
     def ray_resource(self) -> str:
         return "NPU"

@@ -16,10 +16,9 @@ from trainer.devices import vendor
 from trainer.devices.cpu import CpuAdapter
 from trainer.devices.vendor import VendorReport
 
-#: A directory of stand-in vendor tools (``nvidia-smi``, ``npu-smi``, ``hccn_tool``) that simulated families
-#: read as the family they mimic would read the real ones; unset, they read none.
-SIM_VENDOR_TOOLS_ENV = "TRAINER_SIM_VENDOR_TOOLS"
-_READERS = {"cuda": vendor.cuda_health, "npu": vendor.ascend_health}
+#: The simulated devices this process may use, as CUDA_VISIBLE_DEVICES is for NVIDIA GPUs: set per worker by
+#: the worker group (its placement-group bundle), read by the stand-in vendor tools' readers.
+SIM_VISIBLE_DEVICES_ENV = "TRAINER_SIM_VISIBLE_DEVICES"
 
 _MIMIC_DTYPES: dict[str, frozenset[torch.dtype]] = {
     "npu": frozenset({torch.float32, torch.float16, torch.bfloat16}),
@@ -45,13 +44,25 @@ class SimulatedAdapter(CpuAdapter):
         self.local_rank = local_rank
         return super().bind(local_rank)
 
-    def vendor_health(self, device: torch.device, timeout_s: float) -> VendorReport:
-        directory = os.environ.get(SIM_VENDOR_TOOLS_ENV)
-        reader = _READERS.get(self.mimics)
-        if reader is None or not directory:
-            why = f"simulated family {self.name}: set {SIM_VENDOR_TOOLS_ENV} to a directory of stand-in tools"
+    def visible_devices_env(self) -> str | None:
+        return SIM_VISIBLE_DEVICES_ENV
+
+    def vendor_health(
+        self, device: torch.device, timeout_s: float, directory: str | None = None
+    ) -> VendorReport:
+        """The mimicked family's tools, read from ``directory`` only (stand-ins): a simulated device has no
+        real tools, and the host's real ones would describe another device."""
+        if self.mimics not in ("cuda", "npu") or not directory:
+            why = (
+                f"simulated family {self.name}: set probes.vendor_tools_dir to a directory of stand-in tools"
+            )
             return VendorReport(skipped={"vendor tools": why})
-        return reader(self.local_rank, timeout_s, directory)
+        physical = vendor.physical_device(self.local_rank, os.environ.get(SIM_VISIBLE_DEVICES_ENV))
+        if self.mimics == "cuda":
+            return vendor.cuda_health(physical, timeout_s, directory)
+        if isinstance(physical, str):
+            return VendorReport(skipped={"vendor tools": f"{SIM_VISIBLE_DEVICES_ENV} entry {physical!r}"})
+        return vendor.ascend_health(physical, timeout_s, directory)
 
     def ray_resource(self) -> str:
         return self.name

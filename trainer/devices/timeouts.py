@@ -19,7 +19,7 @@ import os
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
@@ -51,7 +51,7 @@ class BackendTimeouts:
     #: How the values were derived and which rule of the backend they respect (for the journal).
     rule: str = ""
 
-    def to_dict(self) -> dict[str, object]:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "backend": self.backend,
             "requested_s": self.requested_s,

@@ -22,6 +22,7 @@ the reason (absent, not permitted, timed out, unparsable). Output formats, and w
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -120,6 +121,13 @@ def physical_device(local_index: int, visible: str | None) -> int | str:
         return local_index
     entry = entries[local_index]
     return int(entry) if entry.isdigit() else entry
+
+
+def search_path(directory: str | None) -> str | None:
+    """``directory`` first, then PATH (None: PATH alone)."""
+    if directory is None:
+        return None
+    return os.pathsep.join([directory, os.environ.get("PATH", os.defpath)])
 
 
 # --- NVIDIA ------------------------------------------------------------------------------------------------

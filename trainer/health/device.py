@@ -142,6 +142,7 @@ def probe_device(
     timeout_s: float = 10.0,
     dtype: torch.dtype = torch.float32,
     bit_flip: BitFlip | None = None,
+    vendor_tools_dir: str | None = None,
 ) -> DeviceReport:
     """Matmul check, memory allocation and matmul time on ``device``, under a ``timeout_s`` deadline.
 
@@ -149,11 +150,22 @@ def probe_device(
     ``timed_out=True``; a ``size`` or ``dtype`` the exact check cannot take raises ``ValueError`` at once.
     Injected faults act on the device's result before it is checked and digested: ``faults_wrong_compute``
     passes it through :func:`trainer.faults.corrupt_matmul` (gross corruption), ``bit_flip`` flips one bit.
+    The family's own health tools are read too (``adapter.vendor_health``, from ``vendor_tools_dir`` first);
+    a fatal finding makes the report ``device_unhealthy``.
     """
     exact_input_range(size, dtype)
     start = time.monotonic()
     outcome = run_with_deadline(
-        _measure, timeout_s, adapter, device, size, faults_wrong_compute, dtype, bit_flip, timeout_s / 2
+        _measure,
+        timeout_s,
+        adapter,
+        device,
+        size,
+        faults_wrong_compute,
+        dtype,
+        bit_flip,
+        timeout_s / 2,
+        vendor_tools_dir,
     )
     if outcome.value is None:
         error = outcome.error or "device probe returned nothing"
@@ -180,6 +192,7 @@ def _measure(
     dtype: torch.dtype,
     bit_flip: BitFlip | None,
     tools_timeout_s: float,
+    tools_dir: str | None,
 ) -> dict[str, Any]:
     a, b, reference = probe_inputs(size, dtype)
     a_dev, b_dev = a.to(device), b.to(device)
@@ -203,7 +216,7 @@ def _measure(
     digest = result_digest(host)
     check_s = time.perf_counter() - t_check
     memory = _allocate(adapter, device)
-    vendor = adapter.vendor_health(device, tools_timeout_s)
+    vendor = adapter.vendor_health(device, tools_timeout_s, tools_dir)
     wrong_result = error > tolerance
     return {
         "ok": not wrong_result and not vendor.fatal,
