@@ -5,7 +5,8 @@ For each family (the CPU-backed ones always, ``cuda`` / ``npu`` where available)
 reference) and of check (b) (result digests that differ between repeats), the median probe and matmul time,
 the median time of the bit-level checks themselves (``check_s``: host copy, comparison, digest), and the training time the in-flight probing must have
 between two probes to stay within ``probes.max_cost_fraction``. With ``--bit-table`` it also flips each bit of
-the largest fp32 result element through the fault seam and says which check catches it. Prints one JSON.
+the largest fp32 result element through the fault seam and says which check catches it; on CUDA it repeats
+fp32 with TF32 allowed; and it reports what the vendors' tools say about device 0. Prints one JSON.
 
     .venv/bin/python scripts/bench/device_probe.py [--repeats 200] [--bit-table] [--families cpu cuda]
 """
@@ -88,8 +89,16 @@ def main() -> None:
         "torch": torch.__version__,
         "results": [measure(f, d, args.repeats) for f in families for d in args.dtypes],
     }
+    if "cuda" in families:
+        # fp32 again with TF32 matmuls allowed (inputs rounded to 11 significand bits): still exact.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        out["results_tf32"] = measure("cuda", "float32", args.repeats)
+        torch.backends.cuda.matmul.allow_tf32 = False
     if args.bit_table:
         out["bit_table"] = {f: bit_table(f) for f in families}
+    for family in families:  # what the vendors' own tools say on this host (absent: skipped, with why)
+        adapter = get_adapter(family)
+        out.setdefault("vendor_health", {})[family] = adapter.vendor_health(adapter.bind(0), 10.0).to_dict()
     print(json.dumps(out, indent=1))
 
 
