@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 class FailureKind(StrEnum):
     #: A worker's process or node is gone (actor died, SIGKILL, node lost).
     WORKER_LOST = "worker_lost"
+    #: A worker was asked to leave (SIGTERM to it, a drained node): a planned removal, not a failure.
+    WORKER_PREEMPTED = "worker_preempted"
     #: A collective failed on a live worker (a peer vanished mid-step, a flaky link).
     COLLECTIVE_FAILED = "collective_failed"
     #: A worker made no progress before its deadline (hung).
@@ -56,7 +58,7 @@ _FAMILY_FAILURES = {
 #: Kinds that name devices to leave out: their workers are excluded and replaced from spares.
 _EXCLUDED = {FailureKind.WRONG_COMPUTE, FailureKind.DEVICE_UNHEALTHY, FailureKind.STRAGGLER}
 #: Kinds that are findings, not failures: they do not spend the restart budget.
-_FINDINGS = {FailureKind.DEGRADED_PROBE, FailureKind.STRAGGLER}
+_FINDINGS = {FailureKind.DEGRADED_PROBE, FailureKind.STRAGGLER, FailureKind.WORKER_PREEMPTED}
 
 
 class Action(StrEnum):
@@ -169,6 +171,14 @@ def decide(history: Sequence[FailureEvent], policy: PolicyConfig) -> Decision:
         )
     if event.kind is FailureKind.PARITY_FAILED:
         return _fallback(event, policy, f"parity check failed on {event.family} at step {event.step}")
+
+    if event.kind is FailureKind.WORKER_PREEMPTED and event.ranks:
+        return Decision(
+            Action.REPLACE_WORKER,
+            f"ranks {list(event.ranks)} asked to leave at step {event.step} (preempted): a planned removal, "
+            "replaced from spares with a peer's state; not a failure of the family",
+            event.ranks,
+        )
 
     failures = [e for e in history if e.kind not in _FINDINGS]
     if event.kind not in _FINDINGS and len(failures) > policy.max_restarts:

@@ -122,9 +122,12 @@ def test_snapshot_source_lost_falls_back_to_the_checkpoint_then_the_initial_stat
     _finished_like(tmp_path, uninterrupted)
 
 
-def test_rebuild_takes_the_state_of_a_live_member(uninterrupted: dict[str, Any], tmp_path: Path) -> None:
-    """Rank 1 is killed at step 7; the warm spare taking its rank (slot 2) dies while loading the snapshot, so
-    the repair fails and the group is rebuilt — from the state rank 0 still holds, not from disk."""
+def test_a_replacement_lost_while_loading_the_snapshot_is_replaced_in_turn(
+    uninterrupted: dict[str, Any], tmp_path: Path
+) -> None:
+    """Rank 1 is killed at step 7; the warm spare taking its rank (slot 2) dies while loading the snapshot:
+    a loss during the repair is repaired the same way — the next spare takes the rank, from the state rank 0
+    still holds — not by rebuilding the group."""
     config = _config(
         "checkpoint.interval_steps=5",
         "faults.kill_rank=1",
@@ -132,11 +135,12 @@ def test_rebuild_takes_the_state_of_a_live_member(uninterrupted: dict[str, Any],
         _die_in("load_snapshot", 2),
     )
     assert run(config, run_dir=tmp_path) == ExitCode.FINISHED
-    assert len(events(tmp_path, "group_rebuild")) == 1
+    assert events(tmp_path, "group_rebuild") == []
+    [again] = events(tmp_path, "lost_during_repair")
+    assert again["ranks"] == [1] and again["error"].startswith("ActorDiedError")
     [recovered] = events(tmp_path, "recovered")
-    assert recovered["action"] == "rebuild"
+    assert recovered["action"] == "replace_worker" and recovered["replaced_ranks"] == [1]
     assert recovered["state_from"] == "peer snapshot from rank 0" and recovered["step"] == 6
-    assert recovered["state_reason"] == "a live member held step 6"
     _finished_like(tmp_path, uninterrupted)
 
 

@@ -96,20 +96,22 @@ def test_two_ranks_killed_at_once_are_both_replaced_from_a_peer_snapshot(
 
 
 @pytest.mark.slow  # 60-95 s here: cold starts of 4-worker groups on 2 cores
-def test_replacement_lost_while_loading_the_snapshot_rebuilds_from_a_live_member(
+def test_replacement_lost_while_loading_the_snapshot_is_replaced_in_turn(
     uninterrupted: dict[str, Any], tmp_path: Path
 ) -> None:
     """Rank 1 is killed at step 7; the actor started to take its rank (slot 4: the first refill) dies while
-    loading the survivors' snapshot, so the repair fails and the group is rebuilt from the state the
-    survivors still hold, not from disk."""
+    loading the survivors' snapshot: the next one takes the rank, from the state the survivors still hold —
+    no rebuild, no survivor replaced."""
     config = _config("faults.kill_rank=1", "faults.kill_at_step=7", _die_in("load_snapshot", 4))
     assert run(config, run_dir=tmp_path) == ExitCode.FINISHED
     [failure] = events(tmp_path, "failure")
     assert failure["kind"] == "worker_lost" and failure["ranks"] == [1]
-    assert len(events(tmp_path, "group_rebuild")) == 1
+    assert events(tmp_path, "group_rebuild") == []
+    [again] = events(tmp_path, "lost_during_repair")
+    assert again["ranks"] == [1]
     [recovered] = events(tmp_path, "recovered")
-    assert recovered["action"] == "rebuild" and recovered["step"] == 6
-    assert recovered["state_from"].startswith("peer snapshot from rank ")
+    assert recovered["action"] == "replace_worker" and recovered["replaced_ranks"] == [1]
+    assert recovered["step"] == 6 and recovered["state_from"].startswith("peer snapshot from rank ")
     _finished_like(config, tmp_path, uninterrupted)
 
 

@@ -139,6 +139,58 @@ def test_a_damaged_newest_checkpoint_is_skipped_naming_its_url(s3_run: S3Run, s3
     assert mismatched(older, live_state(fresh)) == []
 
 
+def _truncate(body: bytes) -> bytes | None:
+    return body[: len(body) // 2]
+
+
+def _edit_manifest(body: bytes) -> bytes | None:
+    manifest = json.loads(body)
+    manifest["step"] = 1  # as if hand-edited: its own digest no longer matches
+    return json.dumps(manifest).encode()
+
+
+@pytest.mark.parametrize(
+    ("key", "damage", "named"),
+    [
+        ("__0_0.distcp", _truncate, "__0_0.distcp"),
+        (".metadata", lambda body: None, ".metadata"),  # the object is missing
+        ("manifest.json", _edit_manifest, "manifest"),
+        ("rng/rank_00000.json", lambda body: body.replace(b"1", b"2", 1), "rng/rank_00000.json"),
+    ],
+)
+def test_every_kind_of_damage_on_s3_is_found_and_the_older_checkpoint_used(
+    key: str, damage: Any, named: str, s3_run: S3Run, s3_endpoint: str
+) -> None:
+    url, options, bucket = s3_run
+    manager = CheckpointManager(url, storage_options=options)
+    worker = _trained(1)
+    worker.save(manager)
+    worker.train_step()
+    worker.save(manager)
+    s3 = client(s3_endpoint)
+    full_key = f"run/step_000000002/{key}"
+    changed = damage(s3.get_object(Bucket=bucket, Key=full_key)["Body"].read())
+    if changed is None:
+        s3.delete_object(Bucket=bucket, Key=full_key)
+    else:
+        s3.put_object(Bucket=bucket, Key=full_key, Body=changed)
+    restored = _worker().restore(CheckpointManager(url, storage_options=options))
+    assert restored is not None and restored.path == f"{url}/step_000000001"
+    [(ref, why)] = restored.skipped
+    assert ref == f"{url}/step_000000002" and named in why
+
+
+def test_a_dangling_latest_on_s3_falls_back_to_scanning(s3_run: S3Run, s3_endpoint: str) -> None:
+    url, options, bucket = s3_run
+    manager = CheckpointManager(url, storage_options=options)
+    worker = _trained(1)
+    worker.save(manager)
+    client(s3_endpoint).put_object(Bucket=bucket, Key="run/latest", Body=b"step_000000099\n")
+    assert manager.store.latest_pointer() is None
+    restored = _worker().restore(CheckpointManager(url, storage_options=options))
+    assert restored is not None and restored.path == f"{url}/step_000000001"
+
+
 KILLED_MID_UPLOAD = """
 import os, signal, sys
 from trainer.checkpoint import CheckpointManager

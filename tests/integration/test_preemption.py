@@ -20,7 +20,10 @@ import ray
 
 from trainer.checkpoint import CheckpointStore
 from trainer.errors import ExitCode
+from trainer.job import run
+from trainer.testing.configs import make_config
 from trainer.testing.runs import events
+from trainer.testing.state import mismatched, restored_state
 
 TINY = (
     "model.n_layer=1",
@@ -138,3 +141,52 @@ def test_sigterm_to_a_ray_driver_stops_every_rank_at_the_step_in_flight_and_save
     assert f"outcome: preempted at step {saved} (saved)" in out
 
     _resumes_at(run_dir, saved, *ray_run, "cluster.chunk_steps=5")
+
+
+@pytest.mark.usefixtures("local_ray")
+@pytest.mark.parametrize(
+    ("when", "timing"),
+    [
+        ("between chunks", ("cluster.chunk_steps=6", "checkpoint.interval_steps=12")),
+        # Steps slowed by a delay in every collective, so the notice is seen while the chunk runs.
+        (
+            "inside a chunk",
+            ("cluster.chunk_steps=24", "+faults.families={sim_npu: {collective_delay_s: 0.05}}"),
+        ),
+    ],
+)
+def test_sigterm_to_one_worker_is_a_planned_removal_and_nothing_is_lost(
+    when: str, timing: tuple[str, ...], tmp_path: Path
+) -> None:
+    """Rank 1 of 3 gets SIGTERM (as from a node drain) at step 9: every rank stops after the step in
+    flight (or is idle between chunks), a spare takes rank 1 with a peer's state of that step, no failure
+    is counted, and the final state is bit for bit the uninterrupted run's."""
+    three = (
+        "cluster=ray_local",
+        "device=sim_npu",
+        "cluster.workers=3",
+        "cluster.cpus_per_worker=0.25",
+        "+task._target_=trainer.testing.tasks.ClusterTask",
+        "train.global_batch_size=12",
+        "train.steps=24",
+        "probes.preflight=false",
+        "probes.interval_steps=0",
+        "monitoring=off",
+        *timing,
+    )
+    clean = make_config(*three)
+    assert run(clean, run_dir=tmp_path / "clean") == ExitCode.FINISHED
+    asked = make_config(*three, "faults.kill_rank=1", "faults.kill_at_step=9", "faults.kill_signal=SIGTERM")
+    assert run(asked, run_dir=tmp_path / "asked") == ExitCode.FINISHED
+
+    assert events(tmp_path / "asked", "failure") == []
+    [preempted] = events(tmp_path / "asked", "worker_preempted")
+    assert preempted["ranks"] == [1] and when in preempted["detail"]
+    [decision] = events(tmp_path / "asked", "decision")
+    assert decision["action"] == "replace_worker" and "planned removal" in decision["reason"]
+    [recovered] = events(tmp_path / "asked", "recovered")
+    assert recovered["replaced_ranks"] == [1] and recovered["state_from"].startswith("peer snapshot")
+    assert recovered["step"] == preempted["step"] >= 9, "stopped after the step in flight, resumed there"
+    a = restored_state(clean, tmp_path / "clean" / "checkpoints")
+    b = restored_state(clean, tmp_path / "asked" / "checkpoints")
+    assert mismatched(a, b) == []

@@ -1,11 +1,19 @@
-"""A 2-worker group on a real local Ray with gloo: losing a worker costs nothing but the step in flight."""
+"""Worker groups on a real local Ray with gloo: losing a worker costs nothing but the step in flight, and a
+warm spare that dies is replaced in the background."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import ray
 import torch
 
 from trainer.config import Config
@@ -49,6 +57,10 @@ def test_killed_worker_is_replaced_and_the_run_matches_an_uninterrupted_one(
     assert recoveries[0]["state_from"] == "peer snapshot from rank 0"
     # Nothing beyond the step in flight is repeated: rank 0 completed step 6, the kill hit step 7.
     assert recoveries[0]["step"] == 6
+    # The backend's own timeout follows the collective timeout the group joins with, journalled as it changes.
+    timeouts = [e for e in events if e["event"] == "backend_timeouts"]
+    assert timeouts and all(t["backend"] == "gloo" for t in timeouts)
+    assert all(t["process_group_s"] == t["requested_s"] > 0 for t in timeouts)
 
     a, b = (
         restored_state(clean, tmp_path / "clean" / "checkpoints"),
@@ -95,3 +107,59 @@ def test_two_worker_checkpoint_resumes_on_one_worker_and_back(
         assert finished[name]["eval_loss"] == pytest.approx(finished["single"]["eval_loss"], rel=1e-4)
     resumed = [e for e in Journal(tmp_path / "back" / "journal.jsonl").read() if e["event"] == "resumed"]
     assert resumed and resumed[-1]["step"] == 10
+
+
+def test_a_warm_spare_that_dies_is_replaced_in_the_background_and_then_used(tmp_path: Path) -> None:
+    """The spare is SIGKILLed early in the run; its bundle gets a new actor in the background, which later
+    takes the rank of a killed worker without a cold start. The driver is a process of its own, attached to
+    the session's Ray; every collective is slowed so the run lasts long enough to watch."""
+    run_dir = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "trainer",
+        "cluster=ray_local",
+        f"cluster.address={ray.get_runtime_context().gcs_address}",
+        "device=sim_npu",
+        "cluster.workers=3",
+        "cluster.spares=1",
+        "cluster.cpus_per_worker=0.25",
+        *SMALL,
+        "train.global_batch_size=6",
+        "train.steps=90",
+        "checkpoint.interval_steps=0",
+        "cluster.chunk_steps=5",
+        "probes.preflight=false",
+        "probes.interval_steps=0",
+        "+faults.families={sim_npu: {collective_delay_s: 0.1}}",
+        "faults.kill_rank=1",
+        "faults.kill_at_step=80",
+        "monitoring=off",
+        f"hydra.run.dir={run_dir}",
+    ]
+    driver = subprocess.Popen(
+        command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+    def journal() -> list[dict[str, object]]:
+        path = run_dir / "journal.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    try:
+        deadline = time.monotonic() + 180
+        while not [e for e in journal() if e["event"] == "group_started"]:
+            assert driver.poll() is None and time.monotonic() < deadline, "the group never started"
+            time.sleep(0.2)
+        [started] = [e for e in journal() if e["event"] == "group_started"]
+        [spare] = started["spares"]  # type: ignore[misc]
+        os.kill(int(spare["pid"]), signal.SIGKILL)
+        out, _ = driver.communicate(timeout=240)
+    finally:
+        driver.kill()
+    assert driver.returncode == ExitCode.FINISHED, out[-3000:]
+    names = [e["event"] for e in journal()]
+    assert "spare_replaced" in names and names.index("spare_replaced") < names.index("failure")
+    [recovered] = [e for e in journal() if e["event"] == "recovered"]
+    assert recovered["replaced_ranks"] == [1] and recovered["state_from"] == "peer snapshot from rank 0"
+    [finished] = [e for e in journal() if e["event"] == "run_finished"]
+    assert finished["step"] == 90

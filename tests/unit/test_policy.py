@@ -30,6 +30,15 @@ def _event(kind: FailureKind, ranks: tuple[int, ...] = (), step: int = 5) -> Fai
             "4 failures exceed cluster.max_restarts=3",
         ),
         ([_event(FailureKind.WORKER_LOST, (1,))], 0, Action.ABORT, (), "cluster.max_restarts=0"),
+        # A worker asked to leave is a planned removal: replaced, never counted, even with no budget left.
+        ([_event(FailureKind.WORKER_PREEMPTED, (2,))], 0, Action.REPLACE_WORKER, (2,), "planned removal"),
+        (
+            [_event(FailureKind.WORKER_PREEMPTED, (1,))] * 5 + [_event(FailureKind.WORKER_LOST, (1,))],
+            1,
+            Action.REPLACE_WORKER,
+            (1,),
+            "1/1 restarts used",
+        ),
     ],
 )
 def test_decide(
@@ -155,3 +164,9 @@ def test_findings_do_not_spend_the_restart_budget() -> None:
         [*probes, _at(FailureKind.WORKER_LOST, 1, ranks=(1,))], PolicyConfig(1, max_degraded_probes=9)
     )
     assert decision.action is Action.REPLACE_WORKER
+
+
+def test_preempted_workers_do_not_count_against_their_family() -> None:
+    planned = [_at(FailureKind.WORKER_PREEMPTED, t, ranks=(1,)) for t in (1.0, 2.0, 3.0)]
+    decision = decide([*planned, _at(FailureKind.WORKER_LOST, 4.0, ranks=(1,))], CHAIN)
+    assert decision.action is Action.REPLACE_WORKER  # one failure on sim_npu, not four: no fallback

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from trainer.checkpoint import CheckpointManager
 from trainer.checkpoint.async_writer import AsyncCheckpointer
 from trainer.checkpoint.lease import Fence
+from trainer.cluster.leaving import watch_terminate
 from trainer.config import from_container
 from trainer.devices.sim import SIM_VISIBLE_DEVICES_ENV
 from trainer.devices.timeouts import join_group
@@ -99,6 +100,8 @@ class WorkerActor:
         #: The step to stop after (preemption), set by stop_after() while a chunk runs; None: none.
         self.stop_step: int | None = None
         self.checkpointer: AsyncCheckpointer | None = None
+        # SIGTERM to this process: a planned removal (trainer.cluster.leaving), not a crash.
+        watch_terminate(self.config.checkpoint.preempt_grace_s)
 
     def info(self) -> dict[str, Any]:
         """Who this worker is and the step of the run's state it holds (None: a spare that holds none yet).
@@ -122,6 +125,7 @@ class WorkerActor:
         replacement does not fail the same way).
         """
         self.leave()
+        self.stop_step = None  # a stop asked of the previous incarnation (a rank that left) is done
         store = dist.TCPStore(host, port, world_size, is_master=False, timeout=timedelta(seconds=timeout_s))
         # The backend's own timeouts and error handling follow timeout_s too (HCCL_EXEC_TIMEOUT, NCCL's).
         join_group(self.worker.adapter, timeout_s, store=store, rank=rank, world_size=world_size)
@@ -181,7 +185,8 @@ class WorkerActor:
         if not self.armed:
             return
         if next_step == faults.kill_at_step and self.worker.rank in faults.killed_ranks():
-            os.kill(os.getpid(), signal.SIGKILL)  # injected fault: this process vanishes mid-run
+            # Injected fault: this process vanishes mid-run (SIGKILL), or is asked to leave (SIGTERM).
+            os.kill(os.getpid(), signal.Signals[faults.kill_signal])
         if faults.hang_rank == self.worker.rank and next_step == faults.hang_at_step:
             if faults.hang_phase == "collective":
                 self.worker.hang_in_collective_at = next_step  # the comm hook stops there

@@ -15,16 +15,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import ray
-
 from trainer.checkpoint.lease import Lease
 from trainer.cluster.deadlines import Deadlines
-from trainer.cluster.endings import RunEndings
 from trainer.cluster.group import WorkerGroup
 from trainer.cluster.handover import HandOver
 from trainer.cluster.health_watch import HealthWatch
 from trainer.cluster.heartbeat import Heartbeat
-from trainer.cluster.newest_state import LOST_ERRORS, HeldState, Loaded, hold_newest, load
+from trainer.cluster.leaving import LeaveWatch, leaving
+from trainer.cluster.newest_state import LOST_ERRORS, HeldState
+from trainer.cluster.recovery import RunRecovery
 from trainer.cluster.run_control import BADPUT_STATES, State
 from trainer.cluster.saves import Saves, check_shared
 from trainer.cluster.watch import ChunkOutcome, run_chunk
@@ -40,8 +39,11 @@ from trainer.progress import Progress
 
 log = logging.getLogger(__name__)
 
+#: Seconds between checks that the warm spares are alive (one call per spare).
+_SPARE_CHECK_S = 5.0
 
-class Controller(RunEndings):
+
+class Controller(RunRecovery):
     def __init__(
         self,
         config: Config,
@@ -57,6 +59,12 @@ class Controller(RunEndings):
         self.config = config
         #: Set by SIGTERM/SIGINT to the driver (when installed): stop at the step in flight, save it, exit.
         self.preemption = preemption or Preemption(config.checkpoint.preempt_grace_s)
+        #: Workers asked to leave (SIGTERM to one of them): seen from the chunk's wait loop.
+        self.leave_watch = LeaveWatch()
+        #: When the warm spares are next checked for life (monotonic seconds).
+        self.next_spare_check = 0.0
+        #: The backend timeouts last journalled (trainer.devices.timeouts.BackendTimeouts.to_dict()).
+        self.last_backend_timeouts: dict[str, Any] | None = None
         self.sink = sink or NullSink()
         self.goodput = goodput or Goodput()
         self.run_dir = run_dir
@@ -150,7 +158,14 @@ class Controller(RunEndings):
         check_shared(self.checkpoint_root, [*self.group.members, *self.group.spares])
         self.families_used.append(family)
         self.sink.run_info(self.config.name, family, self.group.size, self.config.train.steps)
-        self.journal.record("group_started", family=family, world_size=self.group.size, step=self.step)
+        self.journal.record(
+            "group_started",
+            family=family,
+            world_size=self.group.size,
+            step=self.step,
+            members=self.group.started_on[: self.group.size],
+            spares=self.group.started_on[self.group.size :],
+        )
         print(f"worker group up: {family} x{self.group.size}")
         if self.group.spares_short is not None:
             self.journal.record("spares_short", family=family, reason=self.group.spares_short)
@@ -172,6 +187,10 @@ class Controller(RunEndings):
         total = self.config.train.steps
         if self.step >= total:
             return self._finish()
+        asked = leaving(self.members)  # between chunks every rank is idle at self.step: replace it now
+        if asked:
+            detail = "SIGTERM to the worker between chunks: every rank idle at the same step"
+            return self.on_event(FailureKind.WORKER_PREEMPTED, tuple(asked), detail)
         until = min(total, self.step + self.config.cluster.chunk_steps)
         for interval in (self.config.checkpoint.interval_steps, self.config.probes.interval_steps):
             if interval:
@@ -184,10 +203,15 @@ class Controller(RunEndings):
             limits.hang_after_s(),
             limits.chunk_s(until - self.step),
             limits.release_s(),
-            stop=lambda: self.preemption.requested,
+            stop=lambda: self.preemption.requested or self.leave_watch(self.members),
         )
-        if outcome.stop_step is not None:
+        if outcome.stop_step is not None and self.preemption.requested:
             return self._preempted(outcome)
+        if outcome.stop_step is not None and not outcome.failed():  # a worker asked to leave
+            if 0 in outcome.results and not outcome.beyond_stop:
+                self._on_heartbeat(outcome, outcome.stop_step, started)
+            detail = "SIGTERM to the worker inside a chunk: every rank stopped after the step in flight"
+            return self.on_event(FailureKind.WORKER_PREEMPTED, tuple(self.leave_watch.ranks), detail, outcome)
         if outcome.failed():
             self.goodput.bad("lost_work", time.monotonic() - started)
             return self._on_failure(outcome)
@@ -195,93 +219,20 @@ class Controller(RunEndings):
         finding = self.health.after_chunk(self.members, self.family, self.step, outcome)
         if finding is not None:
             return self.on_event(*finding)
+        if time.monotonic() >= self.next_spare_check:  # a warm spare that died is replaced in the background
+            self.next_spare_check = time.monotonic() + _SPARE_CHECK_S
+            if self.group is not None and self.group.refill_spares():
+                self.journal.record("spare_replaced", family=self.family, step=self.step)
         interval = self.config.checkpoint.interval_steps
         if interval and self.step % interval == 0 and self.step < total:
             self.saves.save(self.members[0], self.step)
         return State.RUNNING
 
-    def _recover(self) -> State:
-        assert self.pending is not None
-        decision, outcome = self.pending
-        self.pending = None
-        if self.group is None:
-            return self._rebuild("no worker group is left to repair")
-        try:
-            return self._repair(decision, outcome)
-        except (ray.exceptions.RayError, DeviceUnavailableError, TimeoutError) as exc:
-            # Spares or survivors were lost too (their node went away): start the group anew.
-            return self._rebuild(f"repair in place failed: {type(exc).__name__}: {str(exc).splitlines()[0]}")
-
-    def _rebuild(self, why: str) -> State:
-        """A new group on the same family with the newest state (a live member's, else the newest checkpoint's);
-        if the family can no longer start one (its nodes are gone), that is an event for the policy, and the
-        state held from a live member goes on to the hand-over."""
-        started, previous = time.monotonic(), self.step
-        self.journal.record("group_rebuild", family=self.family, step=self.step, reason=why)
-        self.progress.message(f"rebuilding the {self.family} group: {why}")
-        if self.group is not None:
-            if self.held is None:
-                self.held = hold_newest(self.members, self.group.live_steps(), evaluate=True)
-            self.group.shutdown()
-            self.group = None
-        try:
-            self.launch(self.family, form=False)
-        except DeviceUnavailableError as exc:
-            return self.on_event(FailureKind.FAMILY_UNAVAILABLE, (), str(exc))
-        loaded = self.load_newest()
-        assert self.group is not None
-        self.group.form(self.collective_timeout())
-        self._recovered("rebuild", [], loaded, previous, started)
-        return self.handover.check_parity() or State.RUNNING
-
-    def _repair(self, decision: Decision, outcome: ChunkOutcome) -> State:
-        """Replace the lost ranks from warm spares and re-form the group with the newest live state."""
-        assert self.group is not None
-        started, previous = time.monotonic(), self.step
-        gone = set(outcome.gone()) | set(decision.ranks)
-        alive = {rank: r.get("step") for rank, r in outcome.results.items() if rank not in gone}
-        self.group.leave_all([self.members[r] for r in alive])
-        if self.held is None:
-            self.held = hold_newest(self.members, alive)  # before replace(): a rebuild would need it too
-            if self.held is None and alive:  # each died handing its state over?
-                gone |= set(alive) - set(self.group.live_steps())
-        self.group.replace(tuple(sorted(gone)))
-        loaded = self.load_newest()
-        self.group.form(self.collective_timeout())
-        self._recovered(decision.action.value, sorted(gone), loaded, previous, started)
-        return self.handover.check_parity() or State.RUNNING
-
-    def load_newest(self) -> Loaded:
-        """Give the group the held live state (else the newest checkpoint, else none); the step follows it."""
-        keep = self.config.checkpoint.keep_last
-        loaded = load(self.members, self.held, str(self.checkpoint_root), keep)
-        self.held = None
-        self.step = loaded.step
-        return loaded
-
-    def _recovered(
-        self, action: str, replaced: list[int], loaded: Loaded, previous: int, started: float
-    ) -> None:
-        assert self.group is not None
-        entry: dict[str, Any] = {
-            "step": self.step,
-            # Steps completed by the survivors after the last heartbeat, kept through the snapshot.
-            "kept_steps": [previous + 1, self.step] if self.step > previous else None,
-            "action": action,
-            "replaced_ranks": replaced,
-            "state_from": loaded.origin,
-            "state_reason": loaded.reason,
-            "recover_s": time.monotonic() - started,
-            "incarnation": self.group.incarnation,
-        }
-        self.recoveries.append(entry)
-        self.sink.recovery(action, entry["recover_s"])
-        self.journal.record("recovered", family=self.family, **entry)
-        print(f"recovered at step {self.step} from {loaded.origin}; replaced ranks {replaced}")
-
-    # --- events --------------------------------------------------------------------------------------
     def _on_failure(self, outcome: ChunkOutcome) -> State:
         self.failure_time = time.monotonic()
+        outcome.preempted = sorted(
+            {*outcome.preempted, *(r for r in leaving(self.members) if r in outcome.lost)}
+        )
         kind, ranks, detail = outcome.event()
         if kind is FailureKind.DEADLINE:
             self.journal.record(
@@ -314,7 +265,10 @@ class Controller(RunEndings):
         event = FailureEvent(kind, ranks, self.step, self.family, time.time(), detail[:1000])
         self.events.append(event)
         decision = decide(self.events, PolicyConfig.of(self.config, self.given_up))
-        self.journal.record("failure", **event.record())
+        # A planned removal is journalled as what it is, not as a failure.
+        self.journal.record(
+            "failure" if kind is not FailureKind.WORKER_PREEMPTED else kind.value, **event.record()
+        )
         self.journal.record("decision", **decision.record(self.step))
         print(f"{kind.value} on {self.family} (ranks {list(ranks)}) at step {self.step} -> {decision.reason}")
         if decision.action is Action.ABORT:
@@ -362,4 +316,11 @@ class Controller(RunEndings):
             self.progress.update(beat.first_step + offset, loss, rate, family, restarts)
 
     def collective_timeout(self) -> float:
-        return self.deadlines.collective_timeout()
+        """The collective timeout the next incarnation joins with (from the measured step time); the backend
+        timeouts and environment its members derive from it (``join_group``) are journalled when they change."""
+        timeout = self.deadlines.collective_timeout()
+        derived = get_adapter(self.family).backend_timeouts(timeout).to_dict()
+        if derived != self.last_backend_timeouts:
+            self.last_backend_timeouts = derived
+            self.journal.record("backend_timeouts", family=self.family, step=self.step, **derived)
+        return timeout

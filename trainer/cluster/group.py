@@ -79,6 +79,7 @@ class WorkerGroup:
         self._spawned = 0
         #: Why fewer warm spares than ``cluster.spares`` were started (None: all of them).
         self.spares_short: str | None = None
+        self.started_on: list[dict[str, Any]] = []
 
     # --- life cycle ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -124,6 +125,8 @@ class WorkerGroup:
             ) from exc
         log.info("worker actors up: %s", infos)
         self.members, self.spares = actors[: self.size], actors[self.size :]
+        #: Where each actor started runs (pid, host): members first, then spares.
+        self.started_on = [{"pid": i["pid"], "host": i["host"]} for i in infos]
 
     def _spawn(self, bundle_index: int) -> Any:
         """Start an actor in bundle ``bundle_index``. Actors are numbered in the order they are started (the
@@ -224,6 +227,26 @@ class WorkerGroup:
                 continue
             self.spares.append(actor)
         self._pending_spares = still
+
+    def refill_spares(self, timeout_s: float = 1.0) -> int:
+        """Replace warm spares that died since they started: each one's bundle gets a new actor, started in the
+        background (it becomes a spare once it answers). Returns how many were found dead. A spare that does
+        not answer within ``timeout_s`` (busy starting) is left alone."""
+        dead = []
+        if self.spares:
+            refs = {s.info.remote(): s for s in self.spares}
+            ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+            for ref in ready:
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayError as exc:
+                    log.warning("a warm spare died: %s", str(exc).splitlines()[0])
+                    dead.append(refs[ref])
+        for actor in dead:
+            self.spares.remove(actor)
+            self._pending_spares.append(self._spawn(self._bundle_of.pop(actor)))
+        self._collect_pending()
+        return len(dead)
 
     def kill(self, ranks: list[int]) -> None:
         """Kill the workers of ``ranks`` now (hung ones); their peers' collectives then fail fast."""

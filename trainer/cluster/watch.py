@@ -60,6 +60,8 @@ class ChunkOutcome:
     #: Ranks that were already in the step after ``stop_step`` when asked: left waiting, alone, in its
     #: collective (their replies are not awaited).
     beyond_stop: list[int] = field(default_factory=list)
+    #: Lost ranks that were asked to leave (a drained node, a leaving notice): planned removals.
+    preempted: list[int] = field(default_factory=list)
 
     @classmethod
     def at(cls, steps: dict[int, int | None] | dict[int, int], lost: list[int] | None = None) -> ChunkOutcome:
@@ -77,6 +79,8 @@ class ChunkOutcome:
         """A failed chunk as an event for the policy: lost ranks first, then hung ones, else a collective
         error; with each failing rank's error."""
         detail = "; ".join(f"rank {r}: {res['error']}" for r, res in self.results.items() if not res["ok"])
+        if self.lost and set(self.lost) <= set(self.preempted):
+            return FailureKind.WORKER_PREEMPTED, tuple(self.lost), detail
         if self.lost:
             return FailureKind.WORKER_LOST, tuple(self.lost), detail
         if self.hung:
@@ -151,6 +155,8 @@ def _collect(done: list[Any], refs: dict[Any, int], outcome: ChunkOutcome) -> No
         except ray.exceptions.RayActorError as exc:
             log.warning("rank %d lost: %s", rank, str(exc).splitlines()[0])
             outcome.lost = sorted([*outcome.lost, rank])  # in rank order, whatever order they died in
+            if getattr(exc, "preempted", False):  # Ray says so: its node was drained
+                outcome.preempted = sorted([*outcome.preempted, rank])
 
 
 def stop_all(members: list[Any], training: list[int], until: int) -> int:

@@ -144,6 +144,9 @@ class FaultsConfig:
     #: More ranks killed at the same step (with ``kill_rank``, if set): several ranks lost at once.
     kill_ranks: list[int] = field(default_factory=list)
     kill_at_step: int | None = None
+    #: The signal the killed ranks get: ``SIGKILL`` (the process vanishes) or ``SIGTERM`` (it is asked to
+    #: leave, as a node drain or an eviction does: a planned removal, see trainer.cluster.leaving).
+    kill_signal: str = "SIGKILL"
     #: This rank stops making progress (sleeps) when it is about to run ``hang_at_step`` (first incarnation).
     hang_rank: int | None = None
     hang_at_step: int | None = None
@@ -173,6 +176,12 @@ class FaultsConfig:
             _require(f"faults.kill_ranks[{i}]", rank, rank >= 0, "an integer >= 0")
         if self.kill_at_step is not None:
             _require("faults.kill_at_step", self.kill_at_step, self.kill_at_step >= 1, "an integer >= 1")
+        _require(
+            "faults.kill_signal",
+            self.kill_signal,
+            self.kill_signal in ("SIGKILL", "SIGTERM"),
+            "SIGKILL, SIGTERM",
+        )
         if (self.hang_rank is None) != (self.hang_at_step is None):
             raise ConfigError(
                 f"faults.hang_rank={self.hang_rank!r} and faults.hang_at_step={self.hang_at_step!r}: "

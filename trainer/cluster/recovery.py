@@ -1,0 +1,146 @@
+"""How a group run recovers once the policy decided to: replace the lost ranks in place from warm spares
+with the newest live state (repeated when members are lost during the repair), or rebuild the group.
+
+A part of :class:`~trainer.cluster.controller.Controller` kept in a file of its own; the attributes below are
+the controller's.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import ray
+
+from trainer.cluster.endings import RunEndings
+from trainer.cluster.handover import HandOver
+from trainer.cluster.leaving import forget
+from trainer.cluster.newest_state import HeldState, Loaded, hold_newest, load
+from trainer.cluster.run_control import State
+from trainer.cluster.watch import ChunkOutcome
+from trainer.config import Config
+from trainer.errors import DeviceUnavailableError
+from trainer.metrics import MetricsSink
+from trainer.policy import Decision, FailureKind
+
+#: Repairs in place tried for one failure when members keep being lost meanwhile; then the group is rebuilt.
+_REPAIR_ROUNDS = 3
+
+
+class RunRecovery(RunEndings):
+    config: Config
+    sink: MetricsSink
+    handover: HandOver
+    held: HeldState | None
+    pending: tuple[Decision, ChunkOutcome] | None
+    checkpoint_root: str
+
+    # The controller's own (trainer.cluster.controller.Controller), named here for the type checker.
+    def launch(self, family: str, workers: int | None = None, form: bool = True) -> None:
+        raise NotImplementedError
+
+    def on_event(
+        self, kind: FailureKind, ranks: tuple[int, ...], detail: str, outcome: ChunkOutcome | None = None
+    ) -> State:
+        raise NotImplementedError
+
+    def collective_timeout(self) -> float:
+        raise NotImplementedError
+
+    def _recover(self) -> State:
+        assert self.pending is not None
+        decision, outcome = self.pending
+        self.pending = None
+        if self.group is None:
+            return self._rebuild("no worker group is left to repair")
+        started, replaced = time.monotonic(), set(decision.ranks)
+        for _ in range(_REPAIR_ROUNDS):
+            try:
+                return self._repair(decision, outcome, started, replaced)
+            except (ray.exceptions.RayError, DeviceUnavailableError, TimeoutError) as exc:
+                why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                if isinstance(exc, DeviceUnavailableError):  # no spare can be had: a new group, or the policy
+                    return self._rebuild(f"repair in place failed: {why}")
+                # A member (often the spare just placed) was lost during the repair: replace it the same way.
+                steps = self.group.live_steps()
+                lost = [r for r in range(len(self.members)) if r not in steps]
+                if not lost:
+                    return self._rebuild(f"repair in place failed: {why}")
+                self.journal.record("lost_during_repair", ranks=lost, step=self.step, error=why)
+                self.progress.message(f"ranks {lost} lost during the repair ({why}): replacing them too")
+                outcome = ChunkOutcome.at(steps, lost=lost)
+                decision = Decision(decision.action, decision.reason, tuple(lost))
+                replaced |= set(lost)
+        return self._rebuild(f"members kept being lost during {_REPAIR_ROUNDS} repairs in place")
+
+    def _rebuild(self, why: str) -> State:
+        """A new group on the same family with the newest state (a live member's, else the newest checkpoint's);
+        if the family can no longer start one (its nodes are gone), that is an event for the policy, and the
+        state held from a live member goes on to the hand-over."""
+        started, previous = time.monotonic(), self.step
+        self.journal.record("group_rebuild", family=self.family, step=self.step, reason=why)
+        self.progress.message(f"rebuilding the {self.family} group: {why}")
+        if self.group is not None:
+            if self.held is None:
+                self.held = hold_newest(self.members, self.group.live_steps(), evaluate=True)
+            self.group.shutdown()
+            self.group = None
+        try:
+            self.launch(self.family, form=False)
+        except DeviceUnavailableError as exc:
+            return self.on_event(FailureKind.FAMILY_UNAVAILABLE, (), str(exc))
+        loaded = self.load_newest()
+        assert self.group is not None
+        self.group.form(self.collective_timeout())
+        self._recovered("rebuild", [], loaded, previous, started)
+        return self.handover.check_parity() or State.RUNNING
+
+    def _repair(self, decision: Decision, outcome: ChunkOutcome, started: float, replaced: set[int]) -> State:
+        """Replace the lost ranks from warm spares and re-form the group with the newest live state.
+        ``started`` and ``replaced``: when the recovery began and every rank it replaced (earlier rounds too)."""
+        assert self.group is not None
+        previous = self.step
+        # Ranks already inside the step after a stop wait alone in its collective: replaced too.
+        gone = set(outcome.gone()) | set(decision.ranks) | set(outcome.beyond_stop)
+        alive = {rank: r.get("step") for rank, r in outcome.results.items() if rank not in gone}
+        self.group.leave_all([self.members[r] for r in alive])
+        if self.held is None:
+            self.held = hold_newest(self.members, alive)  # before replace(): a rebuild would need it too
+            if self.held is None and alive:  # each died handing its state over?
+                gone |= set(alive) - set(self.group.live_steps())
+        forget([self.members[r] for r in gone])
+        self.group.replace(tuple(sorted(gone)))
+        loaded = self.load_newest()
+        self.group.form(self.collective_timeout())
+        self._recovered(decision.action.value, sorted(gone | replaced), loaded, previous, started)
+        return self.handover.check_parity() or State.RUNNING
+
+    def load_newest(self) -> Loaded:
+        """Give the group the held live state (else the newest checkpoint, else none); the step follows it."""
+        keep = self.config.checkpoint.keep_last
+        loaded = load(self.members, self.held, str(self.checkpoint_root), keep)
+        self.held = None
+        self.step = loaded.step
+        return loaded
+
+    def _recovered(
+        self, action: str, replaced: list[int], loaded: Loaded, previous: int, started: float
+    ) -> None:
+        assert self.group is not None
+        entry: dict[str, Any] = {
+            "step": self.step,
+            # Steps completed by the survivors after the last heartbeat, kept through the snapshot.
+            "kept_steps": [previous + 1, self.step] if self.step > previous else None,
+            "action": action,
+            "replaced_ranks": replaced,
+            "state_from": loaded.origin,
+            "state_reason": loaded.reason,
+            "recover_s": time.monotonic() - started,
+            "incarnation": self.group.incarnation,
+        }
+        self.recoveries.append(entry)
+        self.sink.recovery(action, entry["recover_s"])
+        self.journal.record("recovered", family=self.family, **entry)
+        print(f"recovered at step {self.step} from {loaded.origin}; replaced ranks {replaced}")
+
+    # --- events --------------------------------------------------------------------------------------
