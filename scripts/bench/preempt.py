@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from trainer.checkpoint import CheckpointStore
+
 SMALL = (
     "model.n_layer=1",
     "model.n_embd=32",
@@ -86,7 +88,10 @@ def one(mode: str, interval: int, at_step: int, handled: bool, work: Path) -> di
         [preempted] = _events(run_dir, "preempted")
         saved = preempted.get("saved_step")
     else:
-        saved = max((e["step"] for e in _events(run_dir, "checkpoint_saved")), default=0)
+        # What a re-run resumes from: the newest checkpoint committed on disk (a background write of the
+        # last periodic one may have committed without having been journalled yet).
+        committed = CheckpointStore(run_dir / "checkpoints").committed()
+        saved = CheckpointStore(run_dir / "checkpoints").verify(committed[-1]).step if committed else 0
     return {
         "step_at_signal": seen,
         "saved_step": saved,

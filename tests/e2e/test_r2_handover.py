@@ -37,11 +37,10 @@ def _trained_steps(events: list[dict[str, Any]]) -> list[int]:
 # Two whole runs (300 steps with a hand-over, and the reference): over the suite's 300 s on a busy 2-core host.
 @pytest.mark.timeout(900)
 def test_r2_run_hands_over_to_sim_cuda_and_matches_an_uninterrupted_run(
-    make_config: Callable[..., Config], tmp_path: Path
+    r2_handover_run: tuple[Config, Path], make_config: Callable[..., Config], tmp_path: Path
 ) -> None:
-    r2 = make_config("experiment=r2_handover")
-    assert run(r2, run_dir=tmp_path / "r2") == ExitCode.FINISHED
-    events = Journal(tmp_path / "r2" / "journal.jsonl").read()
+    r2, run_dir = r2_handover_run
+    events = Journal(run_dir / "journal.jsonl").read()
 
     def of(name: str) -> list[dict[str, Any]]:
         return [e for e in events if e["event"] == name]

@@ -11,7 +11,6 @@ import json
 import struct
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,6 @@ import pytest
 
 from trainer.config import Config
 from trainer.errors import ExitCode
-from trainer.job import run
 from trainer.journal import Journal
 from trainer.report import family_colours, main
 
@@ -233,11 +231,8 @@ def test_missing_or_empty_journal_exits_2_naming_the_file(tmp_path: Path, empty:
     assert not (tmp_path / "loss.png").exists()
 
 
-@pytest.mark.usefixtures("local_ray")
-def test_report_of_a_real_handover_run(make_config: Callable[..., Config], tmp_path: Path) -> None:
-    run_dir = tmp_path / "r2"
-    assert run(make_config("experiment=r2_handover", "monitoring=off"), run_dir=run_dir) == ExitCode.FINISHED
-
+def test_report_of_a_real_handover_run(r2_handover_run: tuple[Config, Path]) -> None:
+    _, run_dir = r2_handover_run
     result = _report(run_dir)
     assert result.returncode == 0, result.stderr
     out = result.stdout
