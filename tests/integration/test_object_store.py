@@ -19,20 +19,13 @@ from trainer.checkpoint import CheckpointManager
 from trainer.checkpoint.lease import Lease, LeaseHeldError
 from trainer.errors import CheckpointWriteError, ConfigError, ExitCode
 from trainer.job import run
-from trainer.testing.configs import make_config
+from trainer.testing.configs import TINY_CPU, make_config
 from trainer.testing.runs import events
 from trainer.testing.s3 import SECRET_KEY, client
 from trainer.testing.state import live_state, mismatched
 from trainer.worker import Worker
 
-TINY = (
-    "device=cpu",
-    "model.n_layer=1",
-    "model.n_embd=16",
-    "model.seq_len=8",
-    "train.global_batch_size=4",
-    "monitoring=off",
-)
+TINY = TINY_CPU
 
 S3Run = tuple[str, dict[str, str], str]
 
@@ -194,7 +187,7 @@ def test_a_dangling_latest_on_s3_falls_back_to_scanning(s3_run: S3Run, s3_endpoi
 KILLED_MID_UPLOAD = """
 import os, signal, sys
 from trainer.checkpoint import CheckpointManager
-from trainer.testing.configs import make_config
+from trainer.testing.configs import TINY_CPU, make_config
 from trainer.worker import Worker
 url, endpoint, key, secret = sys.argv[1:5]
 manager = CheckpointManager(url, storage_options={"endpoint_url": endpoint, "key": key, "secret": secret})

@@ -12,20 +12,12 @@ import torch
 from trainer.checkpoint.export import export
 from trainer.errors import ConfigError, ExitCode
 from trainer.job import run
-from trainer.testing.configs import make_config
+from trainer.testing.configs import TINY_CPU, make_config
 from trainer.testing.runs import events
 from trainer.testing.state import mismatched, restored_state
 from trainer.worker import Worker
 
-TINY = (
-    "device=cpu",
-    "model.n_layer=1",
-    "model.n_embd=16",
-    "model.seq_len=8",
-    "train.global_batch_size=4",
-    "train.steps=3",
-    "monitoring=off",
-)
+TINY = (*TINY_CPU, "train.steps=3")
 
 
 @pytest.fixture

@@ -18,18 +18,11 @@ from trainer.checkpoint import CheckpointManager, CheckpointStore
 from trainer.checkpoint.lease import LEASE_NAME, Lease, LeaseHeldError, LeaseLostError
 from trainer.errors import CheckpointWriteError, ExitCode
 from trainer.job import run
-from trainer.testing.configs import make_config
+from trainer.testing.configs import TINY_CPU, make_config
 from trainer.testing.runs import events
 from trainer.worker import Worker
 
-TINY = (
-    "device=cpu",
-    "model.n_layer=1",
-    "model.n_embd=16",
-    "model.seq_len=8",
-    "train.global_batch_size=4",
-    "monitoring=off",
-)
+TINY = TINY_CPU
 
 
 def test_a_second_driver_is_refused_while_the_first_runs_untouched(tmp_path: Path) -> None:

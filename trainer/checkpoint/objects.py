@@ -36,7 +36,7 @@ from typing import Any
 
 from trainer.checkpoint.lease import Fence, ObjectSlot
 from trainer.checkpoint.manifest import MANIFEST_NAME, Manifest
-from trainer.checkpoint.store import LATEST, NAME, sort_key, verify_dir
+from trainer.checkpoint.store import LATEST, NAME, best_first, sort_key, verify_dir
 from trainer.errors import CheckpointCorruptError, CheckpointWriteError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -281,12 +281,7 @@ class ObjectStore:
 
     def candidates(self) -> list[str]:
         """Checkpoints to try, best first: the ``latest`` target, then the others newest first."""
-        ordered = list(reversed(self.committed()))
-        target = self.latest_pointer()
-        if target is not None and target in ordered:
-            ordered.remove(target)
-            ordered.insert(0, target)
-        return ordered
+        return best_first(self.committed(), self.latest_pointer())
 
     @contextlib.contextmanager
     def opened(self, ref: str | Path) -> Iterator[Path]:

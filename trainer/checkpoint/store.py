@@ -22,6 +22,7 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from trainer.checkpoint.lease import Fence, FileSlot
 from trainer.checkpoint.manifest import Manifest
@@ -30,6 +31,8 @@ from trainer.errors import CheckpointCorruptError
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
+#: A checkpoint's name in a store: its directory, or its URL on object storage.
+Ref = TypeVar("Ref", Path, str)
 NAME = re.compile(r"^step_(\d{9})(?:\.(\d+))?$")
 
 
@@ -172,12 +175,7 @@ class CheckpointStore:
 
     def candidates(self) -> list[Path]:
         """Checkpoints to try, best first: the ``latest`` target, then the others newest first."""
-        ordered = list(reversed(self.committed()))
-        target = self.latest_pointer()
-        if target is not None and target in ordered:
-            ordered.remove(target)
-            ordered.insert(0, target)
-        return ordered
+        return best_first(self.committed(), self.latest_pointer())
 
     @contextlib.contextmanager
     def opened(self, ref: str | Path) -> Iterator[Path]:
@@ -186,6 +184,15 @@ class CheckpointStore:
 
     def verify(self, path: Path) -> Manifest:
         return verify_dir(path)
+
+
+def best_first(committed: list[Ref], latest: Ref | None) -> list[Ref]:
+    """``committed`` (oldest first) in the order to try them: ``latest``'s target, then newest first."""
+    ordered = list(reversed(committed))
+    if latest is not None and latest in ordered:
+        ordered.remove(latest)
+        ordered.insert(0, latest)
+    return ordered
 
 
 def verify_dir(path: Path) -> Manifest:

@@ -10,6 +10,16 @@ from omegaconf import DictConfig
 
 from trainer.config import CONFIG_MODULE, Config, validate
 
+#: The smallest single-process CPU job: a one-layer GPT, batches of 4, no metrics endpoint. Tests add the rest.
+TINY_CPU = (
+    "device=cpu",
+    "model.n_layer=1",
+    "model.n_embd=16",
+    "model.seq_len=8",
+    "train.global_batch_size=4",
+    "monitoring=off",
+)
+
 #: Where the installed configs lie: the repository's ``conf/`` for an editable install, the package's copy
 #: for a wheel.
 CONF_DIR = Path(str(resources.files(CONFIG_MODULE)))
