@@ -6,7 +6,6 @@ and at the end, and resumes from the newest good checkpoint when the run directo
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import socket
 from pathlib import Path
@@ -19,7 +18,6 @@ from trainer.checkpoint import CheckpointManager, initial
 from trainer.checkpoint.lease import Lease
 from trainer.checkpoint.objects import ObjectStore, local_path, scheme
 from trainer.checkpoint.store import CheckpointStore
-from trainer.cluster.local_head import local_head
 from trainer.config import Config, validate
 from trainer.errors import ClusterUnreachableError, ConfigError, ExitCode
 from trainer.faults import corrupt_newest_checkpoint
@@ -165,32 +163,20 @@ def _run_on_ray(
     """The worker-group path: a controller on this process drives Ray actors."""
     import ray
 
-    with contextlib.ExitStack() as stack:
-        if not ray.is_initialized():
-            address = config.cluster.address
-            if address is None:  # a head of the run's own, out of the driver's process group
-                address = stack.enter_context(
-                    local_head(
-                        config.cluster.local_num_cpus or None,
-                        dict(config.cluster.local_resources),
-                        config.cluster.start_timeout_s,
-                    )
-                )
-            else:
-                _check_reachable(address, config.cluster.connect_timeout_s)
-            ray.init(address=address, log_to_driver=False)
-            stack.callback(ray.shutdown)
-        return _drive(config, home, journal, manager, lease)
-
-
-def _drive(
-    config: Config, home: Path, journal: Journal, manager: CheckpointManager, lease: Lease
-) -> ExitCode:
-    """The run on the Ray this driver is connected to."""
-    import ray
-
     from trainer.cluster.controller import Controller
 
+    started_here = not ray.is_initialized()
+    if started_here:
+        if config.cluster.address is None:
+            ray.init(
+                num_cpus=config.cluster.local_num_cpus or None,
+                resources=dict(config.cluster.local_resources),
+                include_dashboard=False,
+                log_to_driver=False,
+            )
+        else:
+            _check_reachable(config.cluster.address, config.cluster.connect_timeout_s)
+            ray.init(address=config.cluster.address, log_to_driver=False)
     _check_capacity(config)
     driver_host = "127.0.0.1" if config.cluster.address is None else ray.util.get_node_ip_address()
     goodput = Goodput()
@@ -207,7 +193,12 @@ def _drive(
     print(
         f"device family: {config.device.family} x{config.cluster.workers} on Ray, checkpoints: {manager.root}"
     )
-    sink = make_sink(config)
+    try:
+        sink = make_sink(config)
+    except BaseException:
+        if started_here:
+            ray.shutdown()
+        raise
     try:
         # Installed after ray.init, which puts its own SIGTERM handler on the driver.
         with Preemption(config.checkpoint.preempt_grace_s).installed() as preemption:
@@ -217,6 +208,8 @@ def _drive(
             code = controller.run()
     finally:
         sink.close()
+        if started_here:
+            ray.shutdown()
     print("\n== summary\n" + format_summary(summarize(journal.read())))
     print(f"the run lives in {home} (journal.jsonl; checkpoints: {manager.root})")
     return code

@@ -143,31 +143,6 @@ def test_sigterm_to_a_ray_driver_stops_every_rank_at_the_step_in_flight_and_save
     _resumes_at(run_dir, saved, *ray_run, "cluster.chunk_steps=5")
 
 
-def test_sigterm_to_the_process_group_of_a_ray_local_driver_saves_the_step_in_flight(tmp_path: Path) -> None:
-    """Ctrl-C or SLURM signal the driver's whole process group. With ``cluster=ray_local`` the driver's Ray
-    runs in a session of its own (and its workers in their own groups), so only the driver gets the signal:
-    it stops every rank at the step in flight and saves it from a live worker."""
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    driver = _driver(
-        run_dir,
-        "cluster=ray_local",
-        "device=sim_npu",
-        "cluster.workers=2",
-        "cluster.cpus_per_worker=0.25",
-        "probes.preflight=false",
-        "cluster.chunk_steps=100000",
-    )
-    _wait_for(driver, "worker group up")
-    time.sleep(3.0)  # a few dozen steps into the first chunk
-    os.killpg(driver.pid, signal.SIGTERM)
-    out = _finish(driver)
-    assert driver.returncode == ExitCode.PREEMPTED, out[-3000:]
-    saved = _assert_saved(run_dir, at_least=1)
-    assert not events(run_dir, "failure") and not events(run_dir, "worker_preempted")
-    assert f"outcome: preempted at step {saved} (saved)" in out
-
-
 @pytest.mark.usefixtures("local_ray")
 @pytest.mark.parametrize(
     ("when", "timing"),
