@@ -119,11 +119,8 @@ class ObjectSlot:
         self.fs, self.key, self.where = fs, f"{base}/{LEASE_NAME}", url
 
     def prepare(self) -> None:
-        """Fail now (not at the first commit) when the bucket is missing or not readable."""
-        bucket = self.key.split("/", 1)[0]
-        self.fs.invalidate_cache(bucket)
-        if not self.fs.exists(bucket):
-            raise FileNotFoundError(f"the bucket {bucket!r} does not exist")
+        """Nothing to create on object storage. A missing bucket or refused credentials are found before a
+        run by ``ObjectStore.check``, and otherwise surface as the error of the first write."""
 
     def read(self) -> tuple[dict[str, Any] | None, str | None]:
         self.fs.invalidate_cache(self.key)
@@ -176,13 +173,18 @@ def _gone(holder: dict[str, Any]) -> bool:
     need not go stale first. Elsewhere only staleness tells."""
     if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
         return False
+    return not pid_alive(holder["pid"])
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host exists (one of another user counts as alive)."""
     try:
-        os.kill(holder["pid"], 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
-        return True
+        return False
     except PermissionError:
-        return False  # alive, another user's
-    return False
+        return True
+    return True
 
 
 @dataclass(frozen=True)

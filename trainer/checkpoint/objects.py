@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from trainer.checkpoint.lease import Fence, ObjectSlot
+from trainer.checkpoint.lease import Fence, ObjectSlot, pid_alive
 from trainer.checkpoint.manifest import MANIFEST_NAME, Manifest
 from trainer.checkpoint.store import LATEST, NAME, best_first, sort_key, verify_dir
 from trainer.errors import CheckpointCorruptError, CheckpointWriteError, ConfigError
@@ -130,16 +130,6 @@ def _spool_root() -> Path:
     return Path(tempfile.gettempdir()) / "fleet-trainer-spool"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class ObjectStore:
     """The same interface as :class:`trainer.checkpoint.store.CheckpointStore`, over an fsspec URL.
     Checkpoints are named by their URL (``s3://bucket/prefix/step_000000040``)."""
@@ -229,7 +219,7 @@ class ObjectStore:
         if root.is_dir():
             for spool in root.iterdir():
                 match = re.match(r"^p(\d+)-", spool.name)
-                if match and not _pid_alive(int(match.group(1))):
+                if match and not pid_alive(int(match.group(1))):
                     shutil.rmtree(spool, ignore_errors=True)
         return removed
 
