@@ -208,8 +208,7 @@ class Controller(RunRecovery):
         if outcome.stop_step is not None and self.preemption.requested:
             return self._preempted(outcome)
         if outcome.stop_step is not None and not outcome.failed():  # a worker asked to leave
-            if 0 in outcome.results and not outcome.beyond_stop:
-                self._on_heartbeat(outcome, outcome.stop_step, started)
+            self._on_heartbeat(outcome, outcome.stop_step, started)
             detail = "SIGTERM to the worker inside a chunk: every rank stopped after the step in flight"
             return self.on_event(FailureKind.WORKER_PREEMPTED, tuple(self.leave_watch.ranks), detail, outcome)
         if outcome.failed():

@@ -100,8 +100,7 @@ class RunRecovery(RunEndings):
         ``started`` and ``replaced``: when the recovery began and every rank it replaced (earlier rounds too)."""
         assert self.group is not None
         previous = self.step
-        # Ranks already inside the step after a stop wait alone in its collective: replaced too.
-        gone = set(outcome.gone()) | set(decision.ranks) | set(outcome.beyond_stop)
+        gone = set(outcome.gone()) | set(decision.ranks)
         alive = {rank: r.get("step") for rank, r in outcome.results.items() if rank not in gone}
         self.group.leave_all([self.members[r] for r in alive])
         if self.held is None:

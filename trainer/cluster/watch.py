@@ -55,11 +55,8 @@ class ChunkOutcome:
     unreleased: list[int] = field(default_factory=list)
     #: The release window those ranks were given (seconds).
     release_s: float | None = None
-    #: The step every rank was asked to stop after (preemption); None: the chunk ran to its end.
+    #: The step every rank stopped after (preemption); None: the chunk ran to its end.
     stop_step: int | None = None
-    #: Ranks that were already in the step after ``stop_step`` when asked: left waiting, alone, in its
-    #: collective (their replies are not awaited).
-    beyond_stop: list[int] = field(default_factory=list)
     #: Lost ranks that were asked to leave (a drained node, a leaving notice): planned removals.
     preempted: list[int] = field(default_factory=list)
 
@@ -98,7 +95,8 @@ def run_chunk(
 ) -> ChunkOutcome:
     """Every member trains until step ``until``; returns when all replied, or once a rank is lost or hung
     and the others are released (or, after ``release_s``, killed). Once ``stop()`` is true, every rank is
-    asked to stop after the step in flight (:func:`stop_all`) and the chunk ends there."""
+    asked to stop after the step in flight (:func:`stop_all`) and the chunk ends there, with every rank at
+    that step (:func:`_settle_stop`)."""
     refs = {m.train.remote(until): rank for rank, m in enumerate(members)}
     outcome = ChunkOutcome()
     pending = list(refs)
@@ -108,17 +106,12 @@ def run_chunk(
     while pending:
         done, pending = ray.wait(pending, num_returns=len(pending), timeout=_POLL_S)
         _collect(done, refs, outcome)
-        if not pending:
-            break
-        if stop is not None and outcome.stop_step is None and stop():
+        if stop is not None and outcome.stop_step is None and pending and stop():
             outcome.stop_step = stop_all(members, [refs[r] for r in pending], until)
         if outcome.stop_step is not None and not outcome.failed():
-            beyond = _beyond(members, [refs[r] for r in pending], outcome.stop_step)
-            if beyond:
-                outcome.beyond_stop = beyond
-                pending = [r for r in pending if refs[r] not in beyond]
-                if not pending:
-                    break
+            pending += _settle_stop(members, refs, pending, outcome)
+        if not pending:
+            break
         now = time.monotonic()
         if release_by is None and outcome.failed():
             release_by = now + release_s  # a peer failed: the others should be on their way out
@@ -151,7 +144,9 @@ def _collect(done: list[Any], refs: dict[Any, int], outcome: ChunkOutcome) -> No
     for ref in done:
         rank = refs[ref]
         try:
-            outcome.results[rank] = ray.get(ref)
+            reply = ray.get(ref)
+            earlier = outcome.results.get(rank)  # this rank's reply before it caught up to the stop step
+            outcome.results[rank] = reply if earlier is None else _joined(earlier, reply)
         except ray.exceptions.RayActorError as exc:
             log.warning("rank %d lost: %s", rank, str(exc).splitlines()[0])
             outcome.lost = sorted([*outcome.lost, rank])  # in rank order, whatever order they died in
@@ -163,8 +158,8 @@ def stop_all(members: list[Any], training: list[int], until: int) -> int:
     """Ask every member to stop after the step in flight; returns that step.
 
     Ranks step in lockstep (each step's all-reduce waits for all), so they are at most one step apart: the
-    step in flight is the most advanced rank's. A rank that moves on to the next step before the request
-    reaches it finishes that step's compute and waits in its collective alone: :func:`_beyond` finds it.
+    step in flight is the most advanced rank's. Ranks that move on before the request reaches them are
+    brought to one step again by :func:`_settle_stop`.
     """
     probes = [members[rank].progress.remote() for rank in training]
     steps = []
@@ -173,30 +168,70 @@ def stop_all(members: list[Any], training: list[int], until: int) -> int:
             steps.append(int(ray.get(ref, timeout=5.0)["step"]))
         except (ray.exceptions.RayError, TimeoutError):
             continue  # a lost rank surfaces through its train() reply
-    stop_step = min(until, max(steps, default=until - 1) + 1)
-    asked = [m.stop_after.remote(stop_step) for m in members]
-    for ref in asked:
-        try:
-            ray.get(ref, timeout=5.0)
-        except (ray.exceptions.RayError, TimeoutError):
-            continue
+    stop_step = _ask_stop(members, min(until, max(steps, default=until - 1) + 1))
     log.warning("stopping every rank after step %d", stop_step)
     return stop_step
 
 
-def _beyond(members: list[Any], ranks: list[int], stop_step: int) -> list[int]:
-    """Ranks already inside the step after ``stop_step`` (its progress mark says step ``stop_step`` done
-    and a step started): they will not reply before their collective times out."""
-    probes = {rank: members[rank].progress.remote() for rank in ranks}
-    beyond = []
-    for rank, ref in probes.items():
+def _ask_stop(members: list[Any], step: int) -> int:
+    """Every member stops after ``step`` (or the step in flight, if later); returns once each has the request."""
+    asked = [m.stop_after.remote(step) for m in members]
+    for ref in asked:
+        try:
+            ray.get(ref, timeout=5.0)
+        except (ray.exceptions.RayError, TimeoutError):
+            continue  # a lost rank surfaces through its train() reply
+    return step
+
+
+def _settle_stop(
+    members: list[Any], refs: dict[Any, int], pending: list[Any], outcome: ChunkOutcome
+) -> list[Any]:
+    """Bring every rank to one stop step; returns the refs of the catch-up calls started.
+
+    A stop request reaches the ranks one by one: a rank that had already finished ``outcome.stop_step`` and
+    started the next step goes on with it and waits in its collective for the others. Then the stop step
+    becomes that step, every rank is asked to stop after it, and the ranks that stopped earlier train on
+    to it (their collectives meet the waiting rank's) — no healthy rank is left waiting alone or replaced.
+    """
+    assert outcome.stop_step is not None
+    furthest = _furthest_in_flight(members, [refs[r] for r in pending])
+    if furthest > outcome.stop_step:
+        outcome.stop_step = _ask_stop(members, furthest)
+        log.warning("a rank was already in step %d: every rank stops after it", furthest)
+    running = {refs[r] for r in pending}
+    behind = [
+        rank
+        for rank, reply in outcome.results.items()
+        if reply["ok"] and reply["step"] < outcome.stop_step and rank not in running
+    ]
+    started = [members[rank].train.remote(outcome.stop_step) for rank in behind]
+    refs.update(zip(started, behind, strict=True))
+    return started
+
+
+def _furthest_in_flight(members: list[Any], ranks: list[int]) -> int:
+    """The most advanced step among these ranks: the one in flight, else (idle) the last one done; -1: none."""
+    probes = [members[rank].progress.remote() for rank in ranks]
+    furthest = -1
+    for ref in probes:
         try:
             progress = ray.get(ref, timeout=5.0)
         except (ray.exceptions.RayError, TimeoutError):
             continue
-        if int(progress["step"]) >= stop_step and progress["phase"] != "idle":
-            beyond.append(rank)
-    return sorted(beyond)
+        furthest = max(furthest, int(progress["step"]) + (progress["phase"] != "idle"))
+    return furthest
+
+
+def _joined(earlier: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
+    """One rank's replies to two train() calls of the same chunk, as one (the later one's end state)."""
+    if not later["ok"]:
+        return later
+    joined = dict(later)
+    for key in ("losses", "step_times", "compute_times", "skipped_steps"):
+        joined[key] = [*earlier.get(key, []), *later.get(key, [])]
+    joined["elapsed_s"] = earlier["elapsed_s"] + later["elapsed_s"]
+    return joined
 
 
 def _find_hung(members: list[Any], ranks: list[int], hang_after_s: float) -> tuple[list[int], float]:
