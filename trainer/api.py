@@ -31,7 +31,8 @@ class StepControl(Protocol):
     """What a manual :meth:`Task.train_step` calls; the framework's collectives and fences live behind it."""
 
     def backward(self, loss: torch.Tensor) -> None:
-        """Backward of ``loss`` through the grad scaler (the gradient all-reduce runs inside)."""
+        """Backward of ``loss`` (the mean over this rank's batch) through the grad scaler, weighted by the
+        rank's share of the global batch when the ranks' slices differ in size (the all-reduce runs inside)."""
 
     def optimizer_step(self) -> None:
         """Unscale, clip (``train.grad_clip``), step the optimizer and the scheduler, zero the gradients."""
@@ -76,8 +77,10 @@ class Task(ABC):
     # --- the step ------------------------------------------------------------------------------------
     @abstractmethod
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        """The scalar loss of one (micro-)batch, already on the device. ``model`` is what to call (possibly
-        the DDP wrapper); it may return a tensor, a dataclass or a dict. Runs under the family's autocast."""
+        """The scalar loss of one (micro-)batch, already on the device: the mean over its samples (the
+        framework weights batches of unequal size by their sample counts). ``model`` is what to call
+        (possibly the DDP wrapper); it may return a tensor, a dataclass or a dict. Runs under the family's
+        autocast."""
 
     def train_step(self, model: nn.Module, batch: Any, control: StepControl) -> torch.Tensor:
         """One optimizer step on this rank's batch; returns the loss to report. Override for manual

@@ -14,6 +14,7 @@ import time
 import traceback
 from concurrent.futures import Future
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from trainer.checkpoint.async_writer import AsyncCheckpointer
 from trainer.checkpoint.initial import load_initial_weights
 from trainer.checkpoint.rng import derive_seed
 from trainer.config import Config, to_container
-from trainer.data import GlobalBatchSampler
+from trainer.data import GlobalBatchSampler, split
 from trainer.data.positions import DataPositions, to_device
 from trainer.devices import DeviceAdapter, get_adapter
 from trainer.errors import ConfigError, UserCodeError
@@ -221,19 +222,25 @@ class Worker:
         """The task's loss on ``train.grad_accum_steps`` micro-batches, one backward each (DDP all-reduces on
         the last one only), then one optimizer step; returns the mean loss."""
         accum = self.config.train.grad_accum_steps
-        size = len(indices) // accum
-        losses = []
-        for i in range(accum):
-            micro = self._batch(indices[i * size : (i + 1) * size])
+        sizes = split(len(indices), accum)
+        losses, start = [], 0
+        for i, size in enumerate(sizes):
+            micro = self._batch(indices[start : start + size])
+            start += size
             defer = i < accum - 1 and hasattr(self.model, "no_sync")  # DDP: no all-reduce until the last
             with self.model.no_sync() if defer else contextlib.nullcontext():  # type: ignore[operator]
                 self._sync_buffers()
                 with self.adapter.autocast(self.dtype):
                     loss = self._user("loss", self.task.loss, self.model, micro)
-                self.backward(loss / accum if accum > 1 else loss)
+                # Each micro-batch's mean loss weighs its share of the global batch (1/accum when even).
+                self._weighted_backward(loss, self.sampler.share * Fraction(size, len(indices)))
             losses.append(loss.detach())
         self.optimizer_step()
-        return losses[0] if accum == 1 else torch.stack(losses).mean()
+        if accum == 1:
+            return losses[0]
+        if len(set(sizes)) == 1:
+            return torch.stack(losses).mean()
+        return sum(loss * size for loss, size in zip(losses, sizes, strict=True)) / len(indices)
 
     def _batch(self, indices: list[int]) -> Any:
         return to_device(self._user("train_dataset or collate", self.data.batch, indices), self.device)
@@ -262,6 +269,12 @@ class Worker:
 
     # StepControl: what the task's train_step calls (see trainer.api.StepControl).
     def backward(self, loss: torch.Tensor) -> None:
+        self._weighted_backward(loss, self.sampler.share)
+
+    def _weighted_backward(self, loss: torch.Tensor, weight: Fraction) -> None:
+        """Backward of ``weight * loss`` (``loss`` a mean over its samples), through the grad scaler."""
+        if weight != 1:  # an exact division where the weight is 1/k keeps even splits' results bit for bit
+            loss = loss / weight.denominator if weight.numerator == 1 else loss * float(weight)
         self.scaler.scale(loss).backward()
 
     def optimizer_step(self) -> None:

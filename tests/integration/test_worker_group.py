@@ -70,23 +70,26 @@ def test_killed_worker_is_replaced_and_the_run_matches_an_uninterrupted_one(
     assert mismatched(a, b) == []
 
 
-def test_two_worker_checkpoint_resumes_on_one_worker_and_back(
+def test_a_three_worker_checkpoint_resumes_on_one_worker_and_back(
     make_config: Callable[..., Config], tmp_path: Path
 ) -> None:
+    """A group's run equals one process's: 8 samples per step on 3 ranks (3 + 3 + 2, each rank's loss
+    weighted by its share so that the update is the mean over the 8), across a resume on another world size
+    in both directions."""
     # SGD, not Adam: Adam divides by the root of tiny second moments, which turns the rounding difference
     # between a 2-way and a 1-way gradient average into full-size steps on near-zero gradients.
     sgd = ("optim=sgd", "optim.lr=0.05")
     single = make_config("device=sim_npu", *SMALL, *sgd)
 
     def group_config(*extra: str) -> Config:
-        return make_config("cluster=ray_local", "device=sim_npu", *SMALL, *sgd, *extra)
+        return make_config("cluster=ray_local", "device=sim_npu", "cluster.workers=3", *SMALL, *sgd, *extra)
 
     assert run(single, run_dir=tmp_path / "single") == ExitCode.FINISHED
 
-    # 2 workers to step 10, then 1 worker (in-process) to step 20.
+    # The group to step 10, then 1 worker (in-process) to step 20.
     assert run(group_config("train.steps=10"), run_dir=tmp_path / "mixed") == ExitCode.FINISHED
     assert run(single, run_dir=tmp_path / "mixed") == ExitCode.FINISHED
-    # 1 worker to step 10, then 2 workers to step 20.
+    # 1 worker to step 10, then the group to step 20.
     assert run(make_config("device=sim_npu", *SMALL, *sgd, "train.steps=10"), run_dir=tmp_path / "back") == 0
     assert run(group_config(), run_dir=tmp_path / "back") == ExitCode.FINISHED
 

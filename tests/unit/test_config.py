@@ -91,6 +91,18 @@ def test_fault_rank_outside_the_group_is_refused() -> None:
     assert validate(compose_config([*overrides[:2], "faults.kill_ranks=[1,3]", "faults.kill_at_step=3"]))
 
 
-def test_batch_must_divide_over_workers() -> None:
-    with pytest.raises(ConfigError, match=r"cluster\.workers=3"):
-        validate(compose_config(["cluster=ray_local", "cluster.workers=3"]))
+def test_every_micro_batch_of_every_rank_needs_a_sample() -> None:
+    validate(compose_config(["cluster=ray_local", "cluster.workers=3", "train.global_batch_size=8"]))  # 3+3+2
+    with pytest.raises(
+        ConfigError, match=r"train\.global_batch_size=5 is smaller than cluster\.workers=3 x "
+    ):
+        validate(
+            compose_config(
+                [
+                    "cluster=ray_local",
+                    "cluster.workers=3",
+                    "train.grad_accum_steps=2",
+                    "train.global_batch_size=5",
+                ]
+            )
+        )

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from fractions import Fraction
 
 import pytest
 import torch
 
-from trainer.data import GlobalBatchSampler, SyntheticCorpus
+from trainer.data import GlobalBatchSampler, SyntheticCorpus, split
 from trainer.data.positions import to_device
 from trainer.errors import ConfigError
 
@@ -34,18 +35,32 @@ def test_held_out_is_disjoint_from_training() -> None:
     assert not any(torch.equal(h, t) for h in held for t in train)
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 4])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 7, 10])
 def test_world_size_does_not_change_which_samples_a_step_sees(world_size: int) -> None:
+    """Any world size up to the global batch: the slices tile the step's samples, in order, one sample
+    apart at most, and the loss weights make the gradient average the global batch's mean."""
+    samplers = [GlobalBatchSampler(10, r, world_size) for r in range(world_size)]
     for step in (0, 7):
-        union = [i for r in range(world_size) for i in GlobalBatchSampler(16, r, world_size).indices(step)]
-        assert union == list(range(step * 16, (step + 1) * 16))
+        union = [i for s in samplers for i in s.indices(step)]
+        assert union == list(range(step * 10, (step + 1) * 10))
+    sizes = [s.local_batch_size for s in samplers]
+    assert max(sizes) - min(sizes) <= 1
+    # (1/W) * sum_r share_r * mean_r == sum_r n_r * mean_r / B: each sample counts 1/B.
+    assert all(s.share / world_size / s.local_batch_size == Fraction(1, 10) for s in samplers)
 
 
-def test_batch_not_divisible_by_world_size_is_refused() -> None:
+def test_a_global_batch_smaller_than_the_world_is_refused() -> None:
     with pytest.raises(
-        ConfigError, match=r"train\.global_batch_size=10 is not divisible by the world size 4"
+        ConfigError,
+        match=r"train\.global_batch_size=3 is smaller than the world size 4; allowed: at least one",
     ):
-        GlobalBatchSampler(10, 0, 4)
+        GlobalBatchSampler(3, 0, 4)
+
+
+def test_split_sizes_differ_by_one_at_most_and_add_up() -> None:
+    for count, parts in ((10, 3), (8, 8), (9, 2), (5, 1)):
+        sizes = split(count, parts)
+        assert sum(sizes) == count and len(sizes) == parts and max(sizes) - min(sizes) <= 1
 
 
 def test_to_device_moves_the_tensors_of_a_dataclass_batch_and_keeps_its_type() -> None:

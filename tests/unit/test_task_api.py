@@ -62,16 +62,17 @@ def test_gradient_accumulation_matches_the_whole_batch(
         "monitoring=off",
     )
     states = []
-    for accum in (1, 4):
+    for accum in (1, 4, 3):  # 3: micro-batches of 3 + 3 + 2, each mean loss weighted by its size
         config = make_config(
             *base, "train.steps=5", "train.global_batch_size=8", f"train.grad_accum_steps={accum}"
         )
         assert run(config, run_dir=tmp_path / str(accum)) == ExitCode.FINISHED
         states.append(restored_state(config, tmp_path / str(accum) / "checkpoints"))
-    whole, micro = states
-    for key, value in whole.items():  # the same sum of gradients, added in another order
-        assert torch.allclose(value.double(), micro[key].double(), rtol=1e-4, atol=1e-6), key
-    assert any(not torch.equal(whole[k], micro[k]) for k in whole if k.startswith("model/"))
+    whole, *micros = states
+    for micro in micros:
+        for key, value in whole.items():  # the same sum of gradients, added in another order
+            assert torch.allclose(value.double(), micro[key].double(), rtol=1e-4, atol=1e-6), key
+        assert any(not torch.equal(whole[k], micro[k]) for k in whole if k.startswith("model/"))
 
 
 def test_data_positions_shuffle_each_epoch_and_depend_on_the_index_alone() -> None:

@@ -142,11 +142,11 @@ def validate(cfg: DictConfig | Config) -> Config:
     if typed.task is not None:
         _plugin_node("task", typed.task)
     per_step = typed.cluster.workers * typed.train.grad_accum_steps
-    if typed.train.global_batch_size % per_step:
+    if typed.train.global_batch_size < per_step:
         raise ConfigError(
-            f"train.global_batch_size={typed.train.global_batch_size} is not divisible by cluster.workers="
-            f"{typed.cluster.workers} x train.grad_accum_steps={typed.train.grad_accum_steps}; allowed: a "
-            f"multiple of {per_step}"
+            f"train.global_batch_size={typed.train.global_batch_size} is smaller than cluster.workers="
+            f"{typed.cluster.workers} x train.grad_accum_steps={typed.train.grad_accum_steps}; allowed: at "
+            f"least {per_step} (one sample per micro-batch of every rank)"
         )
     for key in ("kill_rank", "hang_rank"):
         rank = getattr(typed.faults, key)
