@@ -30,6 +30,7 @@ class AsyncCheckpointer:
         self.manager = manager
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
         self._pending: Future[Path | str] | None = None
+        self._retaining: Future[None] | None = None
         self._staging: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
         #: Seconds the caller was blocked by the most recent :meth:`save` (waiting + copying).
@@ -70,9 +71,18 @@ class AsyncCheckpointer:
             list(progress.history),
             dict(progress.metrics),
         )
-        self._pending = self._pool.submit(self.manager.save, staged_state, rng, adapter, snapshot, config)
+        pending = self._pool.submit(
+            self.manager.save, staged_state, rng, adapter, snapshot, config, retain=False
+        )
+        # The old checkpoints go after this one is reported committed, on the same thread.
+        self._retaining = self._pool.submit(self._retain_after, pending)
+        self._pending = pending
         self.last_blocking_s = time.perf_counter() - started
-        return self._pending
+        return pending
+
+    def _retain_after(self, save: Future[Path | str]) -> None:
+        if save.exception() is None:
+            self.manager.retain(save.result())
 
     def _stage(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         with self._lock:
@@ -93,9 +103,15 @@ class AsyncCheckpointer:
         return sum(t.numel() * t.element_size() for t in self._staging.values())
 
     def wait(self) -> Path | str | None:
-        """Block until the pending save (if any) has committed; re-raise its error."""
+        """Block until the pending save (if any) has committed and old checkpoints are deleted; re-raise
+        the save's error."""
         pending, self._pending = self._pending, None
-        return None if pending is None else pending.result()
+        retaining, self._retaining = self._retaining, None
+        try:
+            return None if pending is None else pending.result()
+        finally:
+            if retaining is not None:
+                retaining.result()
 
     def close(self) -> Path | str | None:
         """Finish the pending save and stop the writer thread."""

@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
 from trainer.checkpoint import layout
 from trainer.checkpoint import rng as rng_io
 from trainer.checkpoint import state as portable
+from trainer.checkpoint.dcp_writer import DigestingWriter
 from trainer.checkpoint.manifest import Manifest, checksum_files
 from trainer.checkpoint.objects import ObjectStore, local_path, redact, scheme
 from trainer.checkpoint.safe_dcp import SafeFileSystemReader, TensorOnlyLoadPlanner
@@ -93,18 +93,42 @@ class CheckpointManager:
         adapter: DeviceAdapter,
         progress: TrainingProgress,
         config: dict[str, Any],
+        *,
+        retain: bool = True,
     ) -> Path | str:
-        """Write and commit one checkpoint (single process); returns its final directory (or URL)."""
+        """Write and commit one checkpoint (single process); returns its final directory (or URL). With
+        ``retain`` the checkpoints beyond ``keep_last`` are then deleted (else call :meth:`retain`)."""
+        final = self._write(state, rng_states, adapter, progress, config)
+        if retain:
+            self.retain(final)
+        return final
+
+    def retain(self, keep: Path | str) -> None:
+        """Delete the committed checkpoints beyond ``keep_last``, never ``keep``; a failure is logged (the
+        new checkpoint is committed either way)."""
+        try:
+            self.store.retain(keep)
+        except Exception as exc:  # s3fs raises its own errors besides OSError
+            log.warning("could not delete old checkpoints in %s: %s", self.root, exc)
+
+    def _write(
+        self,
+        state: portable.PortableState,
+        rng_states: dict[str, torch.Tensor],
+        adapter: DeviceAdapter,
+        progress: TrainingProgress,
+        config: dict[str, Any],
+    ) -> Path | str:
         tmp = self.store.begin(progress.step)
         try:
             cpu_tensors = {k: t.detach().to("cpu") for k, t in state.tensors.items()}
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
                 # No fsync per file here: the commit fsyncs the whole directory once, before the rename.
-                writer = FileSystemWriter(tmp, sync_files=False, thread_count=_WRITER_THREADS)
+                writer = DigestingWriter(tmp, thread_count=_WRITER_THREADS)
                 dcp.save(layout.nested(cpu_tensors), storage_writer=writer, no_dist=True)
             rng_io.write_rng(tmp, 0, adapter.rng_key(), rng_states)
-            manifest = self._manifest(tmp, state, adapter, progress, redact(config))
+            manifest = self._manifest(tmp, state, adapter, progress, redact(config), writer.digests)
             self.last_commit_bytes = sum(f["bytes"] for f in manifest.files.values())
             return self.store.commit(tmp, manifest)
         except BaseException as exc:
@@ -133,6 +157,7 @@ class CheckpointManager:
         adapter: DeviceAdapter,
         progress: TrainingProgress,
         config: dict[str, Any],
+        digests: dict[str, dict[str, Any]],
     ) -> Manifest:
         return Manifest(
             step=progress.step,
@@ -150,7 +175,7 @@ class CheckpointManager:
             scaler=state.scaler,
             task_state=state.task_state,
             config=config,
-            files=checksum_files(directory),
+            files=checksum_files(directory, digests),
             history=list(progress.history),
             metrics=dict(progress.metrics),
             created_at=time.time(),

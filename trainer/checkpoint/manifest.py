@@ -38,15 +38,25 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def checksum_files(directory: Path) -> dict[str, dict[str, Any]]:
-    """``{relative path: {"xxh3_128", "bytes"}}`` for every regular file under ``directory`` but the manifest."""
+def checksum_files(
+    directory: Path, known: dict[str, dict[str, Any]] | None = None
+) -> dict[str, dict[str, Any]]:
+    """``{relative path: {"xxh3_128", "bytes"}}`` for every regular file under ``directory`` but the manifest.
+
+    ``known`` holds digests taken while files were written (``dcp_writer``); those files are not read
+    again, only their size is checked against the bytes written (a mismatch is an ``OSError``)."""
     out: dict[str, dict[str, Any]] = {}
+    known = known or {}
     for path in sorted(directory.rglob("*")):
         if path.is_file() and path.name != MANIFEST_NAME:
-            out[path.relative_to(directory).as_posix()] = {
-                "xxh3_128": file_digest(path),
-                "bytes": path.stat().st_size,
-            }
+            rel = path.relative_to(directory).as_posix()
+            size = path.stat().st_size
+            if rel in known:
+                if known[rel]["bytes"] != size:
+                    raise OSError(f"{path}: {known[rel]['bytes']} bytes written, {size} on disk")
+                out[rel] = {"xxh3_128": known[rel]["xxh3_128"], "bytes": size}
+            else:
+                out[rel] = {"xxh3_128": file_digest(path), "bytes": size}
     return out
 
 

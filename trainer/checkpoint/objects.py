@@ -161,8 +161,9 @@ class ObjectStore:
         return tmp
 
     def commit(self, tmp: Path, manifest: Manifest) -> str:
-        """Upload ``tmp`` under a fresh name, the manifest last and create-only, move ``latest``, apply
-        retention; returns the checkpoint's URL. A driver whose lease was taken over is refused."""
+        """Upload ``tmp`` under a fresh name, the manifest last and create-only, move ``latest``; returns the
+        checkpoint's URL (:meth:`retain` then removes old ones). A driver whose lease was taken over is
+        refused."""
         if self.fence is not None:
             self.fence.check(self.lease_slot())
             manifest.lease_generation = self.fence.generation
@@ -182,7 +183,6 @@ class ObjectStore:
             ) from None
         self.fs.pipe(self._key(LATEST), (name + "\n").encode())
         shutil.rmtree(tmp, ignore_errors=True)
-        self._retain(keep=name)
         return f"{self.url}/{name}"
 
     def abandon(self, tmp: Path) -> None:
@@ -200,9 +200,12 @@ class ObjectStore:
             n += 1
         return f"{base}.{n}"
 
-    def _retain(self, keep: str) -> None:
+    def retain(self, keep: Path | str) -> None:
+        """Delete all but the newest ``keep_last`` committed checkpoints (manifest first), never ``keep``
+        (a checkpoint's URL or name)."""
+        name = self.name_of(keep)
         for old in self._committed_names()[: -self.keep_last]:
-            if old == keep:
+            if old == name:
                 continue
             self.fs.rm_file(self._key(old, MANIFEST_NAME))  # un-commit first
             self.fs.rm(self._key(old), recursive=True)

@@ -88,9 +88,9 @@ class CheckpointStore:
         return tmp
 
     def commit(self, tmp: Path, manifest: Manifest) -> Path:
-        """Seal ``tmp`` with ``manifest``, rename it into place, move ``latest``, apply retention. With a
-        fence, a driver whose lease was taken over is refused (:class:`LeaseLostError`), before and after
-        the write."""
+        """Seal ``tmp`` with ``manifest``, rename it into place, move ``latest``; :meth:`retain` then
+        removes the old ones. With a fence, a driver whose lease was taken over is refused
+        (:class:`LeaseLostError`), before and after the write."""
         if self.fence is not None:
             self.fence.check()
             manifest.lease_generation = self.fence.generation
@@ -102,7 +102,6 @@ class CheckpointStore:
         os.rename(tmp, final)
         _fsync_dir(self.root)
         self._point_latest(final.name)
-        self._retain(keep=final)
         return final
 
     def abandon(self, tmp: Path) -> None:
@@ -127,7 +126,11 @@ class CheckpointStore:
         os.replace(tmp, self.root / LATEST)
         _fsync_dir(self.root)
 
-    def _retain(self, keep: Path) -> None:
+    def retain(self, keep: Path | str) -> None:
+        """Delete all but the newest ``keep_last`` committed checkpoints, never ``keep``. Separate from
+        the commit so that an asynchronous save is reported committed before the (slow, on a disk that
+        discards freed blocks) deletion of the old ones."""
+        keep = Path(keep)
         for old in self.committed()[: -self.keep_last]:
             if old == keep:
                 continue

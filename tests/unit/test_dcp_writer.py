@@ -1,0 +1,160 @@
+"""The checkpoint writer: digests taken while writing are the files' digests, and damage is still found.
+
+Saves a small GPT's state through the real CheckpointManager, then reads the files back independently.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+import xxhash
+
+from trainer.checkpoint import CheckpointManager, TrainingProgress, dcp_writer
+from trainer.checkpoint import manifest as manifest_module
+from trainer.checkpoint.async_writer import AsyncCheckpointer
+from trainer.checkpoint.manifest import Manifest, checksum_files
+from trainer.checkpoint.safe_dcp import SafeFileSystemReader
+from trainer.checkpoint.state import capture
+from trainer.checkpoint.store import verify_dir
+from trainer.devices import get_adapter
+from trainer.errors import CheckpointCorruptError, CheckpointWriteError
+from trainer.model import GPT
+
+ADAPTER = get_adapter("cpu")
+
+
+def _state() -> tuple[GPT, torch.optim.AdamW]:
+    torch.manual_seed(0)
+    model = GPT(vocab_size=64, seq_len=8, n_layer=2, n_head=2, n_embd=32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    return model, optimizer
+
+
+def _save(manager: CheckpointManager, step: int = 1) -> Path:
+    model, optimizer = _state()
+    state = capture(model, optimizer, torch.amp.GradScaler("cpu", enabled=False))
+    rng = ADAPTER.get_rng_state(torch.device("cpu"))
+    path = manager.save(state, rng, ADAPTER, TrainingProgress(step, step, 1, 0), {})
+    assert isinstance(path, Path)
+    return path
+
+
+def _xxh3_of(path: Path) -> str:
+    return xxhash.xxh3_128(path.read_bytes()).hexdigest()
+
+
+def test_digests_taken_while_writing_are_those_of_the_files_on_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dcp_writer, "_KICK", 4096)  # hand pages to the disk many times per file
+    read_back: list[str] = []
+    real_digest = manifest_module.file_digest
+
+    def counting_digest(path: Path) -> str:
+        read_back.append(path.name)
+        return real_digest(path)
+
+    monkeypatch.setattr(manifest_module, "file_digest", counting_digest)
+    path = _save(CheckpointManager(tmp_path / "ckpt"))
+    monkeypatch.undo()
+
+    manifest = Manifest.read(path)
+    data_files = sorted(n for n in manifest.files if n.endswith(".distcp"))
+    assert len(data_files) == 2  # written side by side by two writer threads
+    assert not set(read_back) & set(data_files)  # digested while written, never read back
+    for name, entry in manifest.files.items():
+        assert entry["xxh3_128"] == _xxh3_of(path / name), name
+        assert entry["bytes"] == (path / name).stat().st_size, name
+    verify_dir(path)
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_a_byte_flipped_in_either_data_file_is_found(tmp_path: Path, which: int) -> None:
+    path = _save(CheckpointManager(tmp_path / "ckpt"))
+    target = path / f"__0_{which}.distcp"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    target.write_bytes(bytes(data))
+    with pytest.raises(CheckpointCorruptError, match=target.name):
+        verify_dir(path)
+
+
+def test_every_record_is_a_plain_torch_save_of_the_tensor(tmp_path: Path) -> None:
+    model, _ = _state()
+    path = _save(CheckpointManager(tmp_path / "ckpt"))
+    reader = SafeFileSystemReader(path)
+    metadata = reader.read_metadata()
+    seen = 0
+    for index, info in metadata.storage_data.items():
+        if not index.fqn.startswith("model."):
+            continue
+        with open(path / info.relative_path, "rb") as f:
+            f.seek(info.offset)
+            record = f.read(info.length)
+        tensor = torch.load(io.BytesIO(record), weights_only=True)
+        assert torch.equal(tensor, model.state_dict()[index.fqn.removeprefix("model.")]), index.fqn
+        seen += 1
+    assert seen == len(model.state_dict())
+    loaded = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load({"model": loaded}, checkpoint_id=str(path), no_dist=True)
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_digest_whose_size_differs_from_the_file_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "a.distcp").write_bytes(b"12345")
+    known = {"a.distcp": {"xxh3_128": "0" * 32, "bytes": 4}}
+    with pytest.raises(OSError, match="4 bytes written, 5 on disk"):
+        checksum_files(tmp_path, known)
+    known["a.distcp"]["bytes"] = 5
+    assert checksum_files(tmp_path, known)["a.distcp"]["xxh3_128"] == "0" * 32
+
+
+def test_an_error_in_a_writer_thread_fails_the_save_and_commits_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manager = CheckpointManager(tmp_path / "ckpt")
+    first = _save(manager, 1)
+    real = dcp_writer.save_record
+    calls = [0]
+
+    def failing(tensor: torch.Tensor, stream: Any) -> None:
+        calls[0] += 1
+        if calls[0] == 5:
+            raise OSError(5, "Input/output error")
+        real(tensor, stream)
+
+    monkeypatch.setattr(dcp_writer, "save_record", failing)
+    with pytest.raises(CheckpointWriteError, match="Input/output error"):
+        _save(manager, 2)
+    assert manager.store.committed() == [first]
+    assert not list((tmp_path / "ckpt").glob(".tmp-*"))
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == first.name
+
+
+def test_async_saves_delete_old_checkpoints_after_the_commit(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path / "ckpt", keep_last=1)
+    checkpointer = AsyncCheckpointer(manager)
+    model, optimizer = _state()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    rng = ADAPTER.get_rng_state(torch.device("cpu"))
+    paths = []
+    for step in (1, 2, 3):
+        future = checkpointer.save(
+            capture(model, optimizer, scaler), rng, ADAPTER, TrainingProgress(step, step, 1, 0), {}
+        )
+        paths.append(future.result(timeout=60))
+        checkpointer.wait()
+        assert manager.store.committed() == [paths[-1]]
+    checkpointer.close()
+    assert [p.name for p in paths] == ["step_000000001", "step_000000002", "step_000000003"]
