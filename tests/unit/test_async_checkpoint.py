@@ -56,11 +56,11 @@ def test_saves_commit_in_order_and_reuse_staging(make_config: Callable[..., Conf
     manager = CheckpointManager(tmp_path / "ckpt", keep_last=5)
     checkpointer = AsyncCheckpointer(manager)
     first = worker.save_async(checkpointer)
-    staging = {k: v.data_ptr() for k, v in checkpointer._staging.items()}
+    staging = {k: v.data_ptr() for k, v in checkpointer.staging.tensors.items()}
     worker.train_step()
     second = worker.save_async(checkpointer)  # waits for the first commit before staging again
     assert first.done()
-    assert {k: v.data_ptr() for k, v in checkpointer._staging.items()} == staging
+    assert {k: v.data_ptr() for k, v in checkpointer.staging.tensors.items()} == staging
     checkpointer.close()
     assert second.result().name == "step_000000002"
     assert [p.name for p in manager.store.committed()] == ["step_000000001", "step_000000002"]

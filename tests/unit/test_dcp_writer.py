@@ -158,3 +158,17 @@ def test_async_saves_delete_old_checkpoints_after_the_commit(tmp_path: Path) -> 
         assert manager.store.committed() == [paths[-1]]
     checkpointer.close()
     assert [p.name for p in paths] == ["step_000000001", "step_000000002", "step_000000003"]
+
+
+def test_a_view_is_written_as_its_own_bytes_only(tmp_path: Path) -> None:
+    big = torch.arange(1 << 20, dtype=torch.float32)
+    writer = dcp_writer.DigestingWriter(tmp_path / "c")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"extra": {"v": big[10:20]}}, storage_writer=writer, no_dist=True)
+    assert sum(entry["bytes"] for entry in writer.digests.values()) < 4096
+    loaded = {"extra": {"v": torch.zeros(10)}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(loaded, checkpoint_id=str(tmp_path / "c"), no_dist=True)
+    assert torch.equal(loaded["extra"]["v"], big[10:20])

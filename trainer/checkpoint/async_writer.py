@@ -1,9 +1,13 @@
 """Asynchronous checkpoints: training is blocked only while the state is copied into CPU staging buffers.
 
-The buffers are allocated once (pinned when the state lives on an accelerator) and reused, because a copy
-into existing memory runs several times faster than one into a fresh allocation. Writing, checksums and
-the atomic commit then run on a background thread. A new save first waits for the previous one to
-commit, so commits never overlap and the staging buffers are never overwritten while being written.
+The buffers (:class:`~trainer.checkpoint.staging.StagingBuffers`: one allocation, one copy of the state,
+pinned when the state lives on an accelerator) are allocated once and reused, because a copy into existing
+memory runs several times faster than one into a fresh allocation. Writing, digests and the atomic commit
+then run on a background thread, and the deletion of old checkpoints after that. A new save first waits for
+the previous one to finish, so commits never overlap and the staging buffers are never overwritten while
+being written; :meth:`AsyncCheckpointer.stage` lends the same buffers to any other copy of the state (a
+peer snapshot, a preemption save) on the same terms, so a worker needs one copy of its state in host memory
+for all of them.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 import torch
 
 from trainer.checkpoint.manager import CheckpointManager, TrainingProgress
+from trainer.checkpoint.staging import StagingBuffers
 from trainer.checkpoint.state import PortableState
 from trainer.devices import DeviceAdapter
 from trainer.errors import CheckpointWriteError
@@ -31,7 +36,8 @@ class AsyncCheckpointer:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
         self._pending: Future[Path | str] | None = None
         self._retaining: Future[None] | None = None
-        self._staging: dict[str, torch.Tensor] = {}
+        #: The host copy of the state that every save (and :meth:`stage`) reuses.
+        self.staging = StagingBuffers()
         self._lock = threading.Lock()
         #: Seconds the caller was blocked by the most recent :meth:`save` (waiting + copying).
         self.last_blocking_s = 0.0
@@ -86,21 +92,29 @@ class AsyncCheckpointer:
 
     def _stage(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         with self._lock:
-            for key, t in tensors.items():
-                buf = self._staging.get(key)
-                if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-                    pin = t.device.type != "cpu" and torch.cuda.is_available()
-                    buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
-                    self._staging[key] = buf
-                buf.copy_(t.detach(), non_blocking=t.device.type != "cpu")
-            for key in set(self._staging) - set(tensors):
-                del self._staging[key]
-            return dict(self._staging)
+            return self.staging.copy(tensors)
+
+    def stage(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Copy ``tensors`` into the staging buffers once the pending save is done with them, and return
+        the staged CPU copies, valid until the next :meth:`save` or :meth:`stage` (for a copy of the state
+        that is consumed before then, e.g. a peer snapshot handed to Ray's object store, which copies it).
+        Raises the pending save's error, like :meth:`wait`."""
+        self.wait()
+        staged = self._stage(tensors)
+        device = next(iter(tensors.values())).device if tensors else torch.device("cpu")
+        if device.type != "cpu":
+            torch.get_device_module(device.type).synchronize(device)
+        return staged
+
+    @property
+    def busy(self) -> bool:
+        """Whether a save (its write, commit or the deletion of old checkpoints after it) is still running."""
+        return any(f is not None and not f.done() for f in (self._pending, self._retaining))
 
     @property
     def staged_bytes(self) -> int:
         """Bytes of tensor state in the staging buffers (the last save's size)."""
-        return sum(t.numel() * t.element_size() for t in self._staging.values())
+        return sum(t.numel() * t.element_size() for t in self.staging.tensors.values())
 
     def wait(self) -> Path | str | None:
         """Block until the pending save (if any) has committed and old checkpoints are deleted; re-raise

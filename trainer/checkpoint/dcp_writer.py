@@ -146,6 +146,8 @@ class DigestingWriter(FileSystemWriter):
                     stream.write(data.getbuffer())
                 else:
                     assert isinstance(data, torch.Tensor) and data.device.type == "cpu", "CPU tensors only"
+                    if data.untyped_storage().nbytes() != data.nbytes:
+                        data = data.clone()  # a view would be saved with the whole storage behind it
                     save_record(data, stream)
                 length = stream.tell() - offset
                 results.append(WriteResult(item.index, length, _StorageInfo(name, offset, length)))
