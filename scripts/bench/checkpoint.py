@@ -231,6 +231,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, help="sequences per training step")
     parser.add_argument("--seq", type=int, default=16, help="tokens per sequence (at most 128)")
     parser.add_argument("--steps", type=int, default=5, help="steps per window without a save")
+    parser.add_argument("--threads", type=int, default=0, help="training threads (default: one per core)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument(
         "--dir",
@@ -256,7 +257,8 @@ def main() -> None:
 
 def main_on(args: argparse.Namespace, options: dict[str, str]) -> None:
     # What a single-process job uses (Worker.setup: the host's cores divided by the workers on it).
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    load_before = os.getloadavg()[0]
 
     device = torch.device(args.device)
     model, optimizer = build_state(args.megabytes, device)
@@ -331,7 +333,14 @@ def main_on(args: argparse.Namespace, options: dict[str, str]) -> None:
         "blocking_vs_memcpy": med["async_blocking_s"] / floor,
         "blocking_ratio": med["async_blocking_s"] / med["torch_save_s"],
         "goals": {"write_throughput_ratio_min": 0.9, "lost_vs_memcpy_max": 1.2, "blocking_ratio_max": 0.05},
-        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "training_threads": torch.get_num_threads(),
+            # Other processes' load spoils the step times (intra-op threads stall when a core is taken).
+            "load_average_1min": [load_before, os.getloadavg()[0]],
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
     }
     if "raw_write_streamed_s" in med:
         result["raw_write_streamed_GBps"] = nbytes / med["raw_write_streamed_s"] / 1e9

@@ -6,6 +6,7 @@ Saves a small GPT's state through the real CheckpointManager, then reads the fil
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -172,3 +173,23 @@ def test_a_view_is_written_as_its_own_bytes_only(tmp_path: Path) -> None:
         warnings.simplefilter("ignore")
         dcp.load(loaded, checkpoint_id=str(tmp_path / "c"), no_dist=True)
     assert torch.equal(loaded["extra"]["v"], big[10:20])
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
+def test_background_writes_run_at_idle_priority(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    policies: set[int] = set()
+    real = dcp_writer.save_record
+
+    def recording(tensor: torch.Tensor, stream: Any) -> None:
+        policies.add(os.sched_getscheduler(0))
+        real(tensor, stream)
+
+    monkeypatch.setattr(dcp_writer, "save_record", recording)
+    checkpointer = AsyncCheckpointer(CheckpointManager(tmp_path / "ckpt"))
+    model, optimizer = _state()
+    state = capture(model, optimizer, torch.amp.GradScaler("cpu", enabled=False))
+    rng = ADAPTER.get_rng_state(torch.device("cpu"))
+    checkpointer.save(state, rng, ADAPTER, TrainingProgress(1, 1, 1, 0), {}).result(timeout=60)
+    checkpointer.close()
+    assert policies == {os.SCHED_IDLE}  # the writer thread and the file threads it started
+    assert os.sched_getscheduler(0) != os.SCHED_IDLE  # the caller's priority is untouched

@@ -54,6 +54,13 @@ class DigestingStream(io.RawIOBase):
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
+        if len(view) <= _PIECE:  # record headers and most tensors: one piece
+            self._digest.update(view)
+            self._file.write(view)
+            self.bytes += len(view)
+            if self.bytes - self._kicked >= _KICK:
+                self._start_writeback()
+            return len(view)
         for start in range(0, len(view), _PIECE):
             piece = view[start : start + _PIECE]
             self._digest.update(piece)
