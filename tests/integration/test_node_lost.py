@@ -14,65 +14,18 @@ Slow (about three minutes for the node loss): ``scripts/test.sh --slow``.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from trainer.errors import ExitCode
+from trainer.testing.nodes import ENV, free_port, journal_events, kill_node, start_node, wait_for_resource
 
 pytestmark = pytest.mark.slow
-
-RAY = str(Path(sys.executable).with_name("ray"))
-# A cluster started by `ray start` without a shared token: nodes and driver all run without auth.
-ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_health_check_period_ms": "500"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _start(
-    args: list[str], log: Path, wrap: list[str] | None = None, env: dict[str, str] | None = None
-) -> subprocess.Popen[bytes]:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen(
-        [*(wrap or []), RAY, "start", "--block", "--disable-usage-stats", *args],
-        env={**ENV, **(env or {})},
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
-def _wait_for(address: str, resource: str, timeout_s: float = 120.0) -> None:
-    """Until the cluster at ``address`` advertises ``resource`` (a node is up and registered)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        status = subprocess.run(
-            [RAY, "status", f"--address={address}"], env=ENV, capture_output=True, text=True, timeout=60
-        )
-        if status.returncode == 0 and resource in status.stdout:
-            return
-        time.sleep(1.0)
-    raise AssertionError(f"the test's Ray cluster at {address} never advertised {resource}")
-
-
-def _kill(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
 
 
 def _isolation_unavailable() -> str | None:
@@ -96,11 +49,11 @@ def two_nodes(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     why = _isolation_unavailable()
     if why is not None:
         pytest.skip(why)
-    port = _free_port()
+    port = free_port()
     temp = Path(f"/tmp/rn-{port}")
     node_tmp = tmp_path / "node2-tmp"
     node_tmp.mkdir()
-    head = _start(
+    head = start_node(
         [
             "--head",
             f"--port={port}",
@@ -114,27 +67,21 @@ def two_nodes(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     node = None
     address = f"127.0.0.1:{port}"
     try:
-        _wait_for(address, "sim_cuda")
+        wait_for_resource(address, "sim_cuda")
         isolate = f'mount -t tmpfs tmpfs {tmp_path} && mkdir {node_tmp} && exec "$@"'
-        node = _start(
+        node = start_node(
             [f"--address={address}", "--num-cpus=1", '--resources={"sim_npu": 3}'],
             temp / "node2.log",
             wrap=["unshare", "--mount", "--propagation", "private", "sh", "-c", isolate, "node2"],
             env={"TMPDIR": str(node_tmp)},
         )
-        _wait_for(address, "sim_npu")
+        wait_for_resource(address, "sim_npu")
         yield address, node
     finally:
         if node is not None:
-            _kill(node)
-        _kill(head)
+            kill_node(node)
+        kill_node(head)
         subprocess.run(["rm", "-rf", str(temp)], check=False)
-
-
-def _events(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 COMMAND = (
@@ -175,7 +122,7 @@ def test_a_checkpoint_dir_the_workers_node_cannot_see_is_refused_at_launch(
     said = driver.stdout + driver.stderr
     assert f"checkpoint.dir={run_dir / 'checkpoints'} is not shared with the nodes of 3 of 3 workers" in said
     assert "checkpoint.dir=s3://bucket/prefix" in said
-    assert [e["event"] for e in _events(run_dir / "journal.jsonl") if e["event"] == "step"] == []
+    assert [e["event"] for e in journal_events(run_dir / "journal.jsonl") if e["event"] == "step"] == []
 
 
 def test_lost_node_hands_the_run_to_the_family_left_from_object_storage(
@@ -198,14 +145,14 @@ def test_lost_node_hands_the_run_to_the_family_left_from_object_storage(
         command, env=ENV, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
     deadline = time.monotonic() + 120
-    while not any(e["event"] == "checkpoint_saved" for e in _events(run_dir / "journal.jsonl")):
+    while not any(e["event"] == "checkpoint_saved" for e in journal_events(run_dir / "journal.jsonl")):
         assert driver.poll() is None and time.monotonic() < deadline, "the run never checkpointed"
         time.sleep(0.2)
-    _kill(node)  # the node, every worker on it, and its tmpfs are gone
+    kill_node(node)  # the node, every worker on it, and its tmpfs are gone
     output, _ = driver.communicate(timeout=300)
     assert driver.returncode == ExitCode.FINISHED, output.decode()[-3000:]
 
-    events = _events(run_dir / "journal.jsonl")
+    events = journal_events(run_dir / "journal.jsonl")
     kinds = [(e["kind"], e["family"]) for e in events if e["event"] == "failure"]
     assert kinds[0] == ("worker_lost", "sim_npu")
     assert ("family_unavailable", "sim_npu") in kinds

@@ -106,3 +106,19 @@ def test_every_micro_batch_of_every_rank_needs_a_sample() -> None:
                 ]
             )
         )
+
+
+@pytest.mark.parametrize("value", ["0", "4"])
+def test_min_workers_must_lie_between_one_and_the_workers(value: str) -> None:
+    with pytest.raises(
+        ConfigError,
+        match=rf"cluster\.min_workers={value} .*allowed: null or an integer in 1\.\.cluster\.workers=3",
+    ):
+        validate(compose_config(["cluster=ray_local", "cluster.workers=3", f"cluster.min_workers={value}"]))
+    assert (
+        validate(
+            compose_config(["cluster=ray_local", "cluster.workers=3", "cluster.min_workers=2"])
+        ).cluster.least_workers
+        == 2
+    )
+    assert validate(compose_config(["cluster=ray_local", "cluster.workers=3"])).cluster.least_workers == 3

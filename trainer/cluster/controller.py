@@ -218,14 +218,16 @@ class Controller(RunRecovery):
         finding = self.health.after_chunk(self.members, self.family, self.step, outcome)
         if finding is not None:
             return self.on_event(*finding)
+        grow = False
         if time.monotonic() >= self.next_spare_check:  # a warm spare that died is replaced in the background
             self.next_spare_check = time.monotonic() + _SPARE_CHECK_S
             if self.group is not None and self.group.refill_spares():
                 self.journal.record("spare_replaced", family=self.family, step=self.step)
+            grow = self.room_to_grow()  # a shrunk group (cluster.min_workers) grows back between two chunks
         interval = self.config.checkpoint.interval_steps
         if interval and self.step % interval == 0 and self.step < total:
             self.saves.save(self.members[0], self.step)
-        return State.RUNNING
+        return self.grow() if grow else State.RUNNING
 
     def _on_failure(self, outcome: ChunkOutcome) -> State:
         self.failure_time = time.monotonic()

@@ -40,6 +40,13 @@ def capacity(adapter: DeviceAdapter, cpus_per_worker: float) -> int:
     return int(min(resources.get(key, 0.0) // amount for key, amount in bundle.items()))
 
 
+def free_bundles(adapter: DeviceAdapter, cpus_per_worker: float) -> int:
+    """How many more worker bundles of this family the Ray cluster could place now (its free resources)."""
+    resources = ray.available_resources()
+    bundle = bundle_for(adapter, cpus_per_worker)
+    return int(min(resources.get(key, 0.0) // amount for key, amount in bundle.items()))
+
+
 def _wanted(resources: dict[str, float], bundle: dict[str, float]) -> dict[str, float]:
     return {key: resources.get(key, 0.0) for key in bundle}
 

@@ -13,12 +13,14 @@ from typing import Any
 import ray
 
 from trainer.cluster.endings import RunEndings
+from trainer.cluster.group import capacity, free_bundles
 from trainer.cluster.handover import HandOver
 from trainer.cluster.leaving import forget
 from trainer.cluster.newest_state import HeldState, Loaded, hold_newest, load
 from trainer.cluster.run_control import State
 from trainer.cluster.watch import ChunkOutcome
 from trainer.config import Config
+from trainer.devices import get_adapter
 from trainer.errors import DeviceUnavailableError
 from trainer.metrics import MetricsSink
 from trainer.policy import Decision, FailureKind
@@ -78,6 +80,7 @@ class RunRecovery(RunEndings):
         if the family can no longer start one (its nodes are gone), that is an event for the policy, and the
         state held from a live member goes on to the hand-over."""
         started, previous = time.monotonic(), self.step
+        size = self.group.size if self.group is not None else self.config.cluster.workers
         self.journal.record("group_rebuild", family=self.family, step=self.step, reason=why)
         self.progress.message(f"rebuilding the {self.family} group: {why}")
         if self.group is not None:
@@ -86,14 +89,69 @@ class RunRecovery(RunEndings):
             self.group.shutdown()
             self.group = None
         try:
-            self.launch(self.family, form=False)
+            self.launch(self.family, workers=self.launchable_size(), form=False)
         except DeviceUnavailableError as exc:
             return self.on_event(FailureKind.FAMILY_UNAVAILABLE, (), str(exc))
         loaded = self.load_newest()
         assert self.group is not None
         self.group.form(self.collective_timeout())
         self._recovered("rebuild", [], loaded, previous, started)
+        self._record_size(f"rebuilt after: {why}", size)
         return self.handover.check_parity() or State.RUNNING
+
+    def launchable_size(self) -> int:
+        """The world size to start the family with: ``cluster.workers`` if its capacity holds them, else (with
+        ``cluster.min_workers`` below it) as many as it holds, not fewer than ``min_workers`` (a launch that
+        cannot get them fails, and the family is unavailable to the policy)."""
+        wanted, least = self.config.cluster.workers, self.config.cluster.least_workers
+        if least >= wanted:
+            return wanted
+        fits = capacity(get_adapter(self.family), self.config.cluster.cpus_per_worker)
+        return max(least, min(wanted, fits))
+
+    def grow(self) -> State:
+        """Capacity for the missing workers is back: the group is rebuilt at ``cluster.workers`` with a live
+        member's state (where the launch gets fewer, at what the family holds)."""
+        assert self.group is not None
+        started, previous = time.monotonic(), self.group.size
+        self.saves.flush(self.members[0], self.step)  # a checkpoint being written commits first
+        self.held = hold_newest(self.members, self.group.live_steps())
+        self.group.shutdown()
+        self.group = None
+        try:
+            self.launch(self.family, workers=self.launchable_size(), form=False)
+        except DeviceUnavailableError as exc:  # taken by another job meanwhile: the policy decides
+            return self.on_event(FailureKind.FAMILY_UNAVAILABLE, (), str(exc))
+        self.load_newest()
+        assert self.group is not None
+        self.group.form(self.collective_timeout())
+        self._record_size("capacity for the missing workers is back", previous, time.monotonic() - started)
+        return State.RUNNING
+
+    def room_to_grow(self) -> bool:
+        """Whether the group is below ``cluster.workers`` and the cluster has free room for the missing ones."""
+        if self.group is None or self.group.size >= self.config.cluster.workers:
+            return False
+        missing = self.config.cluster.workers - self.group.size
+        return free_bundles(self.group.adapter, self.config.cluster.cpus_per_worker) >= missing
+
+    def _record_size(self, why: str, before: int, resize_s: float | None = None) -> None:
+        """Journal a change of the group's world size (from ``before``); the metrics follow from launch()."""
+        assert self.group is not None
+        if self.group.size == before:
+            return
+        self.journal.record(
+            "group_resized",
+            family=self.family,
+            step=self.step,
+            from_workers=before,
+            to_workers=self.group.size,
+            reason=why,
+            resize_s=resize_s,
+        )
+        self.progress.message(
+            f"the {self.family} group goes on with {self.group.size} workers (was {before}): {why}"
+        )
 
     def _repair(self, decision: Decision, outcome: ChunkOutcome, started: float, replaced: set[int]) -> State:
         """Replace the lost ranks from warm spares and re-form the group with the newest live state.

@@ -36,6 +36,10 @@ class ClusterConfig:
     #: Ray address: null starts a local Ray; ``auto`` or ``ray://host:port`` joins an existing cluster.
     address: str | None = None
     workers: int = 1
+    #: Elastic floor: when a lost worker cannot be replaced (no spare, and the family's capacity is gone with
+    #: a node), the run goes on with the workers the family can still hold, down to this many, and grows back
+    #: to ``workers`` once capacity returns. None: ``workers`` (no shrinking: the policy decides instead).
+    min_workers: int | None = None
     #: Warm spare actors (torch imported, model built) kept ready to replace a lost worker.
     spares: int = 1
     #: CPUs each worker actor reserves (fractional, so that spares and probes fit on small hosts).
@@ -65,6 +69,13 @@ class ClusterConfig:
         _require("cluster.mode", self.mode, self.mode in CLUSTER_MODES, ", ".join(CLUSTER_MODES))
         _require("cluster.workers", self.workers, self.workers >= 1, "an integer >= 1")
         _require("cluster.spares", self.spares, self.spares >= 0, "an integer >= 0")
+        if self.min_workers is not None:
+            _require(
+                "cluster.min_workers",
+                self.min_workers,
+                1 <= self.min_workers <= self.workers,
+                f"null or an integer in 1..cluster.workers={self.workers}",
+            )
         _require("cluster.cpus_per_worker", self.cpus_per_worker, self.cpus_per_worker > 0, "a float > 0")
         _require("cluster.chunk_steps", self.chunk_steps, self.chunk_steps >= 1, "an integer >= 1")
         _require("cluster.max_restarts", self.max_restarts, self.max_restarts >= 0, "an integer >= 0")
@@ -74,6 +85,11 @@ class ClusterConfig:
         _require("cluster.release_floor_s", self.release_floor_s, self.release_floor_s > 0, "a float > 0")
         _require("cluster.start_timeout_s", self.start_timeout_s, self.start_timeout_s > 0, "a float > 0")
         _require("cluster.local_num_cpus", self.local_num_cpus, self.local_num_cpus >= 0, "an integer >= 0")
+
+    @property
+    def least_workers(self) -> int:
+        """The fewest workers the run may go on with (``min_workers``, else ``workers``)."""
+        return self.workers if self.min_workers is None else self.min_workers
 
 
 #: Worker calls an injected fault can die in (``faults.families.<family>.die_in_call``).
