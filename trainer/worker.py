@@ -12,21 +12,16 @@ import contextlib
 import os
 import time
 import traceback
-from concurrent.futures import Future
 from dataclasses import dataclass
 from fractions import Fraction
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from trainer.api import Task
-from trainer.checkpoint import CheckpointManager, Restored, TrainingProgress
-from trainer.checkpoint import state as portable
-from trainer.checkpoint.async_writer import AsyncCheckpointer
 from trainer.checkpoint.initial import load_initial_weights
 from trainer.checkpoint.rng import derive_seed
-from trainer.config import Config, to_container
+from trainer.config import Config
 from trainer.data import GlobalBatchSampler, split
 from trainer.data.positions import DataPositions, to_device
 from trainer.devices import DeviceAdapter, get_adapter
@@ -35,6 +30,7 @@ from trainer.faults import CollectiveFaults
 from trainer.metrics import checked_metrics
 from trainer.nonfinite import NonFiniteSteps, grad_norm
 from trainer.tasks import build_task
+from trainer.worker_state import WorkerState
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -49,7 +45,7 @@ class StepResult:
     compute_s: float
 
 
-class Worker:
+class Worker(WorkerState):
     def __init__(
         self,
         config: Config,
@@ -312,109 +308,3 @@ class Worker:
         ]
         with self.adapter.autocast(self.dtype):
             return float(self._user("evaluate", self.task.evaluate, self.module, batches))
-
-    # --- checkpoints ---------------------------------------------------------------------------------
-    def _progress(self, metrics: dict[str, float] | None) -> TrainingProgress:
-        return TrainingProgress(
-            step=self.step,
-            samples_seen=self.samples_seen,
-            world_size=self.world_size,
-            seed=self.config.train.seed,
-            history=self.history,
-            metrics={"loss": self.last_loss, **(metrics or {})},
-        )
-
-    def capture(self) -> portable.PortableState:
-        """The whole training state, tensors not yet copied: model, optimizer, scaler, scheduler, the task's
-        extra state."""
-        return portable.capture(
-            self.module,
-            self.optimizer,
-            self.scaler,
-            self.scheduler,
-            self.nonfinite.with_state(self.task.extra_state()),
-        )
-
-    def save(self, manager: CheckpointManager, metrics: dict[str, float] | None = None) -> Path | str:
-        """Write and commit a checkpoint now (blocks for the whole write)."""
-        return manager.save(
-            self.capture(),
-            self.adapter.get_rng_state(self.device),
-            self.adapter,
-            self._progress(metrics),
-            to_container(self.config),
-        )
-
-    def save_async(
-        self, checkpointer: AsyncCheckpointer, metrics: dict[str, float] | None = None
-    ) -> Future[Path | str]:
-        """Stage a checkpoint (blocks only for the copy) and commit it in the background."""
-        return checkpointer.save(
-            self.capture(),
-            self.adapter.get_rng_state(self.device),
-            self.adapter,
-            self._progress(metrics),
-            to_container(self.config),
-        )
-
-    def restore(self, manager: CheckpointManager) -> Restored | None:
-        restored = manager.restore(
-            self.module,
-            self.optimizer,
-            self.scaler,
-            self.adapter,
-            self.device,
-            rank=self.rank,
-            world_size=self.world_size,
-            seed=self.config.train.seed,
-            scheduler=self.scheduler,
-            extra=self.task.extra_state(),
-        )
-        if restored is not None:
-            self.task.load_extra_state(self.nonfinite.take_state(restored.extra))
-            self.step = restored.manifest.step
-            self.samples_seen = restored.manifest.samples_seen
-            self.history = restored.history
-            self.last_loss = float(restored.manifest.metrics.get("loss", float("nan")))
-            if self.samples_seen != self.step * self.config.train.global_batch_size:
-                raise ConfigError(
-                    f"train.global_batch_size={self.config.train.global_batch_size} differs from the checkpoint's "
-                    f"({self.samples_seen} samples in {self.step} steps); allowed: the value the run started with"
-                )
-        return restored
-
-    # --- in-memory snapshots (peer recovery) -------------------------------------------------------
-    def snapshot(self) -> dict[str, Any]:
-        """A CPU copy of the full training state, to hand to a replacement worker through Ray's object store.
-
-        Every rank of a DDP group holds the same parameters, optimizer state and task state, so one survivor's
-        snapshot restores any rank. The copy is taken now; training may continue while it is shipped.
-        """
-        state = self.capture()
-        return {
-            "tensors": {k: t.detach().to("cpu", copy=True) for k, t in state.tensors.items()},
-            "optimizer": state.optimizer,
-            "scaler": state.scaler,
-            "task_state": state.task_state,
-            "step": self.step,
-            "samples_seen": self.samples_seen,
-            "history": list(self.history),
-            "last_loss": self.last_loss,
-        }
-
-    def load_snapshot(self, snap: dict[str, Any]) -> None:
-        """Adopt a peer's :meth:`snapshot`; RNG is re-derived from (seed, step, rank)."""
-        extra = portable.apply(
-            snap["tensors"],
-            snap["optimizer"],
-            snap["scaler"],
-            self.module,
-            self.optimizer,
-            self.scaler,
-            snap["task_state"],
-            self.scheduler,
-        )
-        self.task.load_extra_state(self.nonfinite.take_state(extra))
-        self.step, self.samples_seen = int(snap["step"]), int(snap["samples_seen"])
-        self.history, self.last_loss = list(snap["history"]), float(snap["last_loss"])
-        self.adapter.seed(derive_seed(self.config.train.seed, self.step, self.rank), self.device)
