@@ -32,7 +32,7 @@ import torch.multiprocessing as mp
 
 from trainer.devices import get_adapter
 from trainer.devices.base import DeviceAdapter
-from trainer.devices.timeouts import join_group
+from trainer.devices.join import join_group
 from trainer.errors import ConfigError, ExitCode
 from trainer.faults import BitFlip, CollectiveFaults
 from trainer.health import (

@@ -1,7 +1,7 @@
 """Backend timeouts from the collective timeout: the values per backend, and what a joining process sees.
 
 The values are pure functions (:mod:`trainer.devices.timeouts`). What a process sees is checked in fresh
-interpreters that join a group through :func:`~trainer.devices.timeouts.join_group`: on ``cpu`` (gloo) and on
+interpreters that join a group through :func:`~trainer.devices.join.join_group`: on ``cpu`` (gloo) and on
 ``npu`` with the stand-in torch_npu (its hccl is gloo underneath, so the group forms here). NCCL and HCCL
 themselves are not run: their reaction to these values is untested on hardware.
 """
@@ -93,7 +93,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from trainer.devices import get_adapter
-from trainer.devices.timeouts import join_group
+from trainer.devices.join import join_group
 
 family, timeout_s = sys.argv[1], float(sys.argv[2])
 store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, timeout=timedelta(seconds=30))

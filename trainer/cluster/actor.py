@@ -28,8 +28,8 @@ from trainer.checkpoint.async_writer import AsyncCheckpointer
 from trainer.checkpoint.lease import Fence
 from trainer.cluster.leaving import watch_terminate
 from trainer.config import from_container
+from trainer.devices.join import join_group
 from trainer.devices.sim import SIM_VISIBLE_DEVICES_ENV
-from trainer.devices.timeouts import join_group
 from trainer.errors import CheckpointWriteError, UserCodeError
 from trainer.worker import Worker
 

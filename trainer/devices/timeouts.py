@@ -18,13 +18,7 @@ import math
 import os
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
-from datetime import timedelta
-from typing import TYPE_CHECKING, Any
-
-import torch.distributed as dist
-
-if TYPE_CHECKING:
-    from trainer.devices.base import DeviceAdapter
+from typing import Any
 
 #: Atlas training hardware counts HCCL_EXEC_TIMEOUT in whole multiples of 68 s (CANN environment variable
 #: reference); the documented range is 0-17340 s (0: never), default 1836 s.
@@ -119,25 +113,3 @@ def apply(timeouts: BackendTimeouts, environ: MutableMapping[str, str] | None = 
     target = os.environ if environ is None else environ
     target.update(timeouts.environment)
     return dict(timeouts.environment)
-
-
-def join_group(
-    adapter: DeviceAdapter,
-    timeout_s: float,
-    *,
-    store: dist.Store | None = None,
-    rank: int = -1,
-    world_size: int = -1,
-) -> BackendTimeouts:
-    """Create this process's default group on ``adapter``'s backend with the backend timeouts derived from
-    ``timeout_s``: the environment first, then ``init_process_group`` (through ``store``, else ``env://``).
-    Returns what was applied, for the journal."""
-    timeouts = adapter.backend_timeouts(timeout_s)
-    apply(timeouts)
-    timeout = timedelta(seconds=timeouts.process_group_s)
-    backend = adapter.distributed_backend()
-    if store is None:
-        dist.init_process_group(backend, init_method="env://", timeout=timeout)
-    else:
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
-    return timeouts
