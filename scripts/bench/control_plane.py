@@ -1,0 +1,233 @@
+"""The controller's own cost against the number of members: 10, 100 and 1,000, on one local Ray.
+
+What is measured is the driver's side of a group run, with the real code: the chunk watcher
+(``trainer.cluster.watch.run_chunk``: one ``train`` call per member, waits, collection of the replies), the
+heartbeat built from the replies (``trainer.cluster.heartbeat.Heartbeat``), the straggler bookkeeping
+(``trainer.cluster.health_watch.HealthWatch``) and the policy's decision (``trainer.policy.decide``).
+
+The members are simulated, because an idle Ray actor takes about 57 MiB and 1,000 do not fit here: one
+asyncio actor (``MemberPool``) hosts all of them, and each member is a handle whose ``train.remote(...)``,
+``progress.remote()`` and ``stop_after.remote(...)`` are calls of the pool for that member — real Ray
+calls and object references, one per member and call, as with real workers. A simulated step takes
+``--step-ms`` (an ``asyncio.sleep``); its reply carries the figures a worker's does. A member killed by the
+benchmark makes its ``train`` call fail with Ray's ``ActorDiedError`` (what a dead worker's call raises), and
+its peers' calls return a collective error at once (the release cascade of a real gloo group).
+
+Per N it reports, medians over ``--repeats`` chunks:
+
+* ``controller_cpu_ms_per_chunk``: the driver process's CPU time for one healthy chunk (watch + heartbeat +
+  straggler check), and ``..._per_member_us``;
+* ``wall_overhead_ms``: the chunk's wall time beyond the simulated steps;
+* ``detect_s``: from the kill of one member to the watcher's return naming it lost;
+* ``decide_ms``: the policy's decision for that loss.
+
+Ray's own detection of a dead process is not part of this (it is measured with real workers by
+``scripts/bench/recovery.py``). Run from the repository root::
+
+    .venv/bin/python scripts/bench/control_plane.py [--members 10 100 1000] [--repeats 5] [--steps 5]
+
+It prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from trainer.cluster.health_watch import HealthWatch
+from trainer.cluster.heartbeat import Heartbeat
+from trainer.cluster.watch import run_chunk
+from trainer.goodput import Goodput
+from trainer.journal import Journal
+from trainer.metrics import NullSink
+from trainer.policy import FailureEvent, FailureKind, PolicyConfig, decide
+from trainer.testing.configs import make_config
+
+#: Goals of the issue: detection under 2 s and a decision under 100 ms at 1,000 members.
+GOAL_DETECT_S = 2.0
+GOAL_DECIDE_MS = 100.0
+
+
+@ray.remote(num_cpus=0)
+class MemberPool:
+    """Simulated members: their step, progress mark and stop request; ``train`` sleeps per step."""
+
+    def __init__(self, size: int, step_s: float) -> None:
+        self.step_s = step_s
+        self.steps = [0] * size
+        self.stop: list[int | None] = [None] * size
+        self.phase = ["idle"] * size
+        self.dead: set[int] = set()
+        self.failed = asyncio.Event()
+
+    async def train(self, member: int, until: int) -> dict[str, Any]:
+        if member in self.dead:
+            raise ray.exceptions.ActorDiedError()
+        losses, times = [], []
+        start = time.perf_counter()
+        while self.steps[member] < min(until, self._stop_of(member)):
+            self.phase[member] = "collective"
+            with contextlib.suppress(TimeoutError):  # the step's time, cut short when a peer fails
+                await asyncio.wait_for(self.failed.wait(), timeout=self.step_s)
+            if member in self.dead:
+                raise ray.exceptions.ActorDiedError()
+            if self.failed.is_set():  # a peer is gone: this member's collective fails (released)
+                self.phase[member] = "idle"
+                return {"ok": False, "step": self.steps[member], "error": "Connection closed by peer"}
+            self.steps[member] += 1
+            losses.append(1.0 / self.steps[member])
+            times.append(self.step_s)
+        self.phase[member] = "idle"
+        return {
+            "ok": True,
+            "step": self.steps[member],
+            "losses": losses,
+            "step_times": times,
+            "compute_times": [self.step_s / 2] * len(times),
+            "elapsed_s": time.perf_counter() - start,
+            "skipped_steps": [],
+            "task_metrics": {},
+        }
+
+    def _stop_of(self, member: int) -> int:
+        stop = self.stop[member]
+        return sys.maxsize if stop is None else stop
+
+    def progress(self, member: int) -> dict[str, Any]:
+        return {"step": self.steps[member], "phase": self.phase[member], "since": time.time()}
+
+    def stop_after(self, member: int, step: int) -> int:
+        self.stop[member] = step
+        return self.steps[member]
+
+    def kill(self, member: int) -> None:
+        self.dead.add(member)
+        self.failed.set()
+
+    def reset(self) -> None:
+        self.steps = [0] * len(self.steps)
+        self.stop = [None for _ in self.steps]
+        self.dead.clear()
+        self.failed = asyncio.Event()
+
+
+class _Call:
+    def __init__(self, pool: Any, method: str, member: int) -> None:
+        self.pool, self.method, self.member = pool, method, member
+
+    def remote(self, *args: Any) -> Any:
+        return getattr(self.pool, self.method).remote(self.member, *args)
+
+
+class Member:
+    """What the controller calls on a worker, routed to the pool."""
+
+    def __init__(self, pool: Any, index: int) -> None:
+        self.train = _Call(pool, "train", index)
+        self.progress = _Call(pool, "progress", index)
+        self.stop_after = _Call(pool, "stop_after", index)
+
+
+def measure(size: int, repeats: int, steps: int, step_s: float, journal: Journal) -> dict[str, Any]:
+    pool = MemberPool.options(max_concurrency=size + 64).remote(size, step_s)  # type: ignore[attr-defined]
+    members = [Member(pool, i) for i in range(size)]
+    config = make_config("cluster=ray_local", f"cluster.workers={size}", "train.global_batch_size=1000000")
+    health = HealthWatch(config, journal, NullSink(), Goodput())
+    cpu, overhead = [], []
+    until = 0
+    for _ in range(repeats + 1):  # the first chunk warms up (Ray's workers, the pool's tasks)
+        until += steps
+        wall, used = time.perf_counter(), time.process_time()
+        outcome = run_chunk(members, until, hang_after_s=60.0, deadline_s=120.0, release_s=10.0)
+        beat = Heartbeat.of(outcome, until)
+        health.after_chunk(members, "sim_npu", until, outcome)  # type: ignore[arg-type]
+        used, wall = time.process_time() - used, time.perf_counter() - wall
+        assert not outcome.failed() and beat.step == until, outcome
+        cpu.append(used)
+        overhead.append(wall - steps * step_s)
+    cpu, overhead = cpu[1:], overhead[1:]
+
+    detect, decide_ms = [], []
+    policy = PolicyConfig.of(config, set())
+    for _ in range(repeats):
+        ray.get(pool.reset.remote())
+        victim = size // 2
+        killed_at: list[float] = []
+
+        def kill(victim: int = victim, killed_at: list[float] = killed_at) -> None:
+            time.sleep(steps * step_s / 2)
+            killed_at.append(time.perf_counter())
+            ray.get(pool.kill.remote(victim))
+
+        killer = threading.Thread(target=kill)
+        killer.start()
+        outcome = run_chunk(members, steps * 1000, hang_after_s=60.0, deadline_s=120.0, release_s=10.0)
+        returned = time.perf_counter()
+        killer.join()
+        assert outcome.lost == [victim], outcome.lost
+        detect.append(returned - killed_at[0])
+        kind, ranks, detail = outcome.event()
+        started = time.perf_counter()
+        decision = decide([FailureEvent(kind, ranks, 0, "sim_npu", time.time(), detail[:1000])], policy)
+        decide_ms.append((time.perf_counter() - started) * 1000)
+        assert kind is FailureKind.WORKER_LOST and decision.ranks == (victim,), decision
+    ray.kill(pool)
+    chunk_cpu = statistics.median(cpu)
+    return {
+        "members": size,
+        "controller_cpu_ms_per_chunk": round(chunk_cpu * 1000, 2),
+        "controller_cpu_per_member_us": round(chunk_cpu / size * 1e6, 1),
+        "wall_overhead_ms": round(statistics.median(overhead) * 1000, 1),
+        "detect_s": round(statistics.median(detect), 3),
+        "detect_s_max": round(max(detect), 3),
+        "decide_ms": round(statistics.median(decide_ms), 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--members", type=int, nargs="+", default=[10, 100, 1000])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5, help="steps per chunk")
+    parser.add_argument("--step-ms", type=float, default=100.0, help="simulated step time")
+    args = parser.parse_args()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            journal = Journal(Path(tmp) / "journal.jsonl")
+            rows = [measure(n, args.repeats, args.steps, args.step_ms / 1000, journal) for n in args.members]
+    finally:
+        ray.shutdown()
+    largest = rows[-1]
+    print(
+        json.dumps(
+            {
+                "benchmark": "control_plane",
+                "host": {"cpus": os.cpu_count(), "python": platform.python_version()},
+                "steps_per_chunk": args.steps,
+                "step_ms": args.step_ms,
+                "rows": rows,
+                "goals": {"detect_s": GOAL_DETECT_S, "decide_ms": GOAL_DECIDE_MS},
+                "detect_goal_met": largest["detect_s_max"] < GOAL_DETECT_S,
+                "decide_goal_met": largest["decide_ms"] < GOAL_DECIDE_MS,
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
