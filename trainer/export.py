@@ -2,7 +2,9 @@
 
 ``python -m trainer.export runs/my-run model.pt`` takes the run's newest checkpoint that verifies;
 ``python -m trainer.export runs/my-run/checkpoints/step_000000040 model.pt`` takes that one (and fails if it is
-damaged). The file loads in any torch program: ``model.load_state_dict(torch.load("model.pt",
+damaged); ``python -m trainer.export s3://bucket/run model.pt --storage-option endpoint_url=...`` reads a
+``checkpoint.dir`` on object storage (credentials as for the run: options, else the AWS environment). The
+file loads in any torch program: ``model.load_state_dict(torch.load("model.pt",
 weights_only=True))``. With ``--optimizer`` it holds ``{"model": .., "optimizer": ..}`` instead. An existing
 output file is never overwritten.
 
@@ -25,8 +27,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__.splitlines()[0])
     parser.add_argument(
         "source",
-        type=Path,
-        help="a run directory, its checkpoints/ directory (newest verified checkpoint), or one step_* checkpoint",
+        help="a run directory, its checkpoints/ directory (newest verified checkpoint), or one step_* checkpoint; "
+        "or such a URL on object storage (s3://bucket/prefix)",
     )
     parser.add_argument("out", type=Path, help="the file to write (must not exist)")
     parser.add_argument(
@@ -34,9 +36,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help='also export the optimizer state; the file then holds {"model": .., "optimizer": ..}',
     )
+    parser.add_argument(
+        "--storage-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the object store's client (as checkpoint.storage_options), e.g. endpoint_url=...",
+    )
     args = parser.parse_args(argv)
+    options = dict(o.split("=", 1) for o in args.storage_option if "=" in o)
+    bad = [o for o in args.storage_option if "=" not in o]
+    if bad:
+        print(f"error: --storage-option {bad[0]!r}: allowed: KEY=VALUE", file=sys.stderr)
+        return int(ExitCode.CONFIG_ERROR)
     try:
-        done = export(args.source, args.out, optimizer=args.optimizer)
+        done = export(args.source, args.out, optimizer=args.optimizer, storage_options=options or None)
     except (FileExistsError, NoCheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return int(ExitCode.CONFIG_ERROR)  # a bad argument, like a bad setting

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from trainer.checkpoint import CheckpointManager
 from trainer.checkpoint.lease import Lease, LeaseHeldError
@@ -349,3 +350,38 @@ def test_an_unsupported_scheme_is_refused_naming_what_is_allowed() -> None:
         make_config(*TINY, "checkpoint.dir=gs://b/p")
     with pytest.raises(ConfigError, match=r"checkpoint.dir='s3:///p' names no bucket"):
         make_config(*TINY, "checkpoint.dir=s3:///p")
+
+
+def test_a_checkpoint_on_s3_exports_to_a_plain_torch_file_passing_over_a_damaged_one(
+    s3_run: S3Run, s3_endpoint: str, tmp_path: Path
+) -> None:
+    """``python -m trainer.export s3://…`` (its own process, the run's storage options on the command line):
+    the newest checkpoint that verifies, downloaded and checked; a damaged newer one named and passed over;
+    one damaged checkpoint named by its URL is refused."""
+    url, options, bucket = s3_run
+    manager = CheckpointManager(url, storage_options=options)
+    worker = _trained(1)
+    worker.save(manager)
+    older = {k: v.clone() for k, v in worker.module.state_dict().items()}
+    worker.train_step()
+    worker.save(manager)
+    s3 = client(s3_endpoint)
+    key = "run/step_000000002/__0_0.distcp"
+    s3.put_object(Bucket=bucket, Key=key, Body=s3.get_object(Bucket=bucket, Key=key)["Body"].read()[:100])
+    flags = [f"--storage-option={k}={v}" for k, v in options.items()]
+
+    def export(source: str, out: Path) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "trainer.export", source, str(out), *flags]
+        return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+
+    done = export(url, tmp_path / "model.pt")
+    assert done.returncode == ExitCode.FINISHED, done.stderr
+    assert f"{url}/step_000000002" in done.stderr and f"{url}/step_000000001 (step 1)" in done.stdout
+    exported = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert set(exported) == set(older) and all(torch.equal(exported[k], older[k]) for k in older)
+
+    refused = export(f"{url}/step_000000002", tmp_path / "newest.pt")
+    assert refused.returncode == ExitCode.FAILED and f"{url}/step_000000002" in refused.stderr
+    assert not (tmp_path / "newest.pt").exists()
+    missing = export(f"{url}/step_000000007", tmp_path / "missing.pt")
+    assert missing.returncode == ExitCode.CONFIG_ERROR and "not a committed checkpoint" in missing.stderr

@@ -12,13 +12,16 @@ The file holds what plain torch expects, nothing of the toolkit's own:
 
 The checkpoint is verified (manifest checksum, every file's digest) before a tensor is read, and read with
 the restricted loader; the output file is created exclusively, so an existing file is never overwritten.
+A checkpoint on object storage (``s3://bucket/prefix``, as ``checkpoint.dir`` names it) is downloaded into a
+temporary local copy first, verified there, and the copy removed.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -26,7 +29,8 @@ import torch
 from trainer.checkpoint import layout
 from trainer.checkpoint.manager import read_tensors
 from trainer.checkpoint.manifest import MANIFEST_NAME, Manifest
-from trainer.checkpoint.store import CheckpointStore
+from trainer.checkpoint.objects import ObjectStore, local_path, scheme
+from trainer.checkpoint.store import NAME, CheckpointStore
 from trainer.errors import CheckpointCorruptError, NoCheckpointError
 
 #: Where a run directory keeps its checkpoints (``checkpoint.dir``'s default).
@@ -37,13 +41,14 @@ RUN_CHECKPOINTS = "checkpoints"
 class Exported:
     """What :func:`export` wrote."""
 
-    checkpoint: Path
+    #: The checkpoint's directory, or its URL on object storage.
+    checkpoint: Path | str
     step: int
     out: Path
     #: Tensors written (model, plus optimizer state with ``optimizer=True``).
     tensors: int
-    #: ``(path, reason)`` of newer checkpoints that were damaged and passed over.
-    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    #: ``(path or URL, reason)`` of newer checkpoints that were damaged and passed over.
+    skipped: list[tuple[Path | str, str]] = field(default_factory=list)
 
 
 def find_checkpoint(source: Path) -> tuple[Path, Manifest, list[tuple[Path, str]]]:
@@ -77,6 +82,45 @@ def find_checkpoint(source: Path) -> tuple[Path, Manifest, list[tuple[Path, str]
     )
 
 
+@contextlib.contextmanager
+def opened_checkpoint(
+    source: Path | str, storage_options: dict[str, Any] | None = None
+) -> Iterator[tuple[Path, Manifest, Path | str, list[tuple[Path | str, str]]]]:
+    """The verified checkpoint ``source`` names as a local directory: ``(directory, manifest, its path or
+    URL, damaged ones passed over)``. A local ``source`` is as :func:`find_checkpoint` takes it; a URL names
+    one checkpoint (``s3://b/run/step_000000040``) or a ``checkpoint.dir`` (its newest that verifies), read
+    with ``storage_options`` (credentials, endpoint) through a temporary local copy."""
+    if scheme(str(source)) is None:
+        path, manifest, damaged = find_checkpoint(Path(local_path(str(source))))
+        yield path, manifest, path, list(damaged)
+        return
+    url = str(source).rstrip("/")
+    single = NAME.match(PurePosixPath(url).name) is not None
+    store = ObjectStore(url.rsplit("/", 1)[0] if single else url, storage_options=storage_options)
+    refs = [url] if single else store.candidates()
+    if single and not store.fs.exists(f"{store.base}/{PurePosixPath(url).name}/{MANIFEST_NAME}"):
+        raise NoCheckpointError(f"{url}: not a committed checkpoint (no {MANIFEST_NAME})")
+    if not refs:
+        raise NoCheckpointError(
+            f"{url}: no committed checkpoint there (pass a checkpoint.dir URL or one step_*)"
+        )
+    skipped: list[tuple[Path | str, str]] = []
+    for ref in refs:
+        with store.opened(ref) as local:
+            try:
+                manifest = store.verify(local)
+            except CheckpointCorruptError as exc:
+                if single:
+                    raise
+                skipped.append((ref, str(exc)))
+                continue
+            yield local, manifest, ref, skipped
+            return
+    raise CheckpointCorruptError(
+        f"{url}: every checkpoint is damaged: " + "; ".join(f"{r}: {why}" for r, why in skipped)
+    )
+
+
 def read_state(path: Path, manifest: Manifest) -> dict[str, torch.Tensor]:
     """Every tensor of the verified checkpoint ``path``, by its current (dotted) key."""
     into = {}
@@ -106,15 +150,17 @@ def torch_optimizer_state(tensors: dict[str, torch.Tensor], optimizer: dict[str,
     return {"state": dict(sorted(state.items())), "param_groups": groups}
 
 
-def export(source: Path, out: Path, *, optimizer: bool = False) -> Exported:
+def export(
+    source: Path | str, out: Path, *, optimizer: bool = False, storage_options: dict[str, Any] | None = None
+) -> Exported:
     """Write the model (and with ``optimizer``, the optimizer) state of the checkpoint ``source`` names
-    (see :func:`find_checkpoint`) to ``out`` with ``torch.save``. Raises FileExistsError, before reading
+    (see :func:`opened_checkpoint`) to ``out`` with ``torch.save``. Raises FileExistsError, before reading
     anything, when ``out`` exists; a failed write leaves no file behind."""
     out = Path(out)
     if out.exists():
         raise _exists(out)
-    path, manifest, skipped = find_checkpoint(source)
-    tensors = read_state(path, manifest)
+    with opened_checkpoint(source, storage_options) as (path, manifest, where, skipped):
+        tensors = read_state(path, manifest)
     model = {fqn: t for k, t in tensors.items() if (fqn := layout.model_fqn(k)) is not None}
     payload: dict[str, Any] = model
     written = len(model)
@@ -134,7 +180,7 @@ def export(source: Path, out: Path, *, optimizer: bool = False) -> Exported:
             with contextlib.suppress(OSError):
                 out.unlink()
         raise
-    return Exported(path, manifest.step, out, written, skipped)
+    return Exported(where, manifest.step, out, written, skipped)
 
 
 def _exists(out: Path) -> FileExistsError:
