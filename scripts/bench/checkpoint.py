@@ -232,6 +232,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=16, help="tokens per sequence (at most 128)")
     parser.add_argument("--steps", type=int, default=5, help="steps per window without a save")
     parser.add_argument("--threads", type=int, default=0, help="training threads (default: one per core)")
+    parser.add_argument("--direct-io", action="store_true", help="the toolkit writes with O_DIRECT")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument(
         "--dir",
@@ -271,7 +272,9 @@ def main_on(args: argparse.Namespace, options: dict[str, str]) -> None:
     remote = bool(options) or bool(args.dir and args.dir.startswith("s3://"))
     work = Path(tempfile.mkdtemp(prefix="bench-ckpt-", dir=None if remote else args.dir or os.getcwd()))
     url = f"{args.dir.rstrip('/')}/bench-{os.getpid()}" if remote else None
-    manager = CheckpointManager(url or work / "ckpt", keep_last=1, storage_options=options)
+    manager = CheckpointManager(
+        url or work / "ckpt", keep_last=1, storage_options=options, direct_io=args.direct_io
+    )
     checkpointer = AsyncCheckpointer(manager)
     fs, base = filesystem(url, options) if url else (None, "")
     names = ["async_blocking_s", "async_write_s", "torch_save_s", "raw_write_s", "raw_write_streamed_s"]
@@ -321,6 +324,7 @@ def main_on(args: argparse.Namespace, options: dict[str, str]) -> None:
         "host_staging_note": "one copy of the state, allocated once, reused by every save of the worker",
         "repeats": args.repeats,
         "batch": [args.batch, args.seq],
+        "direct_io": args.direct_io,
         "samples": samples,
         "median": med,
         "write_throughput_ratio": med["raw_write_s"] / med["async_write_s"],

@@ -53,10 +53,26 @@ def _xxh3_of(path: Path) -> str:
     return xxhash.xxh3_128(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.parametrize("direct", [True, False], ids=["o_direct", "buffered"])
 def test_digests_taken_while_writing_are_those_of_the_files_on_disk(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool
 ) -> None:
-    monkeypatch.setattr(dcp_writer, "_KICK", 4096)  # hand pages to the disk many times per file
+    # Small blocks: many direct writes per file and a tail that fills no block; buffered: many kicks.
+    monkeypatch.setattr(dcp_writer, "_PIECE", 4096)
+    monkeypatch.setattr(dcp_writer, "_KICK", 4096)
+    opened: list[int | None] = []
+    real_open = dcp_writer._open_direct
+
+    def spying_open(path: Path) -> int | None:
+        opened.append(real_open(path) if direct else None)
+        return opened[-1]
+
+    probe = real_open(tmp_path / "probe")
+    if probe is None and direct:
+        pytest.skip(f"{tmp_path} does not do O_DIRECT")
+    if probe is not None:
+        os.close(probe)
+    monkeypatch.setattr(dcp_writer, "_open_direct", spying_open)
     read_back: list[str] = []
     real_digest = manifest_module.file_digest
 
@@ -65,9 +81,10 @@ def test_digests_taken_while_writing_are_those_of_the_files_on_disk(
         return real_digest(path)
 
     monkeypatch.setattr(manifest_module, "file_digest", counting_digest)
-    path = _save(CheckpointManager(tmp_path / "ckpt"))
+    path = _save(CheckpointManager(tmp_path / "ckpt", direct_io=direct))
     monkeypatch.undo()
 
+    assert len(opened) == (2 if direct else 0) and all((fd is not None) == direct for fd in opened)
     manifest = Manifest.read(path)
     data_files = sorted(n for n in manifest.files if n.endswith(".distcp"))
     assert len(data_files) == 2  # written side by side by two writer threads
@@ -75,6 +92,7 @@ def test_digests_taken_while_writing_are_those_of_the_files_on_disk(
     for name, entry in manifest.files.items():
         assert entry["xxh3_128"] == _xxh3_of(path / name), name
         assert entry["bytes"] == (path / name).stat().st_size, name
+        assert name not in data_files or entry["bytes"] % 4096 != 0  # a tail was written
     verify_dir(path)
 
 
@@ -173,23 +191,3 @@ def test_a_view_is_written_as_its_own_bytes_only(tmp_path: Path) -> None:
         warnings.simplefilter("ignore")
         dcp.load(loaded, checkpoint_id=str(tmp_path / "c"), no_dist=True)
     assert torch.equal(loaded["extra"]["v"], big[10:20])
-
-
-@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
-def test_background_writes_run_at_idle_priority(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    policies: set[int] = set()
-    real = dcp_writer.save_record
-
-    def recording(tensor: torch.Tensor, stream: Any) -> None:
-        policies.add(os.sched_getscheduler(0))
-        real(tensor, stream)
-
-    monkeypatch.setattr(dcp_writer, "save_record", recording)
-    checkpointer = AsyncCheckpointer(CheckpointManager(tmp_path / "ckpt"))
-    model, optimizer = _state()
-    state = capture(model, optimizer, torch.amp.GradScaler("cpu", enabled=False))
-    rng = ADAPTER.get_rng_state(torch.device("cpu"))
-    checkpointer.save(state, rng, ADAPTER, TrainingProgress(1, 1, 1, 0), {}).result(timeout=60)
-    checkpointer.close()
-    assert policies == {os.SCHED_IDLE}  # the writer thread and the file threads it started
-    assert os.sched_getscheduler(0) != os.SCHED_IDLE  # the caller's priority is untouched

@@ -13,7 +13,6 @@ for all of them.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,31 +30,10 @@ from trainer.errors import CheckpointWriteError
 log = logging.getLogger(__name__)
 
 
-def idle_priority() -> bool:
-    """Run the calling thread, and the threads it starts, only on CPU time nothing else wants
-    (``SCHED_IDLE``, Linux); False where that is not available.
-
-    The background write costs CPU (copies into the page cache, digests, serialisation). At normal
-    priority on a host whose cores all train (CPU training: one intra-op thread per core), a third runnable
-    thread stalls the intra-op threads at every barrier and a step can take ten times as long; at idle
-    priority the writer runs only where training leaves a core idle, and at full speed whenever training
-    waits (on an accelerator, on the next save, at the end of the run)."""
-    if not hasattr(os, "SCHED_IDLE"):
-        return False
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except OSError as exc:
-        log.debug("checkpoint writer keeps normal priority: %s", exc)
-        return False
-    return True
-
-
 class AsyncCheckpointer:
     def __init__(self, manager: CheckpointManager) -> None:
         self.manager = manager
-        self._pool = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="checkpoint-writer", initializer=idle_priority
-        )
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
         self._pending: Future[Path | str] | None = None
         self._retaining: Future[None] | None = None
         #: The host copy of the state that every save (and :meth:`stage`) reuses.

@@ -18,6 +18,7 @@ them — but:
 from __future__ import annotations
 
 import io
+import mmap
 import os
 import pickle
 import threading
@@ -33,61 +34,120 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-#: Bytes hashed and handed to the file per call: small enough that one thread's hashing overlaps another's
-#: write, large enough that the per-call cost vanishes.
+#: Bytes per write to the disk (a multiple of any device's block size, so O_DIRECT offsets stay aligned).
 _PIECE = 8 << 20
-#: Bytes after which the pages written so far are handed to the disk (see DigestingStream.write).
+#: Buffered fallback: bytes after which the pages written so far are handed to the disk.
 _KICK = 32 << 20
 
 
-class DigestingStream(io.RawIOBase):
-    """A write-only file that digests (XXH3-128) and counts every byte on its way to ``file``."""
+class _DirectSink:
+    """Writes through ``O_DIRECT`` from a page-aligned bounce buffer: the bytes go from this buffer to the
+    disk, not through the page cache, which costs the writer a fraction of the CPU (measured here: 0.2
+    CPU-s against 0.5 to 1.0 for a buffered write of 618 MB) and leaves no dirty pages for the fsync. The tail
+    that does not fill a block goes through an ordinary descriptor at close."""
 
-    def __init__(self, file: io.BufferedWriter) -> None:
-        self._file = file
+    def __init__(self, path: Path, fd: int) -> None:
+        self._path, self._fd = path, fd
+        self._bounce = mmap.mmap(-1, _PIECE)
+        self._fill = 0
+        self._offset = 0
+
+    def write(self, view: memoryview) -> None:
+        start = 0
+        while start < len(view):
+            n = min(len(view) - start, _PIECE - self._fill)
+            self._bounce[self._fill : self._fill + n] = view[start : start + n]
+            self._fill += n
+            start += n
+            if self._fill == _PIECE:
+                self._flush_block()
+
+    def _flush_block(self) -> None:
+        written = os.write(self._fd, self._bounce)
+        if written != _PIECE:
+            raise OSError(f"{self._path}: short direct write ({written} of {_PIECE} bytes)")
+        self._offset += _PIECE
+        self._fill = 0
+
+    def close(self) -> None:
+        try:
+            if self._fill:
+                tail = os.open(self._path, os.O_WRONLY)
+                try:
+                    view = memoryview(self._bounce)[: self._fill]
+                    if os.pwrite(tail, view, self._offset) != self._fill:
+                        raise OSError(f"{self._path}: short write of the last {self._fill} bytes")
+                finally:
+                    view.release()
+                    os.close(tail)
+        finally:
+            os.close(self._fd)
+            self._bounce.close()
+
+
+class _BufferedSink:
+    """Where ``O_DIRECT`` is refused (tmpfs, other systems): the page cache, with writeback started every
+    ``_KICK`` bytes. Left alone, the kernel writes dirty pages only at the commit's fsync (or once they
+    reach a tenth of memory), so the disk idles while the records are serialised; started early, disk
+    time and CPU time overlap. (``POSIX_FADV_DONTNEED`` starts writeback of dirty pages and drops only
+    pages already clean; nothing here reads them back.)"""
+
+    def __init__(self, path: Path) -> None:
+        self._file = open(path, "wb")  # noqa: SIM115 - closed by close()
+        self._written = self._kicked = 0
+
+    def write(self, view: memoryview) -> None:
+        self._file.write(view)
+        self._written += len(view)
+        if self._written - self._kicked >= _KICK and hasattr(os, "posix_fadvise"):
+            self._file.flush()
+            os.posix_fadvise(
+                self._file.fileno(), self._kicked, self._written - self._kicked, os.POSIX_FADV_DONTNEED
+            )
+            self._kicked = self._written
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _open_direct(path: Path) -> int | None:
+    if not hasattr(os, "O_DIRECT"):
+        return None
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o644)
+    except OSError:  # EINVAL: the filesystem does not do direct I/O
+        return None
+
+
+class DigestingStream(io.RawIOBase):
+    """A new write-only file at ``path`` that digests (XXH3-128) and counts every byte written to it."""
+
+    def __init__(self, path: Path, direct: bool = False) -> None:
+        fd = _open_direct(path) if direct else None
+        self._sink: _DirectSink | _BufferedSink = _BufferedSink(path) if fd is None else _DirectSink(path, fd)
+        self.direct = fd is not None
         self._digest = xxhash.xxh3_128()
         self.bytes = 0
-        self._kicked = 0
 
     def writable(self) -> bool:
         return True
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
-        if len(view) <= _PIECE:  # record headers and most tensors: one piece
-            self._digest.update(view)
-            self._file.write(view)
-            self.bytes += len(view)
-            if self.bytes - self._kicked >= _KICK:
-                self._start_writeback()
-            return len(view)
-        for start in range(0, len(view), _PIECE):
-            piece = view[start : start + _PIECE]
-            self._digest.update(piece)
-            self._file.write(piece)
+        self._digest.update(view)
+        self._sink.write(view)
         self.bytes += len(view)
-        if self.bytes - self._kicked >= _KICK:
-            self._start_writeback()
         return len(view)
-
-    def _start_writeback(self) -> None:
-        """Start the disk writing what is written so far, without waiting for it. Left alone, the kernel
-        writes dirty pages only at the commit's fsync (or once they reach a tenth of memory), so the disk
-        idles while the records are serialised; started early, disk time and CPU time overlap and the
-        fsync finds little left. (``POSIX_FADV_DONTNEED`` starts writeback of dirty pages and drops only
-        pages already clean; nothing here reads them back.)"""
-        if hasattr(os, "posix_fadvise"):
-            self._file.flush()
-            os.posix_fadvise(
-                self._file.fileno(), self._kicked, self.bytes - self._kicked, os.POSIX_FADV_DONTNEED
-            )
-        self._kicked = self.bytes
 
     def tell(self) -> int:
         return self.bytes
 
-    def flush(self) -> None:
-        self._file.flush()
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                self._sink.close()
+            finally:
+                super().close()
 
     def hexdigest(self) -> str:
         return self._digest.hexdigest()
@@ -121,8 +181,10 @@ class DigestingWriter(FileSystemWriter):
     """A DCP storage writer for one local directory (see the module docstring); after ``dcp.save``,
     :attr:`digests` holds ``{file name: {"xxh3_128", "bytes"}}`` of every data file it wrote."""
 
-    def __init__(self, path: str | os.PathLike[str], thread_count: int = 2) -> None:
+    def __init__(self, path: str | os.PathLike[str], thread_count: int = 2, direct: bool = False) -> None:
         super().__init__(path, single_file_per_rank=True, sync_files=False, thread_count=thread_count)
+        #: Write with O_DIRECT where the filesystem allows it (else through the page cache).
+        self.direct = direct
         self.digests: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
 
@@ -143,8 +205,7 @@ class DigestingWriter(FileSystemWriter):
 
     def _write_file(self, name: str, items: list[WriteItem], planner: SavePlanner) -> list[WriteResult]:
         results = []
-        with open(Path(self.path) / name, "wb") as file:
-            stream = DigestingStream(file)
+        with DigestingStream(Path(self.path) / name, self.direct) as stream:
             for item in items:
                 data = planner.resolve_data(item)
                 offset = stream.tell()
@@ -158,7 +219,6 @@ class DigestingWriter(FileSystemWriter):
                     save_record(data, stream)
                 length = stream.tell() - offset
                 results.append(WriteResult(item.index, length, _StorageInfo(name, offset, length)))
-            stream.flush()
         with self._lock:
             self.digests[name] = {"xxh3_128": stream.hexdigest(), "bytes": stream.bytes}
         return results

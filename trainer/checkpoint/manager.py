@@ -75,11 +75,20 @@ def open_store(
 
 class CheckpointManager:
     def __init__(
-        self, root: str | Path, keep_last: int = 3, storage_options: dict[str, Any] | None = None
+        self,
+        root: str | Path,
+        keep_last: int = 3,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        direct_io: bool = False,
     ) -> None:
         self.store = open_store(root, keep_last, storage_options)
         #: Bytes of the files of the most recent checkpoint this manager committed.
         self.last_commit_bytes = 0
+        #: Write the data files with O_DIRECT (see ``dcp_writer``): a fifth of the writer's CPU time, for
+        #: hosts whose cores all train; off by default, since on a disk with a volatile write cache (a VM's
+        #: virtio disk here) its one-block-at-a-time writes take longer than the page cache's.
+        self.direct_io = direct_io
 
     @property
     def root(self) -> str:
@@ -125,7 +134,7 @@ class CheckpointManager:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
                 # No fsync per file here: the commit fsyncs the whole directory once, before the rename.
-                writer = DigestingWriter(tmp, thread_count=_WRITER_THREADS)
+                writer = DigestingWriter(tmp, thread_count=_WRITER_THREADS, direct=self.direct_io)
                 dcp.save(layout.nested(cpu_tensors), storage_writer=writer, no_dist=True)
             rng_io.write_rng(tmp, 0, adapter.rng_key(), rng_states)
             manifest = self._manifest(tmp, state, adapter, progress, redact(config), writer.digests)
