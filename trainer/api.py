@@ -56,6 +56,12 @@ class Task(ABC):
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """The optimizer over ``model``'s parameters (the bare module, never the wrapper)."""
 
+    def fsdp_units(self, model: nn.Module) -> list[nn.Module]:
+        """With ``train.parallelism=fsdp``: the submodules sharded as units of their own (each gathered for
+        its forward and backward, then freed), typically the transformer blocks; the whole model is the last
+        unit. Default: none but the whole model."""
+        return []
+
     def build_scheduler(self, optimizer: torch.optim.Optimizer) -> Any | None:
         """An LR scheduler stepped once per optimizer step, or None. Its ``state_dict()`` must be JSON (the
         built-in schedulers' are); it is saved in checkpoints and snapshots."""

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from trainer import sharding
 from trainer.api import Task
 from trainer.checkpoint.initial import load_initial_weights
 from trainer.checkpoint.rng import derive_seed
@@ -70,6 +71,7 @@ class Worker(WorkerState):
         self.extra_compute_s = 0.0
         #: Injected hang inside the gradient collective of this step; set by fault injection only.
         self.hang_in_collective_at: int | None = None
+        self.attached = False
 
     # --- set-up --------------------------------------------------------------------------------------
     def setup(self, adapter: DeviceAdapter | None = None) -> None:
@@ -110,11 +112,18 @@ class Worker(WorkerState):
         """Take ``rank`` of ``world_size`` in the process group just initialised; wrap the model in DDP.
 
         Called again after every re-formation of the group (a replaced worker, another world size): the
-        data slice follows the new rank, and DDP is rebuilt on the new process group.
+        data slice follows the new rank, and DDP is rebuilt on the new process group. With
+        ``train.parallelism=fsdp`` the model is sharded over the group instead (:mod:`trainer.sharding`).
         """
         self.rank, self.world_size = rank, world_size
         self.sampler = GlobalBatchSampler(self.config.train.global_batch_size, rank, world_size)
+        self.attached = True
+        self.before_load()  # FSDP: shards of a group that is gone hold nothing; a load follows the join
         if world_size == 1:
+            self.model = self.module
+            return
+        if self.config.train.parallelism == "fsdp":
+            self.after_load()
             self.model = self.module
             return
         from torch.nn.parallel import DistributedDataParallel
@@ -132,6 +141,11 @@ class Worker(WorkerState):
             ddp.reducer._push_all_rebuilt_params()
         ddp.register_comm_hook(None, self._comm_hook(rank))
         self.model = ddp
+
+    def detach(self) -> None:
+        """The process group is about to go: drop the DDP wrapper (and its autograd hooks)."""
+        self.model = self.module
+        self.attached = False
 
     def _comm_hook(self, rank: int) -> Any:
         """DDP's all-reduce, preceded by progress bookkeeping and the family's injected faults (if any).
@@ -243,14 +257,14 @@ class Worker(WorkerState):
 
     def _user(self, hook: str, fn: Any, *args: Any) -> Any:
         """Call the user's code. What it raises is a :class:`UserCodeError` naming the hook, the step and the
-        rank — unless a collective of the framework failed inside the call (a manual step's backward): that
-        stays an infrastructure fault for the policy."""
+        rank — unless a collective of the framework failed inside the call (a manual step's backward, FSDP's
+        gathers in the forward): that stays an infrastructure fault for the policy."""
         try:
             return fn(*args)
         except UserCodeError:
             raise  # the framework's own verdict on the user's run (non-finite steps), raised inside a hook
         except Exception as exc:
-            if self.collective_failed:
+            if self.collective_failed or sharding.raised_in_collective(exc):
                 raise
             trace = "".join(traceback.format_exception(exc))
             raise UserCodeError(
@@ -280,6 +294,7 @@ class Worker(WorkerState):
         clip = self.config.train.grad_clip
         params = self.module.parameters()
         norm = torch.nn.utils.clip_grad_norm_(params, clip) if clip > 0 else grad_norm(params)
+        norm = sharding.full_norm(norm)  # FSDP: the norm over every rank's shards
         if self.nonfinite.skip(self.step + 1, norm):
             self.scaler.update()  # fp16: the scaler lowers its scale; otherwise nothing
             return

@@ -12,10 +12,12 @@ from typing import Any
 
 import torch
 
+from trainer import sharding
 from trainer.api import Task
 from trainer.checkpoint import CheckpointManager, Restored, TrainingProgress
 from trainer.checkpoint import state as portable
 from trainer.checkpoint.async_writer import AsyncCheckpointer
+from trainer.checkpoint.initial import load_initial_weights
 from trainer.checkpoint.rng import derive_seed
 from trainer.config import Config, to_container
 from trainer.devices import DeviceAdapter
@@ -39,6 +41,11 @@ class WorkerState:
     samples_seen: int
     history: list[dict[str, Any]]
     last_loss: float
+    model: torch.nn.Module
+    buffers: list[torch.Tensor]
+    dtype: torch.dtype
+    #: In a process group now (between attach and detach).
+    attached: bool
 
     # --- checkpoints ---------------------------------------------------------------------------------
     def _progress(self, metrics: dict[str, float] | None) -> TrainingProgress:
@@ -53,14 +60,36 @@ class WorkerState:
 
     def capture(self) -> portable.PortableState:
         """The whole training state, tensors not yet copied: model, optimizer, scaler, scheduler, the task's
-        extra state."""
-        return portable.capture(
+        extra state. Sharded (FSDP), every tensor is gathered whole: every rank of the group must call it."""
+        state = portable.capture(
             self.module,
             self.optimizer,
             self.scaler,
             self.scheduler,
             self.nonfinite.with_state(self.task.extra_state()),
         )
+        if sharding.is_sharded(self.module):
+            state.tensors = sharding.gathered(state.tensors)
+        return state
+
+    def before_load(self) -> None:
+        """FSDP: a load goes into a fresh unsharded model (a sharded one takes no full state, and once its
+        group is gone it holds nothing usable); :meth:`after_load` shards it again in a live group."""
+        if not sharding.is_sharded(self.module):
+            return
+        self.module, self.optimizer, self.scheduler = sharding.fresh(
+            self.task, self.device, self.config.train.seed
+        )
+        if self.config.train.init_weights:
+            load_initial_weights(self.module, self.config.train.init_weights)
+        self.model = self.module
+        self.buffers = list(self.module.buffers())
+
+    def after_load(self) -> None:
+        if self.config.train.parallelism == "fsdp" and self.attached and self.world_size > 1:
+            self.optimizer, self.scheduler = sharding.shard(
+                self.module, self.optimizer, self.scheduler, self.task, self.dtype
+            )
 
     def save(self, manager: CheckpointManager, metrics: dict[str, float] | None = None) -> Path | str:
         """Write and commit a checkpoint now (blocks for the whole write)."""
@@ -85,6 +114,13 @@ class WorkerState:
         )
 
     def restore(self, manager: CheckpointManager) -> Restored | None:
+        self.before_load()
+        try:
+            return self._restore(manager)
+        finally:
+            self.after_load()
+
+    def _restore(self, manager: CheckpointManager) -> Restored | None:
         restored = manager.restore(
             self.module,
             self.optimizer,
@@ -131,6 +167,7 @@ class WorkerState:
 
     def load_snapshot(self, snap: dict[str, Any]) -> None:
         """Adopt a peer's :meth:`snapshot`; RNG is re-derived from (seed, step, rank)."""
+        self.before_load()
         extra = portable.apply(
             snap["tensors"],
             snap["optimizer"],
@@ -145,3 +182,4 @@ class WorkerState:
         self.step, self.samples_seen = int(snap["step"]), int(snap["samples_seen"])
         self.history, self.last_loss = list(snap["history"]), float(snap["last_loss"])
         self.adapter.seed(derive_seed(self.config.train.seed, self.step, self.rank), self.device)
+        self.after_load()

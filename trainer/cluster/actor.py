@@ -31,6 +31,7 @@ from trainer.config import from_container
 from trainer.devices.join import join_group
 from trainer.devices.sim import SIM_VISIBLE_DEVICES_ENV
 from trainer.errors import CheckpointWriteError, UserCodeError
+from trainer.sharding import is_sharded
 from trainer.worker import Worker
 
 _Call = TypeVar("_Call", bound=Callable[..., Any])
@@ -139,7 +140,7 @@ class WorkerActor:
 
     def leave(self) -> None:
         """Drop the current process group (after a peer failure it cannot be reused)."""
-        self.worker.model = self.worker.module  # release the DDP wrapper and its autograd hooks first
+        self.worker.detach()  # release the DDP wrapper and its autograd hooks first
         gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -250,11 +251,16 @@ class WorkerActor:
         self, root: str, keep_last: int, metrics: dict[str, float] | None = None, fence: Fence | None = None
     ) -> dict[str, Any]:
         """Stage a checkpoint and return once the copy is done; the write and commit go on in the background.
-        ``fence``: the driver's lease, checked before the commit (see trainer.checkpoint.lease).
+        ``fence``: the driver's lease, checked before the commit (see trainer.checkpoint.lease). Rank 0
+        writes; with sharded state (FSDP) every rank is called, the others only help gather it.
 
         Returns the previous background save's committed path (if one finished since) and the time this
         call blocked training.
         """
+        if self.worker.rank != 0 and is_sharded(self.worker.module):  # FSDP: the others help gather it
+            self.worker.evaluate()
+            self.worker.capture()
+            return {"committed": None, "failed": None, "blocking_s": 0.0, "bytes": 0}
         if self.checkpointer is None or self.checkpointer.manager.root != root:
             self.checkpointer = AsyncCheckpointer(self._manager(root, keep_last))
         previous = self.flush()

@@ -226,7 +226,7 @@ class Controller(RunRecovery):
             grow = self.room_to_grow()  # a shrunk group (cluster.min_workers) grows back between two chunks
         interval = self.config.checkpoint.interval_steps
         if interval and self.step % interval == 0 and self.step < total:
-            self.saves.save(self.members[0], self.step)
+            self.saves.save(self.saves.writers(self.members), self.step)
         return self.grow() if grow else State.RUNNING
 
     def _on_failure(self, outcome: ChunkOutcome) -> State:

@@ -46,7 +46,7 @@ class RunEndings:
 
     def _finish(self) -> State:
         self.progress.close()
-        eval_loss, totals = self.saves.finish(self.members[0], self.step)
+        eval_loss, totals = self.saves.finish(self.saves.writers(self.members), self.step)
         self.journal.record(
             "run_finished",
             step=self.step,
@@ -64,16 +64,17 @@ class RunEndings:
 
     def _preempted(self, outcome: ChunkOutcome | None = None, saveable: bool = True) -> State:
         """Commit the step in flight (within the grace period) and stop: a signal asked for it."""
-        member, why = None, f"the run was {self.state.value.replace('_', ' ')}, not training"
+        writers, why = [], f"the run was {self.state.value.replace('_', ' ')}, not training"
         if outcome is not None:  # the chunk stopped every rank after one step; save from one that did
             done = {r: res["step"] for r, res in outcome.results.items() if res["ok"]}
             why = "a worker failed while the ranks stopped"
             if done and not outcome.failed():
                 self.step = max(done.values())
-                member = self.members[min(r for r, s in done.items() if s == self.step)]
+                writers = self.saves.writers(self.members, min(r for r, s in done.items() if s == self.step))
         elif saveable and self.group is not None:
-            member = self.members[0]
-        saved, why = self.saves.final(member, self.step, self.preemption.left_s()) if member else (None, why)
+            writers = self.saves.writers(self.members)
+        timeout = self.preemption.left_s()
+        saved, why = self.saves.final(writers, self.step, timeout) if writers else (None, why)
         record_preempted(self.journal, self.preemption, self.step, saved, why)
         return State.PREEMPTED
 

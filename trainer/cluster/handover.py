@@ -19,9 +19,7 @@ import math
 import time
 from typing import Any
 
-import ray
-
-from trainer.cluster.newest_state import HeldState, hold_newest
+from trainer.cluster.newest_state import HeldState
 from trainer.cluster.run_control import RunControl, State
 from trainer.cluster.watch import ChunkOutcome
 from trainer.errors import DeviceUnavailableError
@@ -94,7 +92,7 @@ class HandOver:
             else:
                 gone = set(self.outcome.lost) | set(self.outcome.hung)
                 steps = {r: res.get("step") for r, res in self.outcome.results.items() if r not in gone}
-            ctl.held = hold_newest(ctl.members, steps, evaluate=True)
+            ctl.held = ctl.hold_newest(steps, evaluate=True)
         return ctl.held
 
     def check_parity(self) -> State | None:
@@ -104,7 +102,7 @@ class HandOver:
         if self.parity is None:
             return None
         ctl = self.ctl
-        observed = float(ray.get(ctl.members[0].evaluate.remote()))
+        observed = ctl.evaluate()
         (old, target, reference, origin), self.parity = self.parity, None
         rtol = ctl.config.fault_tolerance.parity_rtol.get(ctl.config.device.precision, 1e-4)
         checked = not math.isnan(reference)

@@ -85,7 +85,7 @@ class RunRecovery(RunEndings):
         self.progress.message(f"rebuilding the {self.family} group: {why}")
         if self.group is not None:
             if self.held is None:
-                self.held = hold_newest(self.members, self.group.live_steps(), evaluate=True)
+                self.held = self.hold_newest(self.group.live_steps(), evaluate=True)
             self.group.shutdown()
             self.group = None
         try:
@@ -114,8 +114,12 @@ class RunRecovery(RunEndings):
         member's state (where the launch gets fewer, at what the family holds)."""
         assert self.group is not None
         started, previous = time.monotonic(), self.group.size
+        if self.config.train.parallelism == "fsdp" and self.saves.last_saved != self.step:
+            self.saves.save(
+                self.saves.writers(self.members), self.step
+            )  # sharded: handed on through a checkpoint
         self.saves.flush(self.members[0], self.step)  # a checkpoint being written commits first
-        self.held = hold_newest(self.members, self.group.live_steps())
+        self.held = self.hold_newest(self.group.live_steps())
         self.group.shutdown()
         self.group = None
         try:
@@ -162,7 +166,7 @@ class RunRecovery(RunEndings):
         alive = {rank: r.get("step") for rank, r in outcome.results.items() if rank not in gone}
         self.group.leave_all([self.members[r] for r in alive])
         if self.held is None:
-            self.held = hold_newest(self.members, alive)  # before replace(): a rebuild would need it too
+            self.held = self.hold_newest(alive)  # before replace(): a rebuild would need it too
             if self.held is None and alive:  # each died handing its state over?
                 gone |= set(alive) - set(self.group.live_steps())
         forget([self.members[r] for r in gone])
@@ -171,6 +175,17 @@ class RunRecovery(RunEndings):
         self.group.form(self.collective_timeout())
         self._recovered(decision.action.value, sorted(gone | replaced), loaded, previous, started)
         return self.handover.check_parity() or State.RUNNING
+
+    def hold_newest(self, steps: dict[int, int | None], evaluate: bool = False) -> HeldState | None:
+        """A live member's snapshot (see :func:`~trainer.cluster.newest_state.hold_newest`); None with sharded
+        state (FSDP): no member holds it whole, and a group that lost a rank cannot gather it any more."""
+        if self.config.train.parallelism == "fsdp":
+            return None
+        return hold_newest(self.members, steps, evaluate)
+
+    def evaluate(self) -> float:
+        writers = self.saves.writers(self.members)
+        return float(ray.get([m.evaluate.remote() for m in writers])[0])
 
     def load_newest(self) -> Loaded:
         """Give the group the held live state (else the newest checkpoint, else none); the step follows it."""

@@ -62,6 +62,12 @@ class RunControl(Protocol):
     def launch(self, family: str, workers: int | None = None, form: bool = True) -> None:
         """Start a worker group on ``family`` (formed unless ``form`` is false)."""
 
+    def hold_newest(self, steps: dict[int, int | None], evaluate: bool = False) -> HeldState | None:
+        """Snapshot the most advanced live member (None where the state is sharded: no member holds it whole)."""
+
+    def evaluate(self) -> float:
+        """The held-out loss of the group's state (every member takes part where the state is sharded)."""
+
     def load_newest(self) -> Loaded:
         """Give the group the newest state; the run's step follows it."""
 

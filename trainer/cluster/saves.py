@@ -1,5 +1,6 @@
-"""The driver's side of a group run's checkpoints: rank 0 stages one (replicas hold the same state) and
-writes it in the background; this books what each background write did and what the saves cost."""
+"""The driver's side of a group run's checkpoints: rank 0 stages one (replicas hold the same state; sharded
+state is gathered by every rank for it) and writes it in the background; this books what each background
+write did and what the saves cost."""
 
 from __future__ import annotations
 
@@ -52,11 +53,17 @@ class Saves:
         print(f"resumed from {restored[0]['path']} at step {self.last_saved}")
         return self.last_saved
 
-    def save(self, member: Any, step: int, metrics: dict[str, float] | None = None) -> None:
-        """``member`` stages a checkpoint of ``step``; it commits in the background."""
+    def writers(self, members: list[Any], rank: int = 0) -> list[Any]:
+        """Who takes part in a save of the group's state: the member of ``rank`` (replicas hold the same
+        state), or with sharded state (``train.parallelism=fsdp``) every member, rank 0 writing."""
+        return list(members) if self.config.train.parallelism == "fsdp" else [members[rank]]
+
+    def save(self, writers: list[Any], step: int, metrics: dict[str, float] | None = None) -> None:
+        """``writers`` (see :meth:`writers`) stage a checkpoint of ``step``; it commits in the background."""
         keep = self.config.checkpoint.keep_last
         started = time.monotonic()
-        reply = ray.get(member.save.remote(str(self.checkpoint_root), keep, metrics, self.fence))
+        refs = [m.save.remote(str(self.checkpoint_root), keep, metrics, self.fence) for m in writers]
+        reply = ray.get(refs)[0]
         self.goodput.bad("checkpoint", time.monotonic() - started)
         self.sink.checkpoint("save", reply["blocking_s"], reply["bytes"], step)
         self.committed(reply, step)
@@ -64,23 +71,23 @@ class Saves:
         self.journal.record("checkpoint_started", step=step, blocking_s=reply["blocking_s"])
         self.record_goodput()
 
-    def finish(self, member: Any, step: int) -> tuple[float, dict[str, Any]]:
+    def finish(self, writers: list[Any], step: int) -> tuple[float, dict[str, Any]]:
         """The run's end: the held-out loss, the final checkpoint (unless ``step`` is saved already), committed;
         returns the loss and the goodput account."""
-        eval_loss = float(ray.get(member.evaluate.remote()))
+        eval_loss = float(ray.get([m.evaluate.remote() for m in writers])[0])
         if self.last_saved != step:
-            self.save(member, step, {"eval_loss": eval_loss})
-        self.flush(member, step)
+            self.save(writers, step, {"eval_loss": eval_loss})
+        self.flush(writers[0], step)
         self.sink.eval_loss(eval_loss)
         return eval_loss, self.record_goodput()
 
-    def final(self, member: Any, step: int, timeout_s: float) -> tuple[int | None, str]:
+    def final(self, writers: list[Any], step: int, timeout_s: float) -> tuple[int | None, str]:
         """Save ``step`` now (unless it is saved already) and wait for the commit, for at most ``timeout_s``:
         the step saved, or None and why not."""
         try:
             if self.last_saved != step:
-                self.save(member, step)
-            self.flush(member, step, timeout_s=max(timeout_s, 1.0))
+                self.save(writers, step)
+            self.flush(writers[0], step, timeout_s=max(timeout_s, 1.0))
         except (ray.exceptions.RayError, TimeoutError) as exc:
             return None, f"the save did not complete: {type(exc).__name__}: {str(exc).splitlines()[0]}"
         return step, ""

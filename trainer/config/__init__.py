@@ -141,6 +141,11 @@ def validate(cfg: DictConfig | Config) -> Config:
         _plugin_node(group, getattr(typed, group))
     if typed.task is not None:
         _plugin_node("task", typed.task)
+    if typed.train.parallelism == "fsdp" and typed.device.precision == "fp16":
+        raise ConfigError(
+            "train.parallelism=fsdp with device.precision=fp16 is not supported (its loss scaling over sharded "
+            "gradients is not implemented); allowed: fp32 or bf16 with fsdp, or train.parallelism=ddp"
+        )
     per_step = typed.cluster.workers * typed.train.grad_accum_steps
     if typed.train.global_batch_size < per_step:
         raise ConfigError(

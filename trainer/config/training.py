@@ -138,6 +138,10 @@ class CheckpointConfig:
         _require("checkpoint.lease_stale_s", self.lease_stale_s, self.lease_stale_s >= 1, "seconds >= 1")
 
 
+#: Values of ``train.parallelism``.
+PARALLELISMS = ("ddp", "fsdp")
+
+
 @dataclass
 class TrainConfig:
     #: Total optimizer steps of the run (a resumed run stops at the same step).
@@ -157,9 +161,16 @@ class TrainConfig:
     #: A model state dict to start from (a ``torch.save`` file: pretrained weights, or a file written by
     #: ``python -m trainer.export``); used only when the run has no checkpoint of its own. null: none.
     init_weights: str | None = None
+    #: How a group of ranks holds the model: ``ddp`` (each rank a replica, gradients all-reduced) or ``fsdp``
+    #: (torch's ``fully_shard``: parameters, gradients and optimizer state sharded over the ranks, each unit
+    #: of ``Task.fsdp_units`` gathered for its forward and backward).
+    parallelism: str = "ddp"
 
     def __post_init__(self) -> None:
         _require("train.steps", self.steps, self.steps >= 1, "an integer >= 1")
+        _require(
+            "train.parallelism", self.parallelism, self.parallelism in PARALLELISMS, ", ".join(PARALLELISMS)
+        )
         _require(
             "train.global_batch_size", self.global_batch_size, self.global_batch_size >= 1, "an integer >= 1"
         )

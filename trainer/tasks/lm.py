@@ -35,6 +35,10 @@ class LanguageModelTask(Task):
         module: nn.Module = _build(self.model_node).to(device)
         return module
 
+    def fsdp_units(self, model: nn.Module) -> list[nn.Module]:
+        blocks = getattr(model, "blocks", None)  # the built-in GPT's transformer blocks, one unit each
+        return list(blocks) if isinstance(blocks, nn.ModuleList) else []
+
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         optimizer: torch.optim.Optimizer = _build(self.optim_node)(model.parameters())
         return optimizer

@@ -1,0 +1,98 @@
+"""``train.parallelism=fsdp``: the model, its gradients and its optimizer state sharded over the group's ranks
+with torch's ``fully_shard`` (FSDP2).
+
+How the sharded state survives, in this version:
+
+- **Sharding** happens when a rank joins a group (:func:`shard`): the task's units (``Task.fsdp_units``,
+  the built-in GPT's blocks) and then the whole model are sharded over the new group; the optimizer is built
+  again over the sharded parameters and given the state the unsharded one had (a full, FQN-keyed state
+  dict, each rank keeping its slice), the scheduler follows it.
+- **Checkpoints** hold the full, unsharded state, in the same format as a DDP run's: every rank takes part
+  in gathering each tensor (:func:`gathered`, a collective), rank 0 writes. So an FSDP checkpoint resumes
+  on any world size, on another family, or with DDP, and the other way round.
+- **Loads** (a checkpoint, a hand-over) go into a fresh unsharded model (:func:`fresh`), which the next join
+  shards. A group that lost a rank cannot gather its state any more (the lost rank held a slice of it), so
+  its members hold nothing to hand over: recovery comes from the newest checkpoint, never from a peer's
+  snapshot.
+
+Not yet: each rank writing its own shards (the full state is gathered on every rank for a save), a copy of
+a buddy rank's shards for recovery without the checkpoint, and the progress marks, compute times and
+injected link faults that DDP's communication hook gives (under FSDP a step is one phase, "compute").
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from trainer.api import Task
+
+#: The module whose functions run torch.distributed's collectives (the frames a communication error passes).
+_C10D = os.path.join("torch", "distributed", "distributed_c10d.py")
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether ``module``'s parameters are sharded (DTensors of some group, possibly one that is gone)."""
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def shard(
+    module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any | None, task: Task, dtype: torch.dtype
+) -> tuple[torch.optim.Optimizer, Any | None]:
+    """Shard the unsharded ``module`` over the current default group (in place) and return an optimizer and
+    scheduler over its sharded parameters that carry on from ``optimizer`` and ``scheduler``."""
+    state = get_optimizer_state_dict(module, optimizer)  # unsharded: the full state, FQN-keyed
+    schedule = scheduler.state_dict() if scheduler is not None else None
+    # Parameters gathered in the run's precision, gradients reduced in fp32 (the optimizer's precision).
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for unit in task.fsdp_units(module):
+        fully_shard(unit, mp_policy=policy)
+    fully_shard(module, mp_policy=policy)
+    optimizer = task.build_optimizer(module)
+    # Each rank keeps its slice of every full tensor: no communication.
+    set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    scheduler = task.build_scheduler(optimizer)
+    if scheduler is not None and schedule is not None:
+        scheduler.load_state_dict(schedule)
+    return optimizer, scheduler
+
+
+def gathered(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` with every sharded one gathered whole (a collective: every rank calls it, with the same
+    keys in the same order)."""
+    return {k: t.full_tensor() if isinstance(t, DTensor) else t for k, t in tensors.items()}
+
+
+def full_norm(norm: torch.Tensor) -> torch.Tensor:
+    """A gradient norm computed over sharded gradients, as a plain tensor (the same on every rank)."""
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+def raised_in_collective(exc: BaseException) -> bool:
+    """Whether ``exc`` came out of a collective of torch.distributed (a peer gone, a connection closed): under
+    FSDP the gathers run inside the task's forward, and such an error there is not the task's fault."""
+    frame = exc.__traceback__
+    while frame is not None:
+        if frame.tb_frame.f_code.co_filename.endswith(_C10D):
+            return True
+        frame = frame.tb_next
+    return False
+
+
+def fresh(task: Task, device: torch.device, seed: int) -> tuple[nn.Module, torch.optim.Optimizer, Any | None]:
+    """An unsharded model (the initial weights, as every rank builds them), its optimizer and scheduler: the
+    target of a load, sharded at the next join."""
+    torch.manual_seed(seed)
+    module = task.build_model(device)
+    optimizer = task.build_optimizer(module)
+    return module, optimizer, task.build_scheduler(optimizer)
