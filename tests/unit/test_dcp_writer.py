@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -191,3 +193,31 @@ def test_a_view_is_written_as_its_own_bytes_only(tmp_path: Path) -> None:
         warnings.simplefilter("ignore")
         dcp.load(loaded, checkpoint_id=str(tmp_path / "c"), no_dist=True)
     assert torch.equal(loaded["extra"]["v"], big[10:20])
+
+
+def test_a_stream_that_fails_mid_record_raises_and_does_not_abort() -> None:
+    # A full disk mid-record: the error reaches the caller, and collecting the half-written record later
+    # must not take the process down (run apart, since an abort would end the test session).
+    code = """
+import gc, io, torch
+from trainer.checkpoint.dcp_writer import save_record
+
+class Full(io.RawIOBase):
+    def __init__(self): self.n = 0
+    def writable(self): return True
+    def write(self, b):
+        self.n += len(b)
+        if self.n > 2000: raise OSError(28, "No space left on device")
+        return len(b)
+
+try:
+    save_record(torch.randn(10000), Full())
+except OSError as exc:
+    assert exc.errno == 28, exc
+else:
+    raise AssertionError("no error")
+gc.collect()
+print("survived")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "survived" in done.stdout, done.stderr[-2000:]

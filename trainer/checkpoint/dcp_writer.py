@@ -17,6 +17,7 @@ them — but:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import mmap
 import os
@@ -156,7 +157,14 @@ class DigestingStream(io.RawIOBase):
 def save_record(tensor: torch.Tensor, stream: Any) -> None:
     """``torch.save(tensor, stream)`` without the CRC-32 pass over the data (same format otherwise)."""
     writer = torch._C.PyTorchFileWriter(stream, False, torch.serialization._get_storage_alignment())
-    torch.serialization._save(tensor, writer, pickle, torch.serialization.DEFAULT_PROTOCOL, False)
+    try:
+        torch.serialization._save(tensor, writer, pickle, torch.serialization.DEFAULT_PROTOCOL, False)
+    except BaseException:
+        # Finish the record now (as torch.save does): an unfinished writer finishes itself when collected,
+        # writing to a stream that fails, and an error there aborts the process.
+        with contextlib.suppress(Exception):
+            writer.write_end_of_file()
+        raise
     writer.write_end_of_file()
 
 
