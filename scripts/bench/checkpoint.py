@@ -9,6 +9,8 @@ Compares, interleaved (A B C … A B C …) because disk speed drifts up to 3x b
 * **C — a raw sequential write** of the same number of bytes, fsynced at the end: what the disk can do for
   a plain writer. **C'** is the same write with the disk started every 32 MB (as the toolkit's writer does),
   the disk's own speed with no serialisation at all; both are reported.
+* The CPU seconds of A's write and of C (``async_write_cpu_s``, ``raw_write_cpu_s``): what a write takes
+  from training on a host whose cores all train, less sensitive to other load than wall times.
 * **M — one memcpy of the state** into existing buffers: the floor for any save that copies the state.
 * **T / T+S — training steps** (forward, backward, AdamW step on a small batch) without a save, and with
   an async save started before the first of them, run until the save (write, commit, deletion of the old
@@ -41,6 +43,7 @@ import io
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import tempfile
@@ -91,16 +94,25 @@ def save_async(
     )
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process so far, all threads (the writer's while the main thread waits)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_async(
     checkpointer: AsyncCheckpointer, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int
-) -> tuple[float, float]:
+) -> tuple[float, float, float]:
+    """(blocking s, background write s until committed, CPU s of the write)."""
     started = time.perf_counter()
     future = save_async(checkpointer, model, optimizer, step)
     blocking = time.perf_counter() - started
+    cpu = cpu_seconds()
     future.result()
     write = time.perf_counter() - started - blocking
+    cpu = cpu_seconds() - cpu
     checkpointer.wait()  # the old checkpoint's deletion, after the commit: not timed, not left running
-    return blocking, write
+    return blocking, write, cpu
 
 
 def synchronize(device: torch.device) -> None:
@@ -278,13 +290,22 @@ def main_on(args: argparse.Namespace, options: dict[str, str]) -> None:
     checkpointer = AsyncCheckpointer(manager)
     fs, base = filesystem(url, options) if url else (None, "")
     names = ["async_blocking_s", "async_write_s", "torch_save_s", "raw_write_s", "raw_write_streamed_s"]
-    names += ["memcpy_s", "step_s", "steps_with_save_s", "steps_with_save", "lost_s"]
+    names += [
+        "async_write_cpu_s",
+        "raw_write_cpu_s",
+        "memcpy_s",
+        "step_s",
+        "steps_with_save_s",
+        "steps_with_save",
+        "lost_s",
+    ]
     samples: dict[str, list[float]] = {name: [] for name in names}
     try:
         run_async(checkpointer, model, optimizer, 0)  # warm-up: allocates the staging buffers once
         run_steps(model, optimizer, tokens, 2)
         for i in range(args.repeats):
-            blocking, write = run_async(checkpointer, model, optimizer, 2 * i + 1)
+            blocking, write, write_cpu = run_async(checkpointer, model, optimizer, 2 * i + 1)
+            samples["async_write_cpu_s"].append(write_cpu)
             samples["async_blocking_s"].append(blocking)
             samples["async_write_s"].append(write)
             if fs is not None:
@@ -294,7 +315,9 @@ def main_on(args: argparse.Namespace, options: dict[str, str]) -> None:
                 samples["raw_write_s"].append(run_raw_upload(nbytes, fs, f"{base}-raw.bin"))
             else:
                 samples["torch_save_s"].append(run_torch_save(model, optimizer, work))
+                cpu = cpu_seconds()
                 samples["raw_write_s"].append(run_raw_write(nbytes, work))
+                samples["raw_write_cpu_s"].append(cpu_seconds() - cpu)
                 samples["raw_write_streamed_s"].append(run_raw_write(nbytes, work, kick=True))
             samples["memcpy_s"].append(run_memcpy(flat, flat_copy))
             plain = run_steps(model, optimizer, tokens, args.steps)
