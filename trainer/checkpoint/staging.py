@@ -1,17 +1,20 @@
 """Host memory holding one copy of a worker's tensor state, allocated once and reused by every copy.
 
 A save blocks training only while the state is copied here; the copy runs at memcpy speed because the
-memory already exists (a copy into a fresh allocation runs several times slower, page faults included)
-and because tensors of one dtype are copied by one ``torch.cat`` into one contiguous region rather than
-one ``copy_`` per tensor. The buffer is a single allocation (pinned when the state lives on an
-accelerator), so the host memory a worker needs for staging is exactly one copy of its state
-(:attr:`StagingBuffers.nbytes`).
+memory already exists (a copy into a fresh allocation runs several times slower, page faults included).
+Contiguous CPU tensors are copied by a plain single-threaded ``memmove`` (the GIL released): as fast here as
+torch's two-thread copy on an idle host (0.10 s against 0.08 to 0.10 s for 618 MB), and ten times faster when
+another process holds a core, where a multi-threaded copy stalls at its barriers (0.8 to 1.4 s measured).
+The buffer is a single allocation (pinned when the state lives on an accelerator), so the host memory a
+worker needs for staging is exactly one copy of its state (:attr:`StagingBuffers.nbytes`).
 
 Each staged tensor is handed out with a storage of its own over its slice of that allocation, so that
 ``torch.save`` and DCP write its bytes and no more (a view of a larger storage would be saved whole).
 """
 
 from __future__ import annotations
+
+import ctypes
 
 import torch
 
@@ -29,8 +32,6 @@ class StagingBuffers:
         self._pinned = False
         #: The staged tensors, one own storage each, all inside one allocation.
         self.tensors: dict[str, torch.Tensor] = {}
-        #: ``(region of one dtype, its keys in order)``: the target of one batched copy.
-        self._runs: list[tuple[torch.Tensor, list[str]]] = []
 
     @property
     def nbytes(self) -> int:
@@ -45,17 +46,16 @@ class StagingBuffers:
         pinned = torch.cuda.is_available() and any(t.device.type != "cpu" for t in tensors.values())
         if layout != self._layout or pinned != self._pinned:
             self._allocate(layout, pinned)
-        for region, keys in self._runs:
-            sources = [tensors[k].detach() for k in keys]
-            if all(type(s) is torch.Tensor and s.device.type == "cpu" for s in sources):
-                torch.cat([s.reshape(-1) for s in sources], out=region)
-            else:  # device tensors (or tensor subclasses): one copy each, as the device allows
-                for key, source in zip(keys, sources, strict=True):
-                    self.tensors[key].copy_(source, non_blocking=source.device.type != "cpu")
+        for key, tensor in tensors.items():
+            source, target = tensor.detach(), self.tensors[key]
+            if type(source) is torch.Tensor and source.device.type == "cpu" and source.is_contiguous():
+                ctypes.memmove(target.data_ptr(), source.data_ptr(), target.nbytes)
+            else:  # device tensors, strided ones, tensor subclasses: as torch copies them
+                target.copy_(source, non_blocking=source.device.type != "cpu")
         return dict(self.tensors)
 
     def _allocate(self, layout: list[tuple[str, torch.Size, torch.dtype]], pinned: bool) -> None:
-        self._flat, self.tensors, self._runs = None, {}, []  # the old buffer goes before the new one comes
+        self._flat, self.tensors = None, {}  # the old buffer goes before the new one comes
         by_dtype: dict[torch.dtype, list[tuple[str, torch.Size]]] = {}
         for key, shape, dtype in layout:
             by_dtype.setdefault(dtype, []).append((key, shape))
@@ -67,8 +67,7 @@ class StagingBuffers:
             total += -(-size // _ALIGN) * _ALIGN
         flat = torch.empty(total, dtype=torch.uint8, pin_memory=pinned)
         memory = flat.numpy()
-        for dtype, entries, start, size in spans:
-            self._runs.append((flat[start : start + size].view(dtype), [key for key, _ in entries]))
+        for dtype, entries, start, _size in spans:
             offset = start
             for key, shape in entries:
                 nbytes = shape.numel() * _element_size(dtype)
