@@ -63,6 +63,7 @@ def killed_and_clean_agree(tmp_path: Path, *overrides: str, kill_at: int) -> dic
     return finished
 
 
+@pytest.mark.slow  # the same guarantee on another example runs by default (below)
 def test_lm_on_stdlib_tokens_survives_a_killed_worker_bit_for_bit(tmp_path: Path) -> None:
     data = tmp_path / "tokens"
     done = subprocess.run(
@@ -93,6 +94,7 @@ def test_lm_on_stdlib_tokens_survives_a_killed_worker_bit_for_bit(tmp_path: Path
     assert 0 < finished["eval_loss"] < 6  # evaluated on val.bin; ln(256) = 5.5 before training
 
 
+@pytest.mark.slow  # the same guarantee on another example runs by default (below)
 def test_digits_survive_a_killed_worker_of_three_bit_for_bit(tmp_path: Path) -> None:
     finished = killed_and_clean_agree(
         tmp_path,
