@@ -85,9 +85,9 @@ class CheckpointManager:
         self.store = open_store(root, keep_last, storage_options)
         #: Bytes of the files of the most recent checkpoint this manager committed.
         self.last_commit_bytes = 0
-        #: Write the data files with O_DIRECT (see ``dcp_writer``): a fifth of the writer's CPU time, for
-        #: hosts whose cores all train; off by default, since on a disk with a volatile write cache (a VM's
-        #: virtio disk here) its one-block-at-a-time writes take longer than the page cache's.
+        #: Write the data files with O_DIRECT (see ``dcp_writer``): no copy through the page cache (the
+        #: writes take a fifth of the CPU of buffered ones); off by default, since on a disk with a volatile
+        #: write cache (a VM's virtio disk here) its one-block-at-a-time writes take longer.
         self.direct_io = direct_io
 
     @property
