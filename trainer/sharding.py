@@ -10,8 +10,8 @@ How the sharded state survives, in this version:
 - **Checkpoints** hold the full, unsharded state, in the same format as a DDP run's: every rank takes part
   in gathering each tensor (:func:`gathered`, a collective), rank 0 writes. So an FSDP checkpoint resumes
   on any world size, on another family, or with DDP, and the other way round.
-- **Loads** (a checkpoint, a hand-over) go into a fresh unsharded model (:func:`fresh`), which the next join
-  shards. A group that lost a rank cannot gather its state any more (the lost rank held a slice of it), so
+- **Loads** (a checkpoint, a hand-over) go into a fresh unsharded model (``WorkerState.before_load``), which
+  the next join shards. A group that lost a rank cannot gather its state any more (the lost rank held a slice of it), so
   its members hold nothing to hand over: recovery comes from the newest checkpoint, never from a peer's
   snapshot.
 
@@ -87,12 +87,3 @@ def raised_in_collective(exc: BaseException) -> bool:
             return True
         frame = frame.tb_next
     return False
-
-
-def fresh(task: Task, device: torch.device, seed: int) -> tuple[nn.Module, torch.optim.Optimizer, Any | None]:
-    """An unsharded model (the initial weights, as every rank builds them), its optimizer and scheduler: the
-    target of a load, sharded at the next join."""
-    torch.manual_seed(seed)
-    module = task.build_model(device)
-    optimizer = task.build_optimizer(module)
-    return module, optimizer, task.build_scheduler(optimizer)

@@ -20,7 +20,6 @@ import torch
 
 from trainer import sharding
 from trainer.api import Task
-from trainer.checkpoint.initial import load_initial_weights
 from trainer.checkpoint.rng import derive_seed
 from trainer.config import Config
 from trainer.data import GlobalBatchSampler, split
@@ -88,18 +87,9 @@ class Worker(WorkerState):
                 f"allowed there: {sorted(str(d) for d in self.adapter.supported_dtypes())}"
             )
         self.task: Task = build_task(cfg)
-        # Same seed on every rank and family: the initial model is identical everywhere.
-        torch.manual_seed(cfg.train.seed)
-        self.module: torch.nn.Module = self.task.build_model(self.device)
-        if cfg.train.init_weights:
-            load_initial_weights(self.module, cfg.train.init_weights)
-        #: What the train step calls: ``module`` itself, or a DDP wrapper of it after :meth:`attach`.
-        self.model: torch.nn.Module = self.module
-        self.buffers = list(self.module.buffers())
+        self.build_initial()
         #: Set by the gradient all-reduce when it fails: an error in the step is then not the user's.
         self.collective_failed = False
-        self.optimizer = self.task.build_optimizer(self.module)
-        self.scheduler = self.task.build_scheduler(self.optimizer)
         self.nonfinite = NonFiniteSteps(cfg.train.max_nonfinite_steps)
         self.scaler = self.adapter.grad_scaler(enabled=self.dtype == torch.float16)
         self.data = DataPositions(self.task.train_dataset(), cfg.train.seed, self.task.collate)
@@ -122,7 +112,7 @@ class Worker(WorkerState):
         if world_size == 1:
             self.model = self.module
             return
-        if self.config.train.parallelism == "fsdp":
+        if self.config.train.sharded:
             self.after_load()
             self.model = self.module
             return

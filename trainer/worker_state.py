@@ -72,21 +72,27 @@ class WorkerState:
             state.tensors = sharding.gathered(state.tensors)
         return state
 
+    def build_initial(self) -> None:
+        """The model (the initial weights), its optimizer and scheduler, unsharded and unwrapped."""
+        # Same seed on every rank and family: the initial model is identical everywhere.
+        torch.manual_seed(self.config.train.seed)
+        self.module = self.task.build_model(self.device)
+        if self.config.train.init_weights:
+            load_initial_weights(self.module, self.config.train.init_weights)
+        #: What the train step calls: ``module`` itself, or a DDP wrapper of it after ``attach``.
+        self.model = self.module
+        self.buffers = list(self.module.buffers())
+        self.optimizer = self.task.build_optimizer(self.module)
+        self.scheduler = self.task.build_scheduler(self.optimizer)
+
     def before_load(self) -> None:
         """FSDP: a load goes into a fresh unsharded model (a sharded one takes no full state, and once its
         group is gone it holds nothing usable); :meth:`after_load` shards it again in a live group."""
-        if not sharding.is_sharded(self.module):
-            return
-        self.module, self.optimizer, self.scheduler = sharding.fresh(
-            self.task, self.device, self.config.train.seed
-        )
-        if self.config.train.init_weights:
-            load_initial_weights(self.module, self.config.train.init_weights)
-        self.model = self.module
-        self.buffers = list(self.module.buffers())
+        if sharding.is_sharded(self.module):
+            self.build_initial()
 
     def after_load(self) -> None:
-        if self.config.train.parallelism == "fsdp" and self.attached and self.world_size > 1:
+        if self.config.train.sharded and self.attached and self.world_size > 1:
             self.optimizer, self.scheduler = sharding.shard(
                 self.module, self.optimizer, self.scheduler, self.task, self.dtype
             )

@@ -83,9 +83,19 @@ class RunRecovery(RunEndings):
         size = self.group.size if self.group is not None else self.config.cluster.workers
         self.journal.record("group_rebuild", family=self.family, step=self.step, reason=why)
         self.progress.message(f"rebuilding the {self.family} group: {why}")
+        if self.group is not None and self.held is None:
+            self.held = self.hold_newest(self.group.live_steps(), evaluate=True)
+        loaded = self._relaunch()
+        if isinstance(loaded, State):
+            return loaded
+        self._recovered("rebuild", [], loaded, previous, started)
+        self._record_size(f"rebuilt after: {why}", size)
+        return self.handover.check_parity() or State.RUNNING
+
+    def _relaunch(self) -> Loaded | State:
+        """Stop the group, start the family again at :meth:`launchable_size`, give it the newest state and form
+        it; what it loaded, or (the family cannot start one) the state the policy's decision leads to."""
         if self.group is not None:
-            if self.held is None:
-                self.held = self.hold_newest(self.group.live_steps(), evaluate=True)
             self.group.shutdown()
             self.group = None
         try:
@@ -95,9 +105,7 @@ class RunRecovery(RunEndings):
         loaded = self.load_newest()
         assert self.group is not None
         self.group.form(self.collective_timeout())
-        self._recovered("rebuild", [], loaded, previous, started)
-        self._record_size(f"rebuilt after: {why}", size)
-        return self.handover.check_parity() or State.RUNNING
+        return loaded
 
     def launchable_size(self) -> int:
         """The world size to start the family with: ``cluster.workers`` if its capacity holds them, else (with
@@ -114,21 +122,13 @@ class RunRecovery(RunEndings):
         member's state (where the launch gets fewer, at what the family holds)."""
         assert self.group is not None
         started, previous = time.monotonic(), self.group.size
-        if self.config.train.parallelism == "fsdp" and self.saves.last_saved != self.step:
-            self.saves.save(
-                self.saves.writers(self.members), self.step
-            )  # sharded: handed on through a checkpoint
+        if self.config.train.sharded and self.saves.last_saved != self.step:  # handed on through a checkpoint
+            self.saves.save(self.saves.writers(self.members), self.step)
         self.saves.flush(self.members[0], self.step)  # a checkpoint being written commits first
         self.held = self.hold_newest(self.group.live_steps())
-        self.group.shutdown()
-        self.group = None
-        try:
-            self.launch(self.family, workers=self.launchable_size(), form=False)
-        except DeviceUnavailableError as exc:  # taken by another job meanwhile: the policy decides
-            return self.on_event(FailureKind.FAMILY_UNAVAILABLE, (), str(exc))
-        self.load_newest()
-        assert self.group is not None
-        self.group.form(self.collective_timeout())
+        loaded = self._relaunch()  # the family taken by another job meanwhile: the policy decides
+        if isinstance(loaded, State):
+            return loaded
         self._record_size("capacity for the missing workers is back", previous, time.monotonic() - started)
         return State.RUNNING
 
@@ -179,13 +179,12 @@ class RunRecovery(RunEndings):
     def hold_newest(self, steps: dict[int, int | None], evaluate: bool = False) -> HeldState | None:
         """A live member's snapshot (see :func:`~trainer.cluster.newest_state.hold_newest`); None with sharded
         state (FSDP): no member holds it whole, and a group that lost a rank cannot gather it any more."""
-        if self.config.train.parallelism == "fsdp":
+        if self.config.train.sharded:
             return None
         return hold_newest(self.members, steps, evaluate)
 
     def evaluate(self) -> float:
-        writers = self.saves.writers(self.members)
-        return float(ray.get([m.evaluate.remote() for m in writers])[0])
+        return self.saves.evaluate(self.saves.writers(self.members))
 
     def load_newest(self) -> Loaded:
         """Give the group the held live state (else the newest checkpoint, else none); the step follows it."""

@@ -56,7 +56,7 @@ class Saves:
     def writers(self, members: list[Any], rank: int = 0) -> list[Any]:
         """Who takes part in a save of the group's state: the member of ``rank`` (replicas hold the same
         state), or with sharded state (``train.parallelism=fsdp``) every member, rank 0 writing."""
-        return list(members) if self.config.train.parallelism == "fsdp" else [members[rank]]
+        return list(members) if self.config.train.sharded else [members[rank]]
 
     def save(self, writers: list[Any], step: int, metrics: dict[str, float] | None = None) -> None:
         """``writers`` (see :meth:`writers`) stage a checkpoint of ``step``; it commits in the background."""
@@ -74,12 +74,17 @@ class Saves:
     def finish(self, writers: list[Any], step: int) -> tuple[float, dict[str, Any]]:
         """The run's end: the held-out loss, the final checkpoint (unless ``step`` is saved already), committed;
         returns the loss and the goodput account."""
-        eval_loss = float(ray.get([m.evaluate.remote() for m in writers])[0])
+        eval_loss = self.evaluate(writers)
         if self.last_saved != step:
             self.save(writers, step, {"eval_loss": eval_loss})
         self.flush(writers[0], step)
         self.sink.eval_loss(eval_loss)
         return eval_loss, self.record_goodput()
+
+    @staticmethod
+    def evaluate(writers: list[Any]) -> float:
+        """The held-out loss of the group's state, from ``writers`` (see :meth:`writers`): rank 0's answer."""
+        return float(ray.get([m.evaluate.remote() for m in writers])[0])
 
     def final(self, writers: list[Any], step: int, timeout_s: float) -> tuple[int | None, str]:
         """Save ``step`` now (unless it is saved already) and wait for the commit, for at most ``timeout_s``:

@@ -141,7 +141,7 @@ def validate(cfg: DictConfig | Config) -> Config:
         _plugin_node(group, getattr(typed, group))
     if typed.task is not None:
         _plugin_node("task", typed.task)
-    if typed.train.parallelism == "fsdp" and typed.device.precision == "fp16":
+    if typed.train.sharded and typed.device.precision == "fp16":
         raise ConfigError(
             "train.parallelism=fsdp with device.precision=fp16 is not supported (its loss scaling over sharded "
             "gradients is not implemented); allowed: fp32 or bf16 with fsdp, or train.parallelism=ddp"

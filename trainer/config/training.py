@@ -186,3 +186,8 @@ class TrainConfig:
             self.max_nonfinite_steps >= 1,
             "an integer >= 1",
         )
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the group's state is sharded over its ranks (``parallelism=fsdp``): no rank holds it whole."""
+        return self.parallelism == "fsdp"
