@@ -18,7 +18,9 @@ from trainer.checkpoint import CheckpointManager, Restored, TrainingProgress
 from trainer.checkpoint import state as portable
 from trainer.checkpoint.async_writer import AsyncCheckpointer
 from trainer.checkpoint.initial import load_initial_weights
+from trainer.checkpoint.objects import redact
 from trainer.checkpoint.rng import derive_seed
+from trainer.checkpoint.sharded import RankPart, manifest_header, split
 from trainer.config import Config, to_container
 from trainer.devices import DeviceAdapter
 from trainer.errors import ConfigError
@@ -58,9 +60,10 @@ class WorkerState:
             metrics={"loss": self.last_loss, **(metrics or {})},
         )
 
-    def capture(self) -> portable.PortableState:
+    def capture(self, *, gather: bool = True) -> portable.PortableState:
         """The whole training state, tensors not yet copied: model, optimizer, scaler, scheduler, the task's
-        extra state. Sharded (FSDP), every tensor is gathered whole: every rank of the group must call it."""
+        extra state. Sharded (FSDP), every tensor is gathered whole: every rank of the group must call it;
+        without ``gather`` the sharded tensors stay this rank's DTensors (no collective)."""
         state = portable.capture(
             self.module,
             self.optimizer,
@@ -68,7 +71,7 @@ class WorkerState:
             self.scheduler,
             self.nonfinite.with_state(self.task.extra_state()),
         )
-        if sharding.is_sharded(self.module):
+        if gather and sharding.is_sharded(self.module):
             state.tensors = sharding.gathered(state.tensors)
         return state
 
@@ -119,14 +122,43 @@ class WorkerState:
             to_container(self.config),
         )
 
-    def restore(self, manager: CheckpointManager) -> Restored | None:
+    def save_part_async(
+        self, checkpointer: AsyncCheckpointer, directory: Path, metrics: dict[str, float] | None = None
+    ) -> tuple[Future[RankPart], dict[str, Any] | None]:
+        """Sharded state (FSDP): stage this rank's shards (blocks only for the copy, no collective) and write
+        them into ``directory``, a sharded checkpoint's private directory, in the background. Returns the
+        future of this rank's :class:`~trainer.checkpoint.sharded.RankPart` and, on rank 0, the manifest's
+        header (else None); the party that commits needs every rank's part and the header."""
+        state = self.capture(gather=False)
+        header = None
+        if self.rank == 0:
+            header = manifest_header(
+                state,
+                self.adapter.name,
+                self.adapter.rng_key(),
+                self.adapter.describe(),
+                self._progress(metrics),
+                redact(to_container(self.config)),
+            )
+        part = checkpointer.save_part(
+            directory,
+            self.rank,
+            split(state.tensors, self.rank),
+            self.adapter.rng_key(),
+            self.adapter.get_rng_state(self.device),
+        )
+        return part, header
+
+    def restore(self, manager: CheckpointManager, *, clean: bool = True) -> Restored | None:
+        """Restore the newest good checkpoint (see ``CheckpointManager.restore``; ``clean``: remove the
+        leftovers of interrupted saves first — not while a save of the group may be in flight)."""
         self.before_load()
         try:
-            return self._restore(manager)
+            return self._restore(manager, clean)
         finally:
             self.after_load()
 
-    def _restore(self, manager: CheckpointManager) -> Restored | None:
+    def _restore(self, manager: CheckpointManager, clean: bool) -> Restored | None:
         restored = manager.restore(
             self.module,
             self.optimizer,
@@ -138,6 +170,7 @@ class WorkerState:
             seed=self.config.train.seed,
             scheduler=self.scheduler,
             extra=self.task.extra_state(),
+            clean=clean,
         )
         if restored is not None:
             self.task.load_extra_state(self.nonfinite.take_state(restored.extra))

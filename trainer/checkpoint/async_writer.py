@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from trainer.checkpoint.manager import CheckpointManager, TrainingProgress
+from trainer.checkpoint.manager import CheckpointManager, TrainingProgress, write_failure
+from trainer.checkpoint.sharded import RankPart, SplitState, write_part
 from trainer.checkpoint.staging import StagingBuffers
 from trainer.checkpoint.state import PortableState
 from trainer.devices import DeviceAdapter
@@ -34,7 +35,8 @@ class AsyncCheckpointer:
     def __init__(self, manager: CheckpointManager) -> None:
         self.manager = manager
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
-        self._pending: Future[Path | str] | None = None
+        #: The pending write: a whole checkpoint's (its path) or one rank's part of a sharded one.
+        self._pending: Future[Any] | None = None
         self._retaining: Future[None] | None = None
         #: The host copy of the state that every save (and :meth:`stage`) reuses.
         self.staging = StagingBuffers()
@@ -86,6 +88,48 @@ class AsyncCheckpointer:
         self.last_blocking_s = time.perf_counter() - started
         return pending
 
+    def save_part(
+        self,
+        directory: Path,
+        rank: int,
+        state: SplitState,
+        rng_key: str,
+        rng_states: dict[str, torch.Tensor],
+    ) -> Future[RankPart]:
+        """Stage this rank's share of a sharded checkpoint and write it into ``directory`` in the background
+        (see :mod:`~trainer.checkpoint.sharded`); the future yields the :class:`RankPart` for the committing
+        party, or raises :class:`CheckpointWriteError`. Nothing is committed here."""
+        started = time.perf_counter()
+        try:
+            self.wait()
+        except CheckpointWriteError as exc:
+            log.error("%s", exc)
+            self.failures.append(exc)
+        staged = self._stage(state.tensors)
+        device = next(iter(state.tensors.values())).device if state.tensors else torch.device("cpu")
+        if device.type != "cpu":
+            torch.get_device_module(device.type).synchronize(device)
+        rng = {k: v.clone() for k, v in rng_states.items()}
+        pending = self._pool.submit(
+            self._write_part, directory, rank, SplitState(staged, dict(state.placements)), rng_key, rng
+        )
+        self._pending, self._retaining = pending, None
+        self.last_blocking_s = time.perf_counter() - started
+        return pending
+
+    def _write_part(
+        self, directory: Path, rank: int, state: SplitState, rng_key: str, rng: dict[str, torch.Tensor]
+    ) -> RankPart:
+        try:
+            return write_part(directory, rank, state, rng_key, rng, direct=self.manager.direct_io)
+        except BaseException as exc:
+            cause = write_failure(exc)
+            if cause is None:
+                raise
+            raise CheckpointWriteError(
+                f"rank {rank} could not write its shards into {directory}: {cause}; nothing was committed"
+            ) from exc
+
     def _retain_after(self, save: Future[Path | str]) -> None:
         if save.exception() is None:
             self.manager.retain(save.result())
@@ -116,9 +160,9 @@ class AsyncCheckpointer:
         """Bytes of tensor state in the staging buffers (the last save's size)."""
         return sum(t.numel() * t.element_size() for t in self.staging.tensors.values())
 
-    def wait(self) -> Path | str | None:
+    def wait(self) -> Any:
         """Block until the pending save (if any) has committed and old checkpoints are deleted; re-raise
-        the save's error."""
+        the save's error. Returns its committed path (a rank's :class:`RankPart` for :meth:`save_part`)."""
         pending, self._pending = self._pending, None
         retaining, self._retaining = self._retaining, None
         try:
@@ -127,7 +171,7 @@ class AsyncCheckpointer:
             if retaining is not None:
                 retaining.result()
 
-    def close(self) -> Path | str | None:
+    def close(self) -> Any:
         """Finish the pending save and stop the writer thread."""
         try:
             return self.wait()

@@ -27,6 +27,7 @@ from trainer.checkpoint.dcp_writer import DigestingWriter
 from trainer.checkpoint.manifest import Manifest, checksum_files
 from trainer.checkpoint.objects import ObjectStore, local_path, redact, scheme
 from trainer.checkpoint.safe_dcp import SafeFileSystemReader, TensorOnlyLoadPlanner
+from trainer.checkpoint.sharded import manifest_header
 from trainer.checkpoint.store import CheckpointStore
 from trainer.devices import DeviceAdapter
 from trainer.errors import CheckpointCorruptError, CheckpointWriteError, NoCheckpointError
@@ -143,7 +144,7 @@ class CheckpointManager:
         except BaseException as exc:
             free = shutil.disk_usage(tmp).free if tmp.exists() else None
             self.store.abandon(tmp)
-            cause = _write_failure(exc)
+            cause = write_failure(exc)
             if cause is None:
                 raise
             needed = sum(t.numel() * t.element_size() for t in state.tensors.values())
@@ -168,27 +169,8 @@ class CheckpointManager:
         config: dict[str, Any],
         digests: dict[str, dict[str, Any]],
     ) -> Manifest:
-        return Manifest(
-            step=progress.step,
-            samples_seen=progress.samples_seen,
-            world_size=progress.world_size,
-            family=adapter.name,
-            rng_key=adapter.rng_key(),
-            torch_version=torch.__version__,
-            adapter=adapter.describe(),
-            tensors={
-                k: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
-                for k, t in state.tensors.items()
-            },
-            optimizer=state.optimizer,
-            scaler=state.scaler,
-            task_state=state.task_state,
-            config=config,
-            files=checksum_files(directory, digests),
-            history=list(progress.history),
-            metrics=dict(progress.metrics),
-            created_at=time.time(),
-        )
+        header = manifest_header(state, adapter.name, adapter.rng_key(), adapter.describe(), progress, config)
+        return Manifest(**header, files=checksum_files(directory, digests), created_at=time.time())
 
     def has_checkpoints(self) -> bool:
         return bool(self.store.committed())
@@ -206,11 +188,14 @@ class CheckpointManager:
         seed: int = 0,
         scheduler: Any | None = None,
         extra: dict[str, Any] | None = None,
+        clean: bool = True,
     ) -> Restored | None:
         """Restore the newest good checkpoint into the live objects; None when the directory has none.
         ``extra`` is the task's current extra state (the shapes of its tensors); the restored one is returned
-        in :attr:`Restored.extra`."""
-        self.store.remove_partial()
+        in :attr:`Restored.extra`. ``clean`` first removes the leftovers of interrupted saves: a group's
+        members pass False (a save of the group may be in flight; its driver cleans at the start)."""
+        if clean:
+            self.store.remove_partial()
         candidates = self.store.candidates()
         if not candidates:
             return None
@@ -310,7 +295,7 @@ def read_tensors(path: Path, into: dict[str, torch.Tensor], format_version: int)
         raise CheckpointCorruptError(f"{path}: DCP could not read the tensors ({exc})") from None
 
 
-def _write_failure(exc: BaseException) -> BaseException | None:
+def write_failure(exc: BaseException) -> BaseException | None:
     """The error that kept the files from being written: an I/O error, or any error of DCP's writers
     (a full disk surfaces there as a RuntimeError of the serialiser). None for anything else."""
     if isinstance(exc, OSError):

@@ -1,0 +1,159 @@
+"""Sharded checkpoints in three real processes joined by gloo: each rank writes only its own shards (no
+collective after the state is staged), one party merges the parts and commits, and the checkpoint reads
+back whole on one process, through the export command and with stock DCP; a damaged shard of one rank is
+found by its digest."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.multiprocessing as mp
+
+from trainer.checkpoint import CheckpointManager
+from trainer.checkpoint.async_writer import AsyncCheckpointer
+from trainer.checkpoint.export import export
+from trainer.checkpoint.sharded import RankPart, commit_parts
+from trainer.checkpoint.store import CheckpointStore
+from trainer.errors import CheckpointCorruptError, CheckpointWriteError
+from trainer.testing.configs import make_config
+from trainer.testing.s3 import free_port
+from trainer.worker import Worker
+
+WORLD = 3
+OVERRIDES = (
+    "device=cpu",
+    "model.n_layer=2",
+    "model.n_embd=16",
+    "model.seq_len=8",
+    "train.global_batch_size=6",
+    "train.parallelism=fsdp",
+    "monitoring=off",
+)
+
+
+def _rank(rank: int, port: int, directory: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    worker = Worker(make_config(*OVERRIDES))
+    worker.setup()
+    worker.attach(rank, WORLD)
+    for _ in range(2):
+        worker.train_step()
+    checkpointer = AsyncCheckpointer(CheckpointManager(Path(directory).parent))
+    future, header = worker.save_part_async(checkpointer, Path(directory), {"eval_loss": 1.5})
+    whole = {k: t.clone() for k, t in worker.capture().tensors.items()}  # collective: the reference
+    dist.destroy_process_group()  # the group goes; the write does not need it
+    part = future.result()
+    with open(os.path.join(out, f"part{rank}.pkl"), "wb") as f:
+        pickle.dump({"part": part, "header": header, "blocking_s": checkpointer.last_blocking_s}, f)
+    if rank == 0:
+        torch.save(whole, os.path.join(out, "whole.pt"))
+    checkpointer.close()
+
+
+def _parts(out: Path) -> tuple[list[RankPart], dict]:
+    loaded = [pickle.loads((out / f"part{r}.pkl").read_bytes()) for r in range(WORLD)]
+    return [x["part"] for x in loaded], loaded[0]["header"]
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Three ranks train two steps and write their shards into one private directory of a store."""
+    root = tmp_path_factory.mktemp("sharded")
+    store = CheckpointStore(root / "checkpoints")
+    directory = store.begin(2)
+    mp.spawn(_rank, args=(free_port(), str(directory), str(root)), nprocs=WORLD)
+    return root, directory
+
+
+def test_each_rank_writes_only_its_own_shards_and_a_commit_makes_one_checkpoint(
+    sharded: tuple[Path, Path],
+) -> None:
+    root, directory = sharded
+    parts, header = _parts(root)
+    assert header is not None and header["world_size"] == WORLD
+    for part in parts:  # rank k's files only, named as DCP names a rank's files
+        assert {n for n in part.files if n.endswith(".distcp")} and all(
+            n.startswith(f"__{part.rank}_") or n == f"rng/rank_{part.rank:05d}.json" for n in part.files
+        )
+    shard_bytes = [sum(v["bytes"] for n, v in p.files.items() if n.endswith(".distcp")) for p in parts]
+    assert min(shard_bytes) > 0
+    assert not (directory / ".metadata").exists()  # nothing committed, no index yet
+    assert CheckpointStore(directory.parent).committed() == []
+
+    final = commit_parts(CheckpointStore(directory.parent), directory, parts, header, WORLD)
+    assert final.name == "step_000000002" and not directory.exists()
+    assert (directory.parent / "latest").read_text().strip() == final.name
+    manifest = CheckpointStore(final.parent).verify(final)  # every rank's file listed with its digest
+    assert {n for p in parts for n in p.files} | {".metadata"} == set(manifest.files)
+    assert manifest.metrics["eval_loss"] == 1.5 and manifest.world_size == WORLD
+
+    whole = torch.load(root / "whole.pt", weights_only=True)
+    # One process restores it whole: DCP assembles every tensor from the ranks' chunks.
+    single = Worker(make_config(*OVERRIDES))
+    single.setup()
+    restored = single.restore(CheckpointManager(final.parent))
+    assert restored is not None and single.step == 2
+    state = single.capture().tensors
+    assert state.keys() == whole.keys()
+    for key, tensor in whole.items():
+        assert torch.equal(state[key], tensor), key
+
+    # Stock DCP reads the model half, and the export command writes a plain state dict.
+    model = {
+        k.removeprefix("model."): torch.empty_like(t) for k, t in whole.items() if k.startswith("model.")
+    }
+    dcp.load({"model": model}, checkpoint_id=final, no_dist=True)
+    assert all(torch.equal(model[k], whole["model." + k]) for k in model)
+    done = export(final, root / "model.pt")
+    exported = torch.load(done.out, weights_only=True)
+    assert all(torch.equal(exported[k], model[k]) for k in model)
+
+
+def test_a_missing_rank_part_or_a_stray_file_is_not_committed(
+    tmp_path: Path, sharded: tuple[Path, Path]
+) -> None:
+    root, _ = sharded
+    parts, header = _parts(root)
+    store = CheckpointStore(tmp_path / "checkpoints")
+    directory = store.begin(2)
+    with pytest.raises(CheckpointWriteError, match=r"parts from ranks \[0, 2\], expected one from each of 3"):
+        commit_parts(store, directory, [parts[0], parts[2]], header, WORLD)
+    assert store.committed() == []
+
+
+def test_a_damaged_shard_of_one_rank_is_found_and_the_previous_checkpoint_is_used(
+    tmp_path: Path, sharded: tuple[Path, Path]
+) -> None:
+    root, _ = sharded
+    committed = root / "checkpoints"
+    [first] = CheckpointStore(committed).committed()
+    # A second checkpoint: a copy of the first under the next step's name, its manifest rewritten.
+    import shutil
+
+    from trainer.checkpoint.manifest import Manifest
+
+    second = committed / "step_000000004"
+    shutil.copytree(first, second)
+    manifest = Manifest.read(second)
+    manifest.step = 4
+    manifest.write(second)
+    (committed / "latest").write_text(second.name + "\n")
+    shard = second / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+    with pytest.raises(CheckpointCorruptError, match=r"__1_0\.distcp: checksum"):
+        CheckpointStore(committed).verify(second)
+    worker = Worker(make_config(*OVERRIDES))
+    worker.setup()
+    restored = worker.restore(CheckpointManager(committed))
+    assert restored is not None and restored.path == first and worker.step == 2
+    assert [Path(p).name for p, _ in restored.skipped] == [second.name]
