@@ -1,6 +1,8 @@
 """Sharded state (``train.parallelism=fsdp``, torch's ``fully_shard``) on a real local Ray with gloo: a lost
-worker's run finishes equal to an uninterrupted one, and a sharded run's checkpoint resumes on another
-world size (and as DDP, and on one process) with the update of one process over the same samples."""
+worker's run finishes equal to an uninterrupted one; every rank writes its own shards and the driver
+commits one checkpoint listing them all; a save that loses a rank before its commit is abandoned; a sharded
+run's checkpoint resumes on another world size (and on one process, and through the export command) with
+the update of one process over the same samples, passing over a checkpoint with a damaged shard."""
 
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from trainer.checkpoint.store import CheckpointStore
 from trainer.errors import ExitCode
+from trainer.export import main as export_main
 from trainer.job import run
 from trainer.testing.configs import make_config
 from trainer.testing.runs import events
@@ -41,12 +45,22 @@ def _group(workers: int, *extra: str) -> tuple[str, ...]:
     )
 
 
-def test_a_killed_fsdp_worker_is_replaced_and_the_run_matches_an_uninterrupted_one(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """The final state of an uninterrupted 3-rank FSDP run."""
+    clean = make_config(*_group(3))
+    run_dir = tmp_path_factory.mktemp("clean")
+    assert run(clean, run_dir=run_dir) == ExitCode.FINISHED
+    return restored_state(clean, run_dir / "checkpoints")
+
+
+def test_a_killed_fsdp_worker_is_replaced_and_the_run_matches_an_uninterrupted_one(
+    tmp_path: Path, uninterrupted: dict[str, torch.Tensor]
+) -> None:
     """Rank 1 of 3 SIGKILLed before step 7: its shards are gone with it, so the group resumes from the
     checkpoint of step 4 (no member holds the state whole), repeats steps 5-6, and ends bit for bit where
     the uninterrupted run ends (same world size, same order of every reduction)."""
     clean = make_config(*_group(3))
-    assert run(clean, run_dir=tmp_path / "clean") == ExitCode.FINISHED
     killed = make_config(*_group(3, "faults.kill_rank=1", "faults.kill_at_step=7"))
     assert run(killed, run_dir=tmp_path / "killed") == ExitCode.FINISHED
 
@@ -54,32 +68,68 @@ def test_a_killed_fsdp_worker_is_replaced_and_the_run_matches_an_uninterrupted_o
     assert failure["kind"] == "worker_lost" and failure["ranks"] == [1]
     [recovered] = events(tmp_path / "killed", "recovered")
     assert recovered["state_from"] == "disk checkpoint" and recovered["step"] == 4
-    a = restored_state(clean, tmp_path / "clean" / "checkpoints")
     b = restored_state(clean, tmp_path / "killed" / "checkpoints")
-    assert int(a["step"]) == int(b["step"]) == 16
-    assert mismatched(a, b) == []
+    assert int(uninterrupted["step"]) == int(b["step"]) == 16
+    assert mismatched(uninterrupted, b) == []
+    # Each rank wrote its own shards; one manifest lists every rank's files with their digests.
+    store = CheckpointStore(tmp_path / "killed" / "checkpoints")
+    manifest = store.verify(store.committed()[-1])
+    assert {n.split("_")[2] for n in manifest.files if n.endswith(".distcp")} == {"0", "1", "2"}
+    assert {n for n in manifest.files if n.startswith("rng/")} == {f"rng/rank_0000{r}.json" for r in range(3)}
+
+
+def test_a_save_that_loses_a_rank_before_its_commit_is_abandoned(
+    tmp_path: Path, uninterrupted: dict[str, torch.Tensor]
+) -> None:
+    """Rank 0 dies after writing its shards of step 8, before handing them over: that save is abandoned
+    (never committed, its directory removed) and the group resumes from step 4, ending where the
+    uninterrupted run ends."""
+    clean = make_config(*_group(3))
+    caught = make_config(*_group(3, "faults.kill_during_checkpoint_step=8"))
+    assert run(caught, run_dir=tmp_path / "caught") == ExitCode.FINISHED
+    [abandoned] = [e for e in events(tmp_path / "caught", "checkpoint_failed") if "abandoned" in e["error"]]
+    assert "step 8" in abandoned["error"] and "rank 0 was lost" in abandoned["error"]
+    [recovered] = events(tmp_path / "caught", "recovered")
+    assert recovered["step"] == 4
+    store = CheckpointStore(tmp_path / "caught" / "checkpoints")
+    assert not [p for p in store.root.iterdir() if p.name.startswith(".tmp-")]
+    for path in store.committed():
+        store.verify(path)
+    assert mismatched(uninterrupted, restored_state(clean, store.root)) == []
 
 
 def test_a_sharded_checkpoint_resumes_on_other_world_sizes_as_one_process_would_train(tmp_path: Path) -> None:
     """3 sharded ranks to step 8, then 2 sharded ranks to 12, then one process to 16 — against one process
-    all the way (SGD: the rounding of the averaged gradients stays small)."""
+    all the way (SGD: the rounding of the averaged gradients stays small). Rank 1's shard file of step 8 is
+    damaged before the 2-rank run: its digest gives it away, and the run resumes from step 4."""
     sgd = ("optim=sgd", "optim.lr=0.05")
     single = make_config(*JOB, *sgd)
     assert run(single, run_dir=tmp_path / "single") == ExitCode.FINISHED
 
     mixed = tmp_path / "mixed"
     assert run(make_config(*_group(3, *sgd, "train.steps=8")), run_dir=mixed) == ExitCode.FINISHED
+    shard = mixed / "checkpoints" / "step_000000008" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    # The export command passes over it too, and writes the model of step 4 whole.
+    assert export_main([str(mixed), str(tmp_path / "model.pt")]) == 0
+    exported = torch.load(tmp_path / "model.pt", weights_only=True)
+
     assert run(make_config(*_group(2, *sgd, "train.steps=12")), run_dir=mixed) == ExitCode.FINISHED
+    [skipped] = events(mixed, "checkpoint_skipped")
+    assert skipped["path"].endswith("step_000000008") and "__1_0.distcp" in skipped["reason"]
     assert run(single, run_dir=mixed) == ExitCode.FINISHED
-    assert [e["step"] for e in events(mixed, "resumed")] == [8, 12]
+    assert [e["step"] for e in events(mixed, "resumed")] == [4, 12]
 
     reference = restored_state(single, tmp_path / "single" / "checkpoints")
     state = restored_state(single, mixed / "checkpoints")
     assert int(state["step"]) == 16
     for key in reference:
         torch.testing.assert_close(state[key], reference[key], rtol=1e-4, atol=1e-5, msg=key)
-    # The checkpoints hold whole tensors, in the format a DDP run writes: the model's full shapes.
+    # Read back from the ranks' shards, the tensors are whole: the model's full shapes.
     assert state["model/blocks.0.attn.qkv.weight"].shape == reference["model/blocks.0.attn.qkv.weight"].shape
+    assert exported["blocks.0.attn.qkv.weight"].shape == reference["model/blocks.0.attn.qkv.weight"].shape
 
 
 def test_fsdp_with_fp16_is_refused_naming_what_is_allowed() -> None:

@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,13 +27,15 @@ import torch.distributed as dist
 from trainer.checkpoint import CheckpointManager
 from trainer.checkpoint.async_writer import AsyncCheckpointer
 from trainer.checkpoint.lease import Fence
+from trainer.checkpoint.sharded import RankPart
 from trainer.cluster.leaving import watch_terminate
+from trainer.cluster.saves import shards_per_rank
 from trainer.config import from_container
 from trainer.devices.join import join_group
 from trainer.devices.sim import SIM_VISIBLE_DEVICES_ENV
 from trainer.errors import CheckpointWriteError, UserCodeError
 from trainer.sharding import is_sharded
-from trainer.worker import Worker
+from trainer.worker import Worker, host_values
 
 _Call = TypeVar("_Call", bound=Callable[..., Any])
 
@@ -101,6 +104,8 @@ class WorkerActor:
         #: The step to stop after (preemption), set by stop_after() while a chunk runs; None: none.
         self.stop_step: int | None = None
         self.checkpointer: AsyncCheckpointer | None = None
+        #: Sharded saves being written, by their directory: this rank's part, for the committing driver.
+        self.parts: dict[str, tuple[Future[RankPart], int]] = {}
         # SIGTERM to this process: a planned removal (trainer.cluster.leaving), not a crash.
         watch_terminate(self.config.checkpoint.preempt_grace_s)
 
@@ -173,7 +178,7 @@ class WorkerActor:
         return {
             "ok": True,
             "step": self.worker.step,
-            "losses": losses,
+            "losses": host_values(losses),  # the chunk's one read of its losses from the device
             "step_times": times,
             "compute_times": compute,
             "elapsed_s": time.perf_counter() - start,
@@ -225,8 +230,11 @@ class WorkerActor:
 
     @_fault_point
     def restore(self, root: str, keep_last: int) -> dict[str, Any] | None:
+        # Leftovers of interrupted saves are the driver's to remove when every rank writes (one of the group's
+        # saves may be in flight); else as before, by each member.
+        clean = not shards_per_rank(self.config, root)
         with self.loading:
-            restored = self.worker.restore(self._manager(root, keep_last))
+            restored = self.worker.restore(self._manager(root, keep_last), clean=clean)
             self.holds_state = True  # the checkpoint's state, or the initial state when there is none
         if restored is None:
             return None
@@ -261,8 +269,7 @@ class WorkerActor:
             self.worker.evaluate()
             self.worker.capture()
             return {"committed": None, "failed": None, "blocking_s": 0.0, "bytes": 0}
-        if self.checkpointer is None or self.checkpointer.manager.root != root:
-            self.checkpointer = AsyncCheckpointer(self._manager(root, keep_last))
+        self.checkpointer = self._checkpointer(root, keep_last)
         previous = self.flush()
         self.checkpointer.manager.store.fence = fence
         if self.armed and self.config.faults.kill_during_checkpoint_step == self.worker.step:
@@ -274,6 +281,49 @@ class WorkerActor:
             "blocking_s": self.checkpointer.last_blocking_s,
             "bytes": self.checkpointer.staged_bytes,
         }
+
+    def _checkpointer(self, root: str, keep_last: int) -> AsyncCheckpointer:
+        if self.checkpointer is None or self.checkpointer.manager.root != root:
+            if self.checkpointer is not None:
+                self.checkpointer.close()
+            self.checkpointer = AsyncCheckpointer(self._manager(root, keep_last))
+        return self.checkpointer
+
+    @_fault_point
+    def save_shards(
+        self, root: str, keep_last: int, directory: str, metrics: dict[str, float] | None = None
+    ) -> dict[str, Any]:
+        """Sharded state (FSDP), every rank: stage this rank's shards and return once the copy is done; they
+        are written into ``directory`` (the checkpoint's private directory, from the driver) in the
+        background, with no collective, and :meth:`written` hands over what was written. The driver commits
+        once every rank's part is in (:mod:`trainer.checkpoint.sharded`). Rank 0's reply carries the
+        manifest's ``header``; every reply the time this call blocked training and the bytes staged."""
+        checkpointer = self._checkpointer(root, keep_last)
+        # The held-out loss at this step (a collective forward under FSDP: every rank takes part) is the
+        # reference for a parity check after a later hand-over.
+        metrics = {"eval_loss": self.worker.evaluate(), **(metrics or {})}
+        part, header = self.worker.save_part_async(checkpointer, Path(directory), metrics)
+        self.parts[directory] = (part, self.worker.step)
+        return {
+            "header": header,
+            "step": self.worker.step,
+            "blocking_s": checkpointer.last_blocking_s,
+            "bytes": checkpointer.staged_bytes,
+        }
+
+    def written(self, directory: str) -> dict[str, Any]:
+        """Wait for this rank's part of the sharded save into ``directory``: ``{"part": RankPart}``, or
+        ``{"failed": why}`` when it could not be written."""
+        if directory not in self.parts:
+            return {"failed": f"rank {self.worker.rank} staged no shards for {directory}"}
+        part, step = self.parts.pop(directory)
+        try:
+            done = part.result()
+        except CheckpointWriteError as exc:
+            return {"failed": str(exc)}
+        if self.armed and self.config.faults.kill_during_checkpoint_step == step and self.worker.rank == 0:
+            os.kill(os.getpid(), signal.SIGKILL)  # injected fault: shards written aside, never reported
+        return {"part": done}
 
     @staticmethod
     def _die_before_commit(checkpointer: AsyncCheckpointer) -> None:
@@ -296,7 +346,7 @@ class WorkerActor:
             path = self.checkpointer.wait()
         except CheckpointWriteError as exc:
             return {"committed": None, "failed": str(exc)}
-        if path is None:
+        if path is None or isinstance(path, RankPart):  # a rank's part: the driver commits (written())
             return {"committed": None, "failed": None}
         return {
             "committed": str(path),

@@ -189,6 +189,7 @@ class RunRecovery(RunEndings):
     def load_newest(self) -> Loaded:
         """Give the group the held live state (else the newest checkpoint, else none); the step follows it."""
         keep = self.config.checkpoint.keep_last
+        self.saves.settle()  # a sharded save every rank wrote commits first, and is the one restored
         loaded = load(self.members, self.held, str(self.checkpoint_root), keep)
         self.held = None
         self.step = loaded.step

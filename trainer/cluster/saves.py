@@ -1,24 +1,42 @@
-"""The driver's side of a group run's checkpoints: rank 0 stages one (replicas hold the same state; sharded
-state is gathered by every rank for it) and writes it in the background; this books what each background
-write did and what the saves cost."""
+"""The driver's side of a group run's checkpoints, and what each save cost.
+
+Replicated state (DDP): rank 0 stages a checkpoint (the replicas hold the same state) and writes and commits
+it in the background. Sharded state (``train.parallelism=fsdp``) on a shared directory: every rank stages its
+own shards and writes them in the background into one private directory that the driver made; the driver
+collects every rank's part (files and digests) on a thread of its own and commits the checkpoint once all
+are in — or abandons it, removing the directory, when a rank was lost or failed to write before that (see
+:mod:`trainer.checkpoint.sharded`). Sharded state on object storage is still gathered by every rank and
+written by rank 0."""
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import ray
 
 from trainer.checkpoint.lease import Fence
-from trainer.checkpoint.objects import scheme
+from trainer.checkpoint.objects import local_path, scheme
+from trainer.checkpoint.sharded import commit_parts
+from trainer.checkpoint.store import CheckpointStore
 from trainer.config import Config
-from trainer.errors import ConfigError
+from trainer.errors import CheckpointWriteError, ConfigError
 from trainer.goodput import Goodput
 from trainer.journal import Journal
 from trainer.metrics import MetricsSink
 from trainer.progress import Progress
+
+log = logging.getLogger(__name__)
+
+
+def shards_per_rank(config: Config, checkpoint_root: str) -> bool:
+    """Whether each rank writes its own shards (sharded state, a checkpoint directory every node mounts);
+    else rank 0 writes the whole state."""
+    return config.train.sharded and scheme(checkpoint_root) is None
 
 
 class Saves:
@@ -37,11 +55,25 @@ class Saves:
         self.last_saved = -1
         #: The driver's lease fence, handed to the member that commits (None: no lease).
         self.fence: Fence | None = None
+        #: Each rank writes its shards, the driver commits (see :func:`shards_per_rank`).
+        self.per_rank = shards_per_rank(config, checkpoint_root)
+        self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-commit")
+        #: The sharded save being written and committed: its outcome (as a member's ``flush`` reports it).
+        self._pending: Future[dict[str, Any]] | None = None
+        self._pending_step = -1
+
+    def _store(self) -> CheckpointStore:
+        store = CheckpointStore(Path(local_path(self.checkpoint_root)), self.config.checkpoint.keep_last)
+        store.fence = self.fence
+        return store
 
     def restore(self, members: list[Any]) -> int:
         """Every member restores the newest good checkpoint (damaged newer ones are skipped and reported);
         returns its step, 0 without one."""
         keep = self.config.checkpoint.keep_last
+        if self.per_rank:  # the members leave leftovers of interrupted saves to the driver
+            for path in self._store().remove_partial():
+                log.info("removed %s, the leftover of an interrupted save", path)
         restored = ray.get([m.restore.remote(str(self.checkpoint_root), keep) for m in members])
         if restored[0] is None:
             return 0
@@ -60,6 +92,9 @@ class Saves:
 
     def save(self, writers: list[Any], step: int, metrics: dict[str, float] | None = None) -> None:
         """``writers`` (see :meth:`writers`) stage a checkpoint of ``step``; it commits in the background."""
+        if self.per_rank:
+            self._save_shards(writers, step, metrics)
+            return
         keep = self.config.checkpoint.keep_last
         started = time.monotonic()
         refs = [m.save.remote(str(self.checkpoint_root), keep, metrics, self.fence) for m in writers]
@@ -70,6 +105,46 @@ class Saves:
         self.last_saved = step
         self.journal.record("checkpoint_started", step=step, blocking_s=reply["blocking_s"])
         self.record_goodput()
+
+    def _save_shards(self, writers: list[Any], step: int, metrics: dict[str, float] | None) -> None:
+        """Every rank stages its shards of ``step`` (the call returns after the copies) and writes them into
+        a fresh private directory; a thread of the driver commits the checkpoint once every rank's part is
+        in (:meth:`_commit`). The previous sharded save is settled first: commits never overlap."""
+        self.settle()
+        keep = self.config.checkpoint.keep_last
+        store = self._store()
+        directory = store.begin(step)
+        started = time.monotonic()
+        calls = [m.save_shards.remote(self.checkpoint_root, keep, str(directory), metrics) for m in writers]
+        ray.wait(calls, num_returns=len(calls))  # every rank staged its shards, or failed to
+        # Asked even when a rank failed to stage: the commit thread then abandons the save, but only once every
+        # rank still writing into the directory is done with it.
+        written = [m.written.remote(str(directory)) for m in writers]
+        answers = [_value(c) for c in calls]
+        header = answers[0]["header"] if answers[0] is not None else None
+        self._pending = self._committer.submit(_commit, store, directory, written, header, len(writers))
+        self._pending_step = step
+        # A rank's error reaches the caller as before (a lost worker: the policy decides).
+        replies = ray.get(calls)
+        blocking = max(r["blocking_s"] for r in replies)
+        self.goodput.bad("checkpoint", time.monotonic() - started)
+        self.sink.checkpoint("save", blocking, sum(int(r["bytes"]) for r in replies), step)
+        self.last_saved = step
+        self.journal.record(
+            "checkpoint_started",
+            step=step,
+            blocking_s=blocking,
+            blocking_s_per_rank=[r["blocking_s"] for r in replies],
+        )
+        self.record_goodput()
+
+    def settle(self, timeout_s: float | None = None) -> None:
+        """Wait (at most ``timeout_s``) for the sharded save in flight to be committed or abandoned, and book
+        its outcome; nothing to do without one. Call before the group restores from the checkpoints, so that a
+        save all ranks wrote is the one restored."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self.committed(pending.result(timeout=timeout_s), self._pending_step)
 
     def finish(self, writers: list[Any], step: int) -> tuple[float, dict[str, Any]]:
         """The run's end: the held-out loss, the final checkpoint (unless ``step`` is saved already), committed;
@@ -98,7 +173,11 @@ class Saves:
         return step, ""
 
     def flush(self, member: Any, step: int, timeout_s: float | None = None) -> None:
-        """Wait for ``member``'s background save and book its outcome."""
+        """Wait for ``member``'s background save (with sharded state: the driver's commit) and book its
+        outcome."""
+        if self.per_rank:
+            self.settle(timeout_s)
+            return
         self.committed(ray.get(member.flush.remote(), timeout=timeout_s), step)
 
     def committed(self, reply: dict[str, Any], step: int) -> None:
@@ -118,6 +197,55 @@ class Saves:
         self.journal.record("goodput", **totals)
         self.sink.goodput(totals["ratio"], totals["badput_s"])
         return totals
+
+
+def _value(ref: Any) -> dict[str, Any] | None:
+    """What the finished call ``ref`` returned; None when it raised (the rank was lost, a collective failed)."""
+    try:
+        return dict(ray.get(ref))
+    except ray.exceptions.RayError:
+        return None
+
+
+def _commit(
+    store: CheckpointStore,
+    directory: Path,
+    written: list[Any],
+    header: dict[str, Any] | None,
+    world_size: int,
+) -> dict[str, Any]:
+    """On the driver's commit thread: wait for every rank's part of the sharded save in ``directory``, then
+    commit it and delete checkpoints beyond ``keep_last``; a save that lost a rank (or one that could not be
+    written) is abandoned, its directory removed once no rank writes into it any more. Returns the outcome
+    as a member's ``flush`` does: ``committed`` and ``committed_bytes``, or ``failed``."""
+    ray.wait(written, num_returns=len(written))  # every rank done with the directory, or gone
+    answers: list[dict[str, Any]] = []
+    for rank, ref in enumerate(written):
+        try:
+            answers.append(ray.get(ref))
+        except ray.exceptions.RayError as exc:
+            answers.append({"failed": f"rank {rank} was lost ({type(exc).__name__})"})
+    failed = [a["failed"] for a in answers if "failed" in a]
+    if header is None and not failed:
+        failed = ["rank 0 did not stage the checkpoint"]
+    try:
+        if failed:
+            raise CheckpointWriteError("; ".join(failed))
+        assert header is not None
+        final = commit_parts(store, directory, [a["part"] for a in answers], header, world_size)
+    except CheckpointWriteError as exc:
+        store.abandon(directory)
+        return {
+            "committed": None,
+            "failed": f"the sharded checkpoint of step {header['step'] if header else '?'} was abandoned, nothing "
+            f"committed: {exc}",
+        }
+    try:
+        store.retain(final)
+    except OSError as exc:
+        log.warning("could not delete old checkpoints in %s: %s", store.root, exc)
+    total = sum(f["bytes"] for a in answers for f in a["part"].files.values())
+    return {"committed": str(final), "committed_bytes": total, "failed": None}
 
 
 def check_shared(checkpoint_root: str, actors: list[Any]) -> None:
