@@ -7,15 +7,17 @@ How the sharded state survives, in this version:
   the built-in GPT's blocks) and then the whole model are sharded over the new group; the optimizer is built
   again over the sharded parameters and given the state the unsharded one had (a full, FQN-keyed state
   dict, each rank keeping its slice), the scheduler follows it.
-- **Checkpoints** hold the full, unsharded state, in the same format as a DDP run's: every rank takes part
-  in gathering each tensor (:func:`gathered`, a collective), rank 0 writes. So an FSDP checkpoint resumes
-  on any world size, on another family, or with DDP, and the other way round.
+- **Checkpoints** are written by every rank: each writes the shards it holds with DCP, and the driver
+  commits one checkpoint listing every rank's files (:mod:`trainer.checkpoint.sharded`). DCP reassembles the
+  whole tensors on load, so an FSDP checkpoint resumes on any world size, on another family, or with DDP,
+  and the other way round. On object storage the state is still gathered whole for a save (:func:`gathered`,
+  a collective) and rank 0 writes it.
 - **Loads** (a checkpoint, a hand-over) go into a fresh unsharded model (``WorkerState.before_load``), which
   the next join shards. A group that lost a rank cannot gather its state any more (the lost rank held a slice of it), so
   its members hold nothing to hand over: recovery comes from the newest checkpoint, never from a peer's
   snapshot.
 
-Not yet: each rank writing its own shards (the full state is gathered on every rank for a save), a copy of
+Not yet: loading only each rank's slice (every rank reads the whole state, then keeps its shards), a copy of
 a buddy rank's shards for recovery without the checkpoint, and the progress marks, compute times and
 injected link faults that DDP's communication hook gives (under FSDP a step is one phase, "compute").
 """
