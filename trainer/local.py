@@ -7,8 +7,10 @@ and resumes from the newest good checkpoint when the run directory already has o
 from __future__ import annotations
 
 import contextlib
+import statistics
 import time
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.checkpoint import CheckpointManager, Restored
@@ -22,7 +24,7 @@ from trainer.metrics import MetricsSink, report_task_metrics
 from trainer.nonfinite import report_skipped
 from trainer.preemption import Preemption, record_preempted
 from trainer.progress import Progress
-from trainer.worker import Worker
+from trainer.worker import StepResult, Worker, host_values
 
 
 def run_in_process(
@@ -55,30 +57,24 @@ def run_in_process(
     checkpointer = AsyncCheckpointer(manager)
     progress = Progress(steps, config.train.log_interval)
     tokens_per_sample = int(getattr(worker.data.dataset, "seq_len", 0))
+    pending = _Pending(config.train.global_batch_size, tokens_per_sample, worker.adapter.name)
     try:
         while worker.step < steps:
             result = worker.train_step()
+            pending.results.append(result)
             goodput.productive(result.step_time_s)
             if worker.nonfinite.since(result.step - 1):
                 report_skipped([result.step], worker.adapter.name, journal, sink)
-            samples = config.train.global_batch_size
-            sink.steps(
-                result.step,
-                result.loss,
-                [result.step_time_s],
-                samples,
-                samples * tokens_per_sample,
-                {0: result.step_time_s},
-            )
-            progress.update(
-                result.step, result.loss, samples / max(result.step_time_s, 1e-9), worker.adapter.name, 0
-            )
+            lease_lost = lease is not None and lease.lost.is_set()
             if result.step % config.train.log_interval == 0 or result.step == steps:
+                pending.report(sink, progress)
                 report_task_metrics(result.step, worker.task_metrics(), journal, sink)
+            elif preemption.requested or lease_lost:
+                pending.report(sink, progress)
             if interval and result.step % interval == 0 and result.step < steps:
                 _checkpoint(worker, checkpointer, journal, sink, goodput, config.checkpoint.async_save)
                 last_saved = result.step
-            if lease is not None and lease.lost.is_set():
+            if lease_lost:
                 journal.record(
                     "lease_lost", step=worker.step, reason="another driver took this run's lease over"
                 )
@@ -123,6 +119,35 @@ def run_in_process(
     print(f"goodput: {totals['ratio']:.1%} of {totals['wall_s']:.1f} s")
     print(f"the run lives in {home} (journal.jsonl; checkpoints: {manager.root})")
     return ExitCode.FINISHED
+
+
+@dataclass
+class _Pending:
+    """Steps done whose losses are still on the device: reported together, with one read of the losses, at
+    each log line (the training loop never waits for the device to report a step)."""
+
+    samples: int
+    tokens_per_sample: int
+    family: str
+    results: list[StepResult] = field(default_factory=list)
+
+    def report(self, sink: MetricsSink, progress: Progress) -> None:
+        if not self.results:
+            return
+        losses = host_values([r.loss for r in self.results])
+        times = [r.step_time_s for r in self.results]
+        n = len(self.results)
+        sink.steps(
+            self.results[-1].step,
+            losses[-1],
+            times,
+            self.samples * n,
+            self.samples * self.tokens_per_sample * n,
+            {0: statistics.median(times)},
+        )
+        for result, loss in zip(self.results, losses, strict=True):
+            progress.update(result.step, loss, self.samples / max(result.step_time_s, 1e-9), self.family, 0)
+        self.results.clear()
 
 
 def _report_restore(restored: Restored, worker: Worker, journal: Journal) -> None:

@@ -9,8 +9,10 @@ uninterrupted one reads. The skipped steps are part of the run's state (checkpoi
 reported at the end of each chunk, and once ``train.max_nonfinite_steps`` consecutive steps are skipped
 the run stops as a user error: the model has diverged, and no other device will do better.
 
-The decision is read on the host once per step, before the optimizer step (the step already reads its
-loss; this read comes earlier in the step, not in addition). Under fp16 the GradScaler's own overflow
+The decision is read on the host once per step, before the optimizer step: it is the step's one wait for
+the device (losses stay on the device and are read once per chunk or log line), as GradScaler's read of its
+``found_inf`` is under fp16. Skipping the optimizer and scheduler steps exactly, for any optimizer, needs
+the decision on the host before them. Under fp16 the GradScaler's own overflow
 skips are such steps too: while it lowers its scale, a few consecutive ones are normal.
 """
 

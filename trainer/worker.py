@@ -24,6 +24,7 @@ from trainer.checkpoint.rng import derive_seed
 from trainer.config import Config
 from trainer.data import GlobalBatchSampler, split
 from trainer.data.positions import DataPositions, to_device
+from trainer.data.prefetch import Prefetcher
 from trainer.devices import DeviceAdapter, get_adapter
 from trainer.errors import ConfigError, UserCodeError
 from trainer.faults import CollectiveFaults
@@ -38,7 +39,8 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 @dataclass(frozen=True)
 class StepResult:
     step: int
-    loss: float
+    #: The step's loss, still on the device: read it with :func:`host_values`, many steps at once.
+    loss: torch.Tensor
     step_time_s: float
     samples: int
     #: Seconds from the start of the step to its first gradient collective (the whole step without one).
@@ -61,7 +63,7 @@ class Worker(WorkerState):
         self.step = 0
         self.samples_seen = 0
         self.history: list[dict[str, Any]] = []
-        self.last_loss = float("nan")
+        self._last_loss: float | torch.Tensor = float("nan")
         #: What this rank is doing, for hang detection: step, phase (idle/compute/collective), since when.
         self.progress: dict[str, Any] = {"step": 0, "phase": "idle", "since": time.time()}
         self.compute_s = float("nan")
@@ -93,6 +95,8 @@ class Worker(WorkerState):
         self.nonfinite = NonFiniteSteps(cfg.train.max_nonfinite_steps)
         self.scaler = self.adapter.grad_scaler(enabled=self.dtype == torch.float16)
         self.data = DataPositions(self.task.train_dataset(), cfg.train.seed, self.task.collate)
+        pin = self.device.type != "cpu"  # page-locked batches: the copy to an accelerator does not block
+        self.prefetch = Prefetcher(self.data.batch, pin=pin, enabled=cfg.train.prefetch)
         #: Whether the task owns the whole step (it overrides ``train_step``).
         self.manual_step = type(self.task).train_step is not Task.train_step
         self.sampler = GlobalBatchSampler(cfg.train.global_batch_size, self.rank, self.world_size)
@@ -188,6 +192,17 @@ class Worker(WorkerState):
             seed=self.config.faults.seed,
         )
 
+    @property
+    def last_loss(self) -> float:
+        """The last step's loss. The step leaves it on the device; it is read here, when first asked for."""
+        if isinstance(self._last_loss, torch.Tensor):
+            self._last_loss = float(self._last_loss)
+        return self._last_loss
+
+    @last_loss.setter
+    def last_loss(self, value: float | torch.Tensor) -> None:
+        self._last_loss = value
+
     def mark(self, phase: str) -> None:
         self.progress = {"step": self.step, "phase": phase, "since": time.time()}
 
@@ -200,50 +215,61 @@ class Worker(WorkerState):
         self.model.train()
         if self.extra_compute_s > 0:
             time.sleep(self.extra_compute_s)  # injected straggler: this device computes slowly
-        indices = self.sampler.indices(self.step)
+        micro = self._micro_indices(self.step)
+        batches = [self._user("train_dataset or collate", self.prefetch.get, m) for m in micro]
+        if self.step + 1 < self.config.train.steps:
+            self.prefetch.ahead(self._micro_indices(self.step + 1))  # collated while this step trains
         self.optimizer.zero_grad(set_to_none=True)
         self.collective_failed = False
         if self.manual_step:  # the task owns the step; the framework's backward and optimizer step serve it
-            batch = self._batch(indices)
+            batch = to_device(batches[0], self.device)
             self._sync_buffers()
             with self.adapter.autocast(self.dtype):
                 loss = self._user("train_step", self.task.train_step, self.model, batch, self)
         else:
-            loss = self._accumulate(indices)
-        self.last_loss = float(loss.item())  # host/device sync point: the step is done after this
+            loss = self._accumulate(micro, batches)
+        # The loss stays on the device: the host reads it once per chunk or log line (host_values), and the
+        # step's one wait for the device is the non-finite check before the optimizer step.
+        self.last_loss = loss.detach()
         self.step += 1
         self.samples_seen += self.config.train.global_batch_size
         elapsed = time.perf_counter() - start
         self.mark("idle")
         compute = elapsed if self.compute_s != self.compute_s else self.compute_s  # NaN: no collective
-        return StepResult(self.step, self.last_loss, elapsed, self.sampler.local_batch_size, compute)
+        return StepResult(self.step, loss.detach(), elapsed, self.sampler.local_batch_size, compute)
 
-    def _accumulate(self, indices: list[int]) -> torch.Tensor:
+    def _micro_indices(self, step: int) -> list[list[int]]:
+        """This rank's global sample indices of ``step``, one list per micro-batch (one for a manual step)."""
+        indices = self.sampler.indices(step)
+        if self.manual_step:
+            return [indices]
+        micro, start = [], 0
+        for size in split(len(indices), self.config.train.grad_accum_steps):
+            micro.append(indices[start : start + size])
+            start += size
+        return micro
+
+    def _accumulate(self, micro: list[list[int]], batches: list[Any]) -> torch.Tensor:
         """The task's loss on ``train.grad_accum_steps`` micro-batches, one backward each (DDP all-reduces on
         the last one only), then one optimizer step; returns the mean loss."""
-        accum = self.config.train.grad_accum_steps
-        sizes = split(len(indices), accum)
-        losses, start = [], 0
-        for i, size in enumerate(sizes):
-            micro = self._batch(indices[start : start + size])
-            start += size
-            defer = i < accum - 1 and hasattr(self.model, "no_sync")  # DDP: no all-reduce until the last
+        sizes = [len(m) for m in micro]
+        total = sum(sizes)
+        losses = []
+        for i, (size, batch) in enumerate(zip(sizes, batches, strict=True)):
+            defer = i < len(sizes) - 1 and hasattr(self.model, "no_sync")  # DDP: no all-reduce until the last
             with self.model.no_sync() if defer else contextlib.nullcontext():  # type: ignore[operator]
                 self._sync_buffers()
                 with self.adapter.autocast(self.dtype):
-                    loss = self._user("loss", self.task.loss, self.model, micro)
+                    loss = self._user("loss", self.task.loss, self.model, to_device(batch, self.device))
                 # Each micro-batch's mean loss weighs its share of the global batch (1/accum when even).
-                self._weighted_backward(loss, self.sampler.share * Fraction(size, len(indices)))
+                self._weighted_backward(loss, self.sampler.share * Fraction(size, total))
             losses.append(loss.detach())
         self.optimizer_step()
-        if accum == 1:
+        if len(losses) == 1:
             return losses[0]
         if len(set(sizes)) == 1:
             return torch.stack(losses).mean()
-        return sum(loss * size for loss, size in zip(losses, sizes, strict=True)) / len(indices)
-
-    def _batch(self, indices: list[int]) -> Any:
-        return to_device(self._user("train_dataset or collate", self.data.batch, indices), self.device)
+        return sum(loss * size for loss, size in zip(losses, sizes, strict=True)) / total
 
     def _user(self, hook: str, fn: Any, *args: Any) -> Any:
         """Call the user's code. What it raises is a :class:`UserCodeError` naming the hook, the step and the
@@ -313,3 +339,10 @@ class Worker(WorkerState):
         ]
         with self.adapter.autocast(self.dtype):
             return float(self._user("evaluate", self.task.evaluate, self.module, batches))
+
+
+def host_values(losses: list[torch.Tensor]) -> list[float]:
+    """Step losses left on the device, read on the host in one transfer (one wait for the device)."""
+    if not losses:
+        return []
+    return [float(v) for v in torch.stack([loss.float() for loss in losses]).cpu().tolist()]

@@ -17,10 +17,15 @@ temp dir, as its README does. Ray runs from the repository root, so that its wor
 The JSON then also names the ``example`` and its ``task`` class, gives the task's sizes under ``model``
 (and the token counts under ``data`` for ``lm_tokens``); ``example`` is null for the built-in GPT.
 
+With ``--device cpu|cuda`` it measures one worker on one device instead: the toolkit in-process and on Ray
+against a plain loop of the same model without a per-step host read (``single_worker.py``, whose docstring
+says what a GPU machine needs installed).
+
 Interleaved A B A B …; prints JSON with medians and ``ratio`` = toolkit ÷ plain (goal ≤ 1.02).
 
     .venv/bin/python scripts/bench/overhead.py [--steps 120] [--repeats 3]
     .venv/bin/python scripts/bench/overhead.py --example digits|lm_tokens|snippets [--steps 120] [--repeats 3]
+    .venv/bin/python scripts/bench/overhead.py --device cpu|cuda [--steps 120] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import single_worker  # this script's directory: on the path when the script runs
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -192,7 +198,16 @@ def main() -> None:
         default=None,
         help="a task of examples/ (default: the built-in GPT)",
     )
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default=None,
+        help="one worker on this device: toolkit in-process and on Ray against a plain loop",
+    )
     args = parser.parse_args()
+    if args.device is not None:
+        print(json.dumps(single_worker.measure(args.device, args.steps, args.repeats, args.chunk), indent=2))
+        return
     if args.steps < WARMUP_STEPS + 2 * args.chunk:  # two heartbeats after the warm-up, or nothing to time
         parser.error(f"--steps={args.steps}: must be at least {WARMUP_STEPS} warm-up steps + 2 * --chunk")
     os.chdir(REPO)  # Ray's workers import ``examples`` from the directory Ray was started in

@@ -165,6 +165,10 @@ class TrainConfig:
     #: (torch's ``fully_shard``: parameters, gradients and optimizer state sharded over the ranks, each unit
     #: of ``Task.fsdp_units`` gathered for its forward and backward).
     parallelism: str = "ddp"
+    #: Collate the next step's batches on a background thread while the current step trains (pinned for an
+    #: accelerator), so the device never waits for data. The dataset and collate function must then not draw
+    #: from torch's global random generator (see :mod:`trainer.data.prefetch`); false: on the training thread.
+    prefetch: bool = True
 
     def __post_init__(self) -> None:
         _require("train.steps", self.steps, self.steps >= 1, "an integer >= 1")

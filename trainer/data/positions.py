@@ -22,17 +22,21 @@ class DataPositions:
     def __init__(self, dataset: Any, seed: int, collate: Callable[[list[Any]], Any]) -> None:
         self.dataset, self.seed, self.collate = dataset, seed, collate
         self.length: int | None = len(dataset) if hasattr(dataset, "__len__") else None
-        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.int64)
+        #: (epoch, its permutation), replaced as one value: the prefetch thread and the training thread may
+        #: both read it.
+        self._perm = (-1, torch.empty(0, dtype=torch.int64))
 
     def item(self, index: int) -> int:
         """The dataset item that global sample ``index`` reads."""
         if self.length is None:
             return index
         epoch, offset = divmod(index, self.length)
-        if epoch != self._epoch:
+        cached, perm = self._perm
+        if epoch != cached:
             g = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
-            self._epoch, self._perm = epoch, torch.randperm(self.length, generator=g)
-        return int(self._perm[offset])
+            perm = torch.randperm(self.length, generator=g)
+            self._perm = (epoch, perm)
+        return int(perm[offset])
 
     def batch(self, indices: list[int]) -> Any:
         """The collated batch of global samples ``indices`` (on the CPU)."""
@@ -43,19 +47,25 @@ class DataPositions:
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
-    """``batch`` with every tensor in it (nested in tuples, lists, dicts and dataclass instances) moved to
-    ``device``. A dataclass is rebuilt with ``dataclasses.replace``, so it keeps its type, as model libraries'
+    """``batch`` with every tensor in it moved to ``device`` (without the host waiting for the copy where the
+    tensor is pinned)."""
+    return map_tensors(batch, lambda t: t.to(device, non_blocking=True))
+
+
+def map_tensors(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``batch`` with ``fn`` applied to every tensor in it (nested in tuples, lists, dicts and dataclass
+    instances). A dataclass is rebuilt with ``dataclasses.replace``, so it keeps its type, as model libraries'
     batch and output objects expect."""
     if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
+        return fn(batch)
     if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
         fields = {
-            f.name: to_device(getattr(batch, f.name), device) for f in dataclasses.fields(batch) if f.init
+            f.name: map_tensors(getattr(batch, f.name), fn) for f in dataclasses.fields(batch) if f.init
         }
         return dataclasses.replace(batch, **fields)
     if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
+        return {k: map_tensors(v, fn) for k, v in batch.items()}
     if isinstance(batch, list | tuple):
-        moved = [to_device(v, device) for v in batch]
+        moved = [map_tensors(v, fn) for v in batch]
         return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
     return batch

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The checks that need an NVIDIA GPU, in one run, from the repository root of a machine with one:
+#   - the adapter conformance and read-ahead unit tests (the CUDA family's checks run there, skip here);
+#   - scripts/bench/overhead.py --device cuda: the toolkit's step, in-process and on Ray, against a plain
+#     loop of the same model on the GPU;
+#   - scripts/bench/checkpoint.py --device cuda: what a save blocks and what training loses to it, against
+#     the measured device-to-host copy time of the state.
+# Needs PyTorch with CUDA, pytest, numpy, xxhash, prometheus-client, hydra-core, omegaconf and ray. Where
+# some are missing, give a tarball of a site-packages folder holding them (unpacked to /tmp/site, put on
+# PYTHONPATH), e.g. built with `pip download --python-version 3.12 ...` and unzipped.
+#   scripts/bench/gpu_checks.sh OUT_DIR [SITE_TARBALL]
+# Writes gpu.txt, tests.txt, overhead_cuda.json, checkpoint_cuda.json and their .log files into OUT_DIR.
+set -uo pipefail
+out=${1:?usage: scripts/bench/gpu_checks.sh OUT_DIR [SITE_TARBALL]}
+mkdir -p "$out"
+export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
+if [ -n "${2:-}" ]; then
+    mkdir -p /tmp/site && tar xzf "$2" -C /tmp/site && export PYTHONPATH="/tmp/site:$PWD"
+fi
+py=${PYTHON:-python3}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/gpu.txt" 2>&1
+"$py" -c 'import torch, sys; print("torch", torch.__version__, "python", sys.version.split()[0], "cpus", __import__("os").cpu_count())' >>"$out/gpu.txt" 2>&1
+timeout 180 "$py" -m pytest -q -p no:cacheprovider tests/unit/test_adapter_conformance.py tests/unit/test_prefetch.py \
+    >"$out/tests.txt" 2>&1
+echo "tests: exit $?" >>"$out/tests.txt"
+timeout 300 "$py" scripts/bench/overhead.py --device cuda --steps "${STEPS:-200}" --repeats "${REPEATS:-3}" \
+    >"$out/overhead_cuda.json" 2>"$out/overhead_cuda.log"
+echo "overhead: exit $?" >>"$out/gpu.txt"
+timeout 240 "$py" scripts/bench/checkpoint.py --device cuda --megabytes "${MEGABYTES:-2000}" --repeats "${REPEATS:-3}" \
+    >"$out/checkpoint_cuda.json" 2>"$out/checkpoint_cuda.log"
+echo "checkpoint: exit $?" >>"$out/gpu.txt"
+cat "$out"/*.json "$out/gpu.txt"

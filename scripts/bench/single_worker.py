@@ -1,0 +1,196 @@
+"""One worker on one device (``overhead.py --device cpu|cuda``): the toolkit's step against a plain loop of the
+same model, optimizer, clipping and data on the same device, in the same process, interleaved.
+
+* **plain loop** (the reference): the built-in GPT, AdamW, gradient clipping, the same synthetic samples read
+  ahead by a ``torch.utils.data.DataLoader`` (one worker process, pinned memory on a GPU, non-blocking copies)
+  and no host read per step — what a careful user writes. Seconds per step between two device
+  synchronisations, after a warm-up. Also reported: the same loop reading its loss every step
+  (``loss.item()``), the habit most loops have.
+* **toolkit in-process**: ``trainer.job.run`` with ``cluster=local`` (Prometheus exporter on, checkpoints,
+  probes and the final evaluation off). Seconds per step = (wall time of a run of ``warm-up + steps`` steps -
+  wall time of a run of ``warm-up`` steps) ÷ ``steps``: start-up, warm-up and the end of the run cancel out.
+* **toolkit on Ray**: ``cluster=ray_local`` with one worker and no spare; seconds per step from the journal's
+  heartbeats after the warm-up (as the 2-worker mode). Skipped, and said so, where Ray is not installed.
+
+A GPU machine needs PyTorch with CUDA, ``hydra-core``, ``omegaconf``, ``prometheus-client``, ``xxhash`` and
+``numpy`` (and ``ray`` for the Ray mode); the project itself is imported from the repository.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from trainer.config import Config
+from trainer.data import GlobalBatchSampler
+from trainer.errors import ExitCode
+from trainer.job import run
+from trainer.journal import Journal
+from trainer.tasks import build_task
+from trainer.testing.configs import make_config
+
+#: Per device: the model preset and global batch, sized so that one step takes ≥ 10 ms.
+WORKLOADS = {"cpu": ("gpt_tiny", 32), "cuda": ("gpt_small", 32)}
+WARMUP_STEPS = 20
+
+
+def overrides(device: str, steps: int, ray: bool, chunk: int) -> list[str]:
+    model, batch = WORKLOADS[device]
+    cluster = ["cluster=ray_local", "cluster.workers=1", "cluster.spares=0", f"cluster.chunk_steps={chunk}"]
+    return [
+        f"device={device}",
+        f"model={model}",
+        f"train.global_batch_size={batch}",
+        f"train.steps={steps}",
+        "train.eval_samples=0",
+        "checkpoint.interval_steps=0",
+        "probes.preflight=false",
+        "monitoring.port=0",
+        *(cluster if ray else ["cluster=local"]),
+    ]
+
+
+def _timed_run(config: Config) -> tuple[float, Path]:
+    work = Path(tempfile.mkdtemp(prefix="bench-single-"))
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON result
+        start = time.perf_counter()
+        code = run(config, run_dir=work)
+        wall = time.perf_counter() - start
+    if code != ExitCode.FINISHED:
+        raise RuntimeError(f"the toolkit's run ended with {code!r} (journal: {work / 'journal.jsonl'})")
+    return wall, work
+
+
+def toolkit_in_process_s(device: str, steps: int) -> float:
+    short, long_ = (
+        make_config(*overrides(device, n, False, 1)) for n in (WARMUP_STEPS, WARMUP_STEPS + steps)
+    )
+    walls = []
+    for config in (short, long_):
+        wall, work = _timed_run(config)
+        shutil.rmtree(work, ignore_errors=True)
+        walls.append(wall)
+    return (walls[1] - walls[0]) / steps
+
+
+def toolkit_ray_s(device: str, steps: int, chunk: int) -> float:
+    _, work = _timed_run(make_config(*overrides(device, WARMUP_STEPS + steps, True, chunk)))
+    try:
+        beats = [e for e in Journal(work / "journal.jsonl").read() if e["event"] == "heartbeat"]
+        steady = [b for b in beats if b["first_step"] > WARMUP_STEPS]
+        first, last = steady[0], steady[-1]
+        return float((last["time"] - first["time"]) / (last["step"] - first["step"]))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+class _Steps(torch.utils.data.Dataset[torch.Tensor]):
+    """Step ``s``'s global batch of the task's corpus, as the toolkit's sampler reads it."""
+
+    def __init__(self, config: Config, corpus: Any, steps: int) -> None:
+        self.corpus = corpus
+        self.sampler = GlobalBatchSampler(config.train.global_batch_size, 0, 1)
+        self.steps = steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, step: int) -> torch.Tensor:
+        return self.corpus.batch(self.sampler.indices(step))
+
+
+def plain_loop_s(device: str, steps: int, read_loss: bool) -> float:
+    config = make_config(*overrides(device, WARMUP_STEPS + steps, False, 1))
+    target = torch.device(device)
+    task = build_task(config)  # the built-in GPT's model, AdamW and corpus, as the toolkit builds them
+    model = task.build_model(target)
+    opt = task.build_optimizer(model)
+    loader = torch.utils.data.DataLoader(
+        _Steps(config, task.train_dataset(), WARMUP_STEPS + steps),
+        batch_size=None,
+        num_workers=1,
+        pin_memory=device == "cuda",
+        prefetch_factor=4,
+    )
+    sync: Callable[[], Any] = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    start = 0.0
+    for step, tokens in enumerate(loader):
+        if step == WARMUP_STEPS:
+            sync()
+            start = time.perf_counter()
+        tokens = tokens.to(target, non_blocking=True)
+        logits = model(tokens[:, :-1])
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
+        opt.step()
+        if read_loss:
+            loss.item()
+    sync()
+    return (time.perf_counter() - start) / steps
+
+
+def measure(device: str, steps: int, repeats: int, chunk: int) -> dict[str, Any]:
+    try:
+        import ray  # noqa: F401  (the Ray mode needs it; the rest does not)
+
+        with_ray = True
+    except ImportError:
+        with_ray = False
+    modes: dict[str, Callable[[], float]] = {
+        "plain_step_s": lambda: plain_loop_s(device, steps, read_loss=False),
+        "plain_read_loss_step_s": lambda: plain_loop_s(device, steps, read_loss=True),
+        "toolkit_in_process_step_s": lambda: toolkit_in_process_s(device, steps),
+    }
+    if with_ray:
+        modes["toolkit_ray_step_s"] = lambda: toolkit_ray_s(device, steps, chunk)
+    samples: dict[str, list[float]] = {k: [] for k in modes}
+    context = contextlib.nullcontext()
+    if with_ray:
+        from trainer.testing.local_ray import local_ray
+
+        context = local_ray()  # type: ignore[assignment]
+    with context:
+        for _ in range(repeats):
+            for name, measure_once in modes.items():  # interleaved: A B C A B C …
+                samples[name].append(measure_once())
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    plain = med["plain_step_s"]
+    ratios = {
+        "toolkit_in_process": med["toolkit_in_process_step_s"] / plain,
+        "plain_read_loss": med["plain_read_loss_step_s"] / plain,
+    }
+    if with_ray:
+        ratios["toolkit_ray"] = med["toolkit_ray_step_s"] / plain
+    model, batch = WORKLOADS[device]
+    goal_ray = 1.05 if device == "cpu" else 1.02
+    return {
+        "benchmark": "overhead_single_worker",
+        "device": device,
+        "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "model": model,
+        "global_batch": batch,
+        "steps": steps,
+        "warmup_steps": WARMUP_STEPS,
+        "repeats": repeats,
+        "ray": "measured" if with_ray else "not installed: Ray mode skipped",
+        "samples": samples,
+        "median": med,
+        "ratio": ratios,
+        "goal": {"toolkit_in_process": 1.02, "toolkit_ray": goal_ray, "step_s_min": 0.010},
+        "goal_met": {
+            "toolkit_in_process": ratios["toolkit_in_process"] <= 1.02,
+            **({"toolkit_ray": ratios["toolkit_ray"] <= goal_ray} if with_ray else {}),
+        },
+    }
