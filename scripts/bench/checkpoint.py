@@ -31,8 +31,23 @@ raw upload of the same number of bytes to the same server. ``--s3-test-server`` 
 server on 127.0.0.1 for the run (moto's, from the test extras) and makes the bucket; otherwise the
 credentials come from ``--storage-option key=value`` (repeatable) or the AWS environment.
 
+With ``--fsdp N`` the state is sharded over N processes joined by gloo (``fully_shard``, each block a unit),
+and the comparison is per rank, interleaved as above:
+
+* **A — the toolkit's sharded save**: each rank stages its own shards (the time it blocks) and writes them
+  in the background with no collective; the commit (merged ``.metadata``, manifest, fsync, rename) follows
+  once every rank's part is in. ``write`` is the time from the save call to the commit.
+* **B — a synchronous ``dcp.save``** of the same sharded state by every rank (DCP's collective save with its
+  own file writer, fsynced), the usual FSDP alternative; **B2** — gathering the state whole on every rank and
+  ``torch.save`` of it by rank 0, fsynced (what a user without DCP does).
+* **C — a raw write** by every rank at once of as many bytes as it holds, fsynced.
+
+``blocking_ratio`` = the slowest rank's blocking ÷ the slowest rank's B; ``write_throughput_ratio`` = C's
+time (slowest rank) ÷ A's write time.
+
     .venv/bin/python scripts/bench/checkpoint.py [--megabytes 600] [--repeats 3] [--device cpu|cuda]
     .venv/bin/python scripts/bench/checkpoint.py --dir s3://bench/ckpt --s3-test-server --megabytes 200
+    .venv/bin/python scripts/bench/checkpoint.py --fsdp 3 --megabytes 300
 """
 
 from __future__ import annotations
@@ -253,7 +268,13 @@ def main() -> None:
     )
     parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--s3-test-server", action="store_true", help="start a local S3 server for the run")
+    parser.add_argument("--fsdp", type=int, default=0, help="shard the state over N gloo processes (CPU)")
     args = parser.parse_args()
+    if args.fsdp:
+        from checkpoint_fsdp import main_fsdp  # the FSDP mode, in a file of its own
+
+        main_fsdp(args)
+        return
     if args.dir and args.dir.startswith("s3://"):
         with contextlib.ExitStack() as stack:
             options = dict(o.split("=", 1) for o in args.storage_option)
