@@ -73,6 +73,7 @@ class Worker(WorkerState):
         #: Injected hang inside the gradient collective of this step; set by fault injection only.
         self.hang_in_collective_at: int | None = None
         self.attached = False
+        self.staging = None
 
     # --- set-up --------------------------------------------------------------------------------------
     def setup(self, adapter: DeviceAdapter | None = None) -> None:

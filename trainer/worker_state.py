@@ -21,6 +21,7 @@ from trainer.checkpoint.initial import load_initial_weights
 from trainer.checkpoint.objects import redact
 from trainer.checkpoint.rng import derive_seed
 from trainer.checkpoint.sharded import RankPart, manifest_header, split
+from trainer.checkpoint.staging import StagingBuffers
 from trainer.config import Config, to_container
 from trainer.devices import DeviceAdapter
 from trainer.errors import ConfigError
@@ -48,6 +49,8 @@ class WorkerState:
     dtype: torch.dtype
     #: In a process group now (between attach and detach).
     attached: bool
+    #: The staging buffers of the last background save, whose copies may still be in flight (CUDA).
+    staging: StagingBuffers | None
 
     # --- checkpoints ---------------------------------------------------------------------------------
     def _progress(self, metrics: dict[str, float] | None) -> TrainingProgress:
@@ -90,7 +93,10 @@ class WorkerState:
 
     def before_load(self) -> None:
         """FSDP: a load goes into a fresh unsharded model (a sharded one takes no full state, and once its
-        group is gone it holds nothing usable); :meth:`after_load` shards it again in a live group."""
+        group is gone it holds nothing usable); :meth:`after_load` shards it again in a live group. A save's
+        copies still reading the state land first."""
+        if self.staging is not None:
+            self.staging.fence()
         if sharding.is_sharded(self.module):
             self.build_initial()
 
@@ -113,13 +119,17 @@ class WorkerState:
     def save_async(
         self, checkpointer: AsyncCheckpointer, metrics: dict[str, float] | None = None
     ) -> Future[Path | str]:
-        """Stage a checkpoint (blocks only for the copy) and commit it in the background."""
+        """Stage a checkpoint (blocks only for the copy; on CUDA not even that: the copies of the
+        parameters and optimizer state overlap with training until the next optimizer step) and commit it
+        in the background."""
+        self.staging = checkpointer.staging
         return checkpointer.save(
             self.capture(),
             self.adapter.get_rng_state(self.device),
             self.adapter,
             self._progress(metrics),
             to_container(self.config),
+            overlap=self.optimizer,
         )
 
     def save_part_async(

@@ -104,9 +104,10 @@ def save_async(
     adapter = get_adapter(device.type)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     progress = TrainingProgress(step=step, samples_seen=step, world_size=1, seed=0)
-    return checkpointer.save(
-        capture(model, optimizer, scaler), adapter.get_rng_state(device), adapter, progress, {}
-    )
+    state = capture(model, optimizer, scaler)
+    # As a worker saves: on CUDA the copies of the parameters and optimizer state overlap with the next
+    # steps until the optimizer's next step.
+    return checkpointer.save(state, adapter.get_rng_state(device), adapter, progress, {}, overlap=optimizer)
 
 
 def cpu_seconds() -> float:

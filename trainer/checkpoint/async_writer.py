@@ -53,8 +53,11 @@ class AsyncCheckpointer:
         adapter: DeviceAdapter,
         progress: TrainingProgress,
         config: dict[str, Any],
+        overlap: torch.optim.Optimizer | None = None,
     ) -> Future[Path | str]:
         """Stage the state and write it in the background; the future yields the committed directory.
+        ``overlap``: the optimizer stepping this state, whose parameters' and state's copies may then run
+        alongside training until its next step (on CUDA; see :mod:`~trainer.checkpoint.staging`).
 
         A previous save that failed to write (:class:`CheckpointWriteError`, e.g. a full disk) does not stop
         this one: it is kept in :attr:`failures` for the caller to report. Other errors are raised.
@@ -65,10 +68,7 @@ class AsyncCheckpointer:
         except CheckpointWriteError as exc:
             log.error("%s", exc)
             self.failures.append(exc)
-        staged = self._stage(state.tensors)
-        device = next(iter(state.tensors.values())).device if state.tensors else torch.device("cpu")
-        if device.type != "cpu":
-            adapter.synchronize(device)  # the non-blocking copies must land before the writer reads
+        staged = self._stage(state.tensors, overlap)
         staged_state = PortableState(staged, state.optimizer, state.scaler, state.task_state)
         rng = {k: v.clone() for k, v in rng_states.items()}
         snapshot = TrainingProgress(
@@ -79,14 +79,16 @@ class AsyncCheckpointer:
             list(progress.history),
             dict(progress.metrics),
         )
-        pending = self._pool.submit(
-            self.manager.save, staged_state, rng, adapter, snapshot, config, retain=False
-        )
+        pending = self._pool.submit(self._write, staged_state, rng, adapter, snapshot, config)
         # The old checkpoints go after this one is reported committed, on the same thread.
         self._retaining = self._pool.submit(self._retain_after, pending)
         self._pending = pending
         self.last_blocking_s = time.perf_counter() - started
         return pending
+
+    def _write(self, *args: Any) -> Path | str:
+        self.staging.wait_copied()  # the non-blocking copies land before the writer reads them
+        return self.manager.save(*args, retain=False)
 
     def save_part(
         self,
@@ -106,9 +108,6 @@ class AsyncCheckpointer:
             log.error("%s", exc)
             self.failures.append(exc)
         staged = self._stage(state.tensors)
-        device = next(iter(state.tensors.values())).device if state.tensors else torch.device("cpu")
-        if device.type != "cpu":
-            torch.get_device_module(device.type).synchronize(device)
         rng = {k: v.clone() for k, v in rng_states.items()}
         pending = self._pool.submit(
             self._write_part, directory, rank, SplitState(staged, dict(state.placements)), rng_key, rng
@@ -121,6 +120,7 @@ class AsyncCheckpointer:
         self, directory: Path, rank: int, state: SplitState, rng_key: str, rng: dict[str, torch.Tensor]
     ) -> RankPart:
         try:
+            self.staging.wait_copied()
             return write_part(directory, rank, state, rng_key, rng, direct=self.manager.direct_io)
         except BaseException as exc:
             cause = write_failure(exc)
@@ -134,9 +134,17 @@ class AsyncCheckpointer:
         if save.exception() is None:
             self.manager.retain(save.result())
 
-    def _stage(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _stage(
+        self, tensors: dict[str, torch.Tensor], overlap: torch.optim.Optimizer | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Issue the copies; the host waits for them only where it reads them (``wait_copied``). Devices
+        other than CUDA, whose copies carry no events here, are synchronised now."""
         with self._lock:
-            return self.staging.copy(tensors)
+            staged = self.staging.copy(tensors, overlap)
+        device = next(iter(tensors.values())).device if tensors else torch.device("cpu")
+        if device.type not in ("cpu", "cuda"):
+            torch.get_device_module(device.type).synchronize(device)
+        return staged
 
     def stage(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Copy ``tensors`` into the staging buffers once the pending save is done with them, and return
@@ -145,9 +153,7 @@ class AsyncCheckpointer:
         Raises the pending save's error, like :meth:`wait`."""
         self.wait()
         staged = self._stage(tensors)
-        device = next(iter(tensors.values())).device if tensors else torch.device("cpu")
-        if device.type != "cpu":
-            torch.get_device_module(device.type).synchronize(device)
+        self.staging.wait_copied()
         return staged
 
     @property

@@ -10,11 +10,20 @@ worker needs for staging is exactly one copy of its state (:attr:`StagingBuffers
 
 Each staged tensor is handed out with a storage of its own over its slice of that allocation, so that
 ``torch.save`` and DCP write its bytes and no more (a view of a larger storage would be saved whole).
+
+On a CUDA device the copies of the tensors that only the optimizer's step changes (its parameters and its
+state; ``overlap`` below) run on a stream of their own, through the copy engine, alongside the next step's
+forward and backward: the device's current stream waits for them (on the device: the host never does) just
+before the optimizer's next step, by a step pre-hook on that optimizer. Everything else (buffers, which a
+forward may change, the task's extra tensors) is copied on the current stream, in order with training. The
+host waits only where it reads the copies: :meth:`StagingBuffers.wait_copied`, called by the writer thread.
+Other accelerators copy on their current stream and are synchronised by the caller.
 """
 
 from __future__ import annotations
 
 import ctypes
+from typing import Any
 
 import torch
 
@@ -32,27 +41,74 @@ class StagingBuffers:
         self._pinned = False
         #: The staged tensors, one own storage each, all inside one allocation.
         self.tensors: dict[str, torch.Tensor] = {}
+        self._stream: Any = None  # CUDA: the side stream of the overlapped copies (made on first use)
+        #: CUDA: events after the copies on the current stream and on the side stream.
+        self._copied: list[Any] = []
+        #: While overlapped copies may be in flight: the optimizer's step pre-hook and the side's event.
+        self._fence: tuple[Any, Any] | None = None
 
     @property
     def nbytes(self) -> int:
         """Host memory held for staging, in bytes."""
         return 0 if self._flat is None else self._flat.numel()
 
-    def copy(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def copy(
+        self, tensors: dict[str, torch.Tensor], overlap: torch.optim.Optimizer | None = None
+    ) -> dict[str, torch.Tensor]:
         """Copy ``tensors`` into the buffers (allocated on the first call, and again only when keys,
         shapes or dtypes change); returns the staged tensors by key, valid until the next copy.
-        Copies from an accelerator are issued non-blocking: synchronise the device before reading."""
+        Copies from an accelerator are issued non-blocking: call :meth:`wait_copied` before reading them.
+        ``overlap``: the optimizer whose parameters and state are among ``tensors``; on CUDA their copies
+        overlap with training until that optimizer's next step (see the module's docstring)."""
+        self.fence()  # a previous copy still in flight must land before these buffers are written again
         layout = [(k, t.shape, t.dtype) for k, t in tensors.items()]
         pinned = torch.cuda.is_available() and any(t.device.type != "cpu" for t in tensors.values())
         if layout != self._layout or pinned != self._pinned:
             self._allocate(layout, pinned)
+        side = self._side_stream(tensors, overlap)
+        stepped = _stepped_by(overlap) if side is not None else set()
         for key, tensor in tensors.items():
             source, target = tensor.detach(), self.tensors[key]
             if type(source) is torch.Tensor and source.device.type == "cpu" and source.is_contiguous():
                 ctypes.memmove(target.data_ptr(), source.data_ptr(), target.nbytes)
+            elif side is not None and source.data_ptr() in stepped:
+                with torch.cuda.stream(side):
+                    target.copy_(source, non_blocking=True)
+                source.record_stream(side)  # its memory is not reused before the side stream read it
             else:  # device tensors, strided ones, tensor subclasses: as torch copies them
                 target.copy_(source, non_blocking=source.device.type != "cpu")
+        self._copied = []
+        if any(t.device.type == "cuda" for t in tensors.values()):
+            self._copied.append(_recorded(torch.cuda.current_stream()))
+        if side is not None:
+            assert overlap is not None
+            self._copied.append(_recorded(side))
+            self._fence = (overlap.register_step_pre_hook(lambda *_: self.fence()), self._copied[-1])
         return dict(self.tensors)
+
+    def _side_stream(self, tensors: dict[str, torch.Tensor], overlap: Any) -> Any:
+        device = next((t.device for t in tensors.values() if t.device.type == "cuda"), None)
+        if overlap is None or device is None:
+            return None
+        if self._stream is None or self._stream.device != device:
+            self._stream = torch.cuda.Stream(device)
+        self._stream.wait_stream(torch.cuda.current_stream(device))  # the state as training left it
+        return self._stream
+
+    def fence(self) -> None:
+        """Make the device's current stream wait (on the device) for the overlapped copies; called by the
+        optimizer's step pre-hook, and before anything else writes the state in place (a load)."""
+        if self._fence is None:
+            return
+        hook, side_done = self._fence
+        self._fence = None
+        hook.remove()
+        torch.cuda.current_stream().wait_event(side_done)
+
+    def wait_copied(self) -> None:
+        """Block the calling thread until every copy of the last :meth:`copy` has landed in the buffers."""
+        for event in self._copied:
+            event.synchronize()
 
     def _allocate(self, layout: list[tuple[str, torch.Size, torch.dtype]], pinned: bool) -> None:
         self._flat, self.tensors = None, {}  # the old buffer goes before the new one comes
@@ -80,3 +136,21 @@ class StagingBuffers:
 
 def _element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+def _recorded(stream: Any) -> Any:
+    event = torch.cuda.Event()
+    event.record(stream)
+    return event
+
+
+def _stepped_by(optimizer: Any) -> set[int]:
+    """Addresses of the tensors ``optimizer.step()`` writes: its parameters and its state's tensors."""
+    addresses = set()
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            addresses.add(param.data_ptr())
+            addresses.update(
+                v.data_ptr() for v in optimizer.state.get(param, {}).values() if torch.is_tensor(v)
+            )
+    return addresses
