@@ -381,7 +381,12 @@ def main_on(args: argparse.Namespace, options: dict[str, str]) -> None:
         "lost_vs_torch_save": med["lost_s"] / med["torch_save_s"],
         "blocking_vs_memcpy": med["async_blocking_s"] / floor,
         "blocking_ratio": med["async_blocking_s"] / med["torch_save_s"],
-        "goals": {"write_throughput_ratio_min": 0.9, "lost_vs_memcpy_max": 1.2, "blocking_ratio_max": 0.05},
+        # On a GPU the copy overlaps with training: what is lost must stay under a quarter of the copy.
+        "goals": {
+            "write_throughput_ratio_min": 0.9,
+            "lost_vs_memcpy_max": 0.25 if bandwidth is not None else 1.2,
+            "blocking_ratio_max": 0.05,
+        },
         "machine": {
             "cpus": os.cpu_count(),
             "training_threads": torch.get_num_threads(),
@@ -398,7 +403,7 @@ def main_on(args: argparse.Namespace, options: dict[str, str]) -> None:
         result["d2h_GBps"] = bandwidth / 1e9
     result["goals_met"] = {
         "write_throughput_ratio": result["write_throughput_ratio"] >= 0.9,
-        "lost_vs_memcpy": result["lost_vs_memcpy"] <= 1.2,
+        "lost_vs_memcpy": result["lost_vs_memcpy"] <= result["goals"]["lost_vs_memcpy_max"],
         "blocking_ratio": result["blocking_ratio"] <= 0.05,
     }
     print(json.dumps(result, indent=2))

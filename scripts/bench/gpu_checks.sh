@@ -4,7 +4,8 @@
 #   - scripts/bench/overhead.py --device cuda: the toolkit's step, in-process and on Ray, against a plain
 #     loop of the same model on the GPU;
 #   - scripts/bench/checkpoint.py --device cuda: what a save blocks and what training loses to it, against
-#     the measured device-to-host copy time of the state.
+#     the measured device-to-host copy time of the state (training steps of 32 x 128 tokens, so that a
+#     step's forward and backward take about as long as the copy they overlap with).
 # Needs PyTorch with CUDA, pytest, numpy, xxhash, prometheus-client, hydra-core, omegaconf and ray. Where
 # some are missing, give a tarball of a site-packages folder holding them (unpacked to /tmp/site, put on
 # PYTHONPATH), e.g. built with `pip download --python-version 3.12 ...` and unzipped.
@@ -20,13 +21,14 @@ fi
 py=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/gpu.txt" 2>&1
 "$py" -c 'import torch, sys; print("torch", torch.__version__, "python", sys.version.split()[0], "cpus", __import__("os").cpu_count())' >>"$out/gpu.txt" 2>&1
-timeout 180 "$py" -m pytest -q -p no:cacheprovider tests/unit/test_adapter_conformance.py tests/unit/test_prefetch.py \
+timeout 120 "$py" -m pytest -q -p no:cacheprovider tests/unit/test_adapter_conformance.py tests/unit/test_prefetch.py tests/unit/test_staging_cuda.py \
     >"$out/tests.txt" 2>&1
 echo "tests: exit $?" >>"$out/tests.txt"
-timeout 300 "$py" scripts/bench/overhead.py --device cuda --steps "${STEPS:-200}" --repeats "${REPEATS:-3}" \
+timeout 220 "$py" scripts/bench/overhead.py --device cuda --steps "${STEPS:-200}" --repeats "${REPEATS:-3}" \
     >"$out/overhead_cuda.json" 2>"$out/overhead_cuda.log"
 echo "overhead: exit $?" >>"$out/gpu.txt"
-timeout 240 "$py" scripts/bench/checkpoint.py --device cuda --megabytes "${MEGABYTES:-2000}" --repeats "${REPEATS:-3}" \
+timeout 150 "$py" scripts/bench/checkpoint.py --device cuda --megabytes "${MEGABYTES:-2000}" --repeats "${REPEATS:-3}" \
+    --batch "${BATCH:-32}" --seq 128 \
     >"$out/checkpoint_cuda.json" 2>"$out/checkpoint_cuda.log"
 echo "checkpoint: exit $?" >>"$out/gpu.txt"
 cat "$out"/*.json "$out/gpu.txt"

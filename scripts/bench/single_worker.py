@@ -161,10 +161,21 @@ def measure(device: str, steps: int, repeats: int, chunk: int) -> dict[str, Any]
         from trainer.testing.local_ray import local_ray
 
         context = local_ray()  # type: ignore[assignment]
+    ray_error = None
     with context:
         for _ in range(repeats):
             for name, measure_once in modes.items():  # interleaved: A B C A B C …
-                samples[name].append(measure_once())
+                if name == "toolkit_ray_step_s" and ray_error is not None:
+                    continue
+                try:
+                    samples[name].append(measure_once())
+                except Exception as exc:  # the Ray mode alone may fail on a host Ray does not run on
+                    if name != "toolkit_ray_step_s":
+                        raise
+                    ray_error = f"{type(exc).__name__}: {exc}"
+    if ray_error is not None:
+        with_ray = False
+        del samples["toolkit_ray_step_s"]
     med = {k: statistics.median(v) for k, v in samples.items()}
     plain = med["plain_step_s"]
     ratios = {
@@ -184,7 +195,9 @@ def measure(device: str, steps: int, repeats: int, chunk: int) -> dict[str, Any]
         "steps": steps,
         "warmup_steps": WARMUP_STEPS,
         "repeats": repeats,
-        "ray": "measured" if with_ray else "not installed: Ray mode skipped",
+        "ray": "measured"
+        if with_ray
+        else (f"failed: {ray_error}" if ray_error else "not installed: skipped"),
         "samples": samples,
         "median": med,
         "ratio": ratios,
