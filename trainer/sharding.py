@@ -8,18 +8,19 @@ How the sharded state survives, in this version:
   again over the sharded parameters and given the state the unsharded one had (a full, FQN-keyed state
   dict, each rank keeping its slice), the scheduler follows it.
 - **Checkpoints** are written by every rank: each writes the shards it holds with DCP, and the driver
-  commits one checkpoint listing every rank's files (:mod:`trainer.checkpoint.sharded`). DCP reassembles the
-  whole tensors on load, so an FSDP checkpoint resumes on any world size, on another family, or with DDP,
-  and the other way round. On object storage the state is still gathered whole for a save (:func:`gathered`,
+  commits one checkpoint listing every rank's files (:mod:`trainer.checkpoint.sharded`). DCP picks out
+  what each reader needs on load, so an FSDP checkpoint resumes on any world size, on another family, or
+  with DDP, and the other way round. On object storage the state is still gathered whole for a save (:func:`gathered`,
   a collective) and rank 0 writes it.
-- **Loads** (a checkpoint, a hand-over) go into a fresh unsharded model (``WorkerState.before_load``), which
-  the next join shards. A group that lost a rank cannot gather its state any more (the lost rank held a slice of it), so
-  its members hold nothing to hand over: recovery comes from the newest checkpoint, never from a peer's
-  snapshot.
+- **Loads** go into a fresh model (``WorkerState.before_load``): a peer's snapshot into the unsharded model,
+  which the next join shards; a checkpoint, in a live group, into the fresh model sharded first, each rank
+  reading only its slices (``WorkerState.restore``). A group that lost a rank cannot gather its state any
+  more (the lost rank held a slice of it), so its members hold nothing to hand over: recovery comes from
+  the newest checkpoint, never from a peer's snapshot.
 
-Not yet: loading only each rank's slice (every rank reads the whole state, then keeps its shards), a copy of
-a buddy rank's shards for recovery without the checkpoint, and the progress marks, compute times and
-injected link faults that DDP's communication hook gives (under FSDP a step is one phase, "compute").
+Not yet: a copy of a buddy rank's shards for recovery without the checkpoint, and the progress marks,
+compute times and injected link faults that DDP's communication hook gives (under FSDP a step is one
+phase, "compute").
 """
 
 from __future__ import annotations

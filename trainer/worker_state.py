@@ -101,7 +101,13 @@ class WorkerState:
             self.build_initial()
 
     def after_load(self) -> None:
-        if self.config.train.sharded and self.attached and self.world_size > 1:
+        """FSDP in a live group: shard the model loaded whole (a no-op once it is sharded)."""
+        if (
+            self.config.train.sharded
+            and self.attached
+            and self.world_size > 1
+            and not sharding.is_sharded(self.module)
+        ):
             self.optimizer, self.scheduler = sharding.shard(
                 self.module, self.optimizer, self.scheduler, self.task, self.dtype
             )
@@ -161,8 +167,11 @@ class WorkerState:
 
     def restore(self, manager: CheckpointManager, *, clean: bool = True) -> Restored | None:
         """Restore the newest good checkpoint (see ``CheckpointManager.restore``; ``clean``: remove the
-        leftovers of interrupted saves first — not while a save of the group may be in flight)."""
+        leftovers of interrupted saves first — not while a save of the group may be in flight). FSDP in a
+        live group: the fresh model is sharded first, so each rank reads only its slices of the checkpoint
+        (DCP picks them out of whatever world size wrote it)."""
         self.before_load()
+        self.after_load()
         try:
             return self._restore(manager, clean)
         finally:

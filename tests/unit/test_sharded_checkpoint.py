@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import pytest
@@ -48,13 +49,35 @@ def _rank(rank: int, port: int, directory: str, out: str) -> None:
     checkpointer = AsyncCheckpointer(CheckpointManager(Path(directory).parent))
     future, header = worker.save_part_async(checkpointer, Path(directory), {"eval_loss": 1.5})
     whole = {k: t.clone() for k, t in worker.capture().tensors.items()}  # collective: the reference
-    dist.destroy_process_group()  # the group goes; the write does not need it
     part = future.result()
     with open(os.path.join(out, f"part{rank}.pkl"), "wb") as f:
         pickle.dump({"part": part, "header": header, "blocking_s": checkpointer.last_blocking_s}, f)
-    if rank == 0:
-        torch.save(whole, os.path.join(out, "whole.pt"))
     checkpointer.close()
+
+    # The same shards committed into a store of their own, then restored by the three ranks of a fresh
+    # sharded worker: each reads only its slices.
+    parts: list[RankPart] = [None] * WORLD  # type: ignore[list-item]
+    dist.gather_object(part, parts if rank == 0 else None, dst=0)
+    store = CheckpointStore(Path(out) / "reloaded")
+    if rank == 0:
+        copy = store.begin(2)
+        shutil.copytree(directory, copy, dirs_exist_ok=True)
+        commit_parts(store, copy, parts, header, WORLD)
+        torch.save(whole, os.path.join(out, "whole.pt"))
+    dist.barrier()
+    fresh = Worker(make_config(*OVERRIDES))
+    fresh.setup()
+    fresh.attach(rank, WORLD)
+    restored = fresh.restore(CheckpointManager(store.root), clean=False)
+    assert restored is not None
+    local = {
+        k: t.to_local().clone()
+        for k, t in fresh.capture(gather=False).tensors.items()
+        if hasattr(t, "to_local")
+    }
+    again = {k: t.clone() for k, t in fresh.capture().tensors.items()}  # gathered whole
+    torch.save({"again": again, "local": local, "step": fresh.step}, os.path.join(out, f"reloaded{rank}.pt"))
+    dist.destroy_process_group()
 
 
 def _parts(out: Path) -> tuple[list[RankPart], dict]:
@@ -116,6 +139,19 @@ def test_each_rank_writes_only_its_own_shards_and_a_commit_makes_one_checkpoint(
     assert all(torch.equal(exported[k], model[k]) for k in model)
 
 
+def test_a_sharded_load_reads_each_rank_its_slices_and_keeps_the_state(sharded: tuple[Path, Path]) -> None:
+    root, _ = sharded
+    whole = torch.load(root / "whole.pt", weights_only=True)
+    reloaded = [torch.load(root / f"reloaded{r}.pt", weights_only=True) for r in range(WORLD)]
+    for r in reloaded:
+        assert r["step"] == 2 and r["again"].keys() == whole.keys()
+        for key, tensor in whole.items():
+            assert torch.equal(r["again"][key], tensor), key
+    key = "model.blocks.0.attn.qkv.weight"
+    sizes = [r["local"][key].shape[0] for r in reloaded]
+    assert sum(sizes) == whole[key].shape[0] and max(sizes) < whole[key].shape[0]  # slices, not copies
+
+
 def test_a_missing_rank_part_or_a_stray_file_is_not_committed(
     tmp_path: Path, sharded: tuple[Path, Path]
 ) -> None:
@@ -135,8 +171,6 @@ def test_a_damaged_shard_of_one_rank_is_found_and_the_previous_checkpoint_is_use
     committed = root / "checkpoints"
     [first] = CheckpointStore(committed).committed()
     # A second checkpoint: a copy of the first under the next step's name, its manifest rewritten.
-    import shutil
-
     from trainer.checkpoint.manifest import Manifest
 
     second = committed / "step_000000004"

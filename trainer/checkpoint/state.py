@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.tensor import DTensor
 
 from trainer.checkpoint import layout
 from trainer.errors import CheckpointIncompatibleError
@@ -118,12 +119,18 @@ def capture(
 def template(
     model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any] | None = None
 ) -> dict[str, torch.Tensor]:
-    """Empty CPU tensors of the shapes and dtypes :func:`capture` would produce, for loading into."""
+    """Empty CPU tensors of the shapes and dtypes :func:`capture` would produce, for loading into; a sharded
+    model's (FSDP) are empty DTensors like its own, so that a load reads only this rank's slices."""
     # DCP's helper materialises the state of an optimizer that has not stepped yet (a fresh one on load).
     get_optimizer_state_dict(model, optimizer)
     tensors = {k: v for k, v in (extra or {}).items() if isinstance(v, torch.Tensor)}
     live = capture(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), extra=tensors).tensors
-    return {k: torch.empty(t.shape, dtype=t.dtype, device="cpu") for k, t in live.items()}
+    return {
+        k: torch.empty_like(t)
+        if isinstance(t, DTensor)
+        else torch.empty(t.shape, dtype=t.dtype, device="cpu")
+        for k, t in live.items()
+    }
 
 
 def check_compatible(
