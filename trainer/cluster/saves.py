@@ -11,9 +11,11 @@ written by rank 0."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -57,7 +59,6 @@ class Saves:
         self.fence: Fence | None = None
         #: Each rank writes its shards, the driver commits (see :func:`shards_per_rank`).
         self.per_rank = shards_per_rank(config, checkpoint_root)
-        self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-commit")
         #: The sharded save being written and committed: its outcome (as a member's ``flush`` reports it).
         self._pending: Future[dict[str, Any]] | None = None
         self._pending_step = -1
@@ -122,7 +123,7 @@ class Saves:
         written = [m.written.remote(str(directory)) for m in writers]
         answers = [_value(c) for c in calls]
         header = answers[0]["header"] if answers[0] is not None else None
-        self._pending = self._committer.submit(_commit, store, directory, written, header, len(writers))
+        self._pending = _in_background(_commit, store, directory, written, header, len(writers))
         self._pending_step = step
         # A rank's error reaches the caller as before (a lost worker: the policy decides).
         replies = ray.get(calls)
@@ -197,6 +198,21 @@ class Saves:
         self.journal.record("goodput", **totals)
         self.sink.goodput(totals["ratio"], totals["badput_s"])
         return totals
+
+
+def _in_background(fn: Callable[..., dict[str, Any]], *args: Any) -> Future[dict[str, Any]]:
+    """``fn(*args)`` on a daemon thread (a commit still waiting for lost ranks never holds up the driver's
+    exit); the future yields its result or raises its error."""
+    future: Future[dict[str, Any]] = Future()
+
+    def body() -> None:
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=body, name="checkpoint-commit", daemon=True).start()
+    return future
 
 
 def _value(ref: Any) -> dict[str, Any] | None:
