@@ -13,8 +13,8 @@ How the sharded state survives, in this version:
   with DDP, and the other way round. On object storage the state is still gathered whole for a save (:func:`gathered`,
   a collective) and rank 0 writes it.
 - **Loads** go into a fresh model (``WorkerState.before_load``): a peer's snapshot into the unsharded model,
-  which the next join shards; a checkpoint, in a live group, into the fresh model sharded first, each rank
-  reading only its slices (``WorkerState.restore``). A group that lost a rank cannot gather its state any
+  which the next join shards; a checkpoint likewise, except in a formed group (a run's start), where the
+  fresh model is sharded first and each rank reads only its slices (``WorkerState.restore``). A group that lost a rank cannot gather its state any
   more (the lost rank held a slice of it), so its members hold nothing to hand over: recovery comes from
   the newest checkpoint, never from a peer's snapshot.
 
