@@ -114,7 +114,13 @@ class Saves:
         self.settle()
         keep = self.config.checkpoint.keep_last
         store = self._store()
-        directory = store.begin(step)
+        try:
+            directory = store.begin(step)
+        except OSError as exc:  # the checkpoint directory cannot be written: training goes on without it
+            self.committed(
+                {"failed": f"checkpoint of step {step}: cannot write to {store.root}: {exc}"}, step
+            )
+            return
         started = time.monotonic()
         calls = [m.save_shards.remote(self.checkpoint_root, keep, str(directory), metrics) for m in writers]
         ray.wait(calls, num_returns=len(calls))  # every rank staged its shards, or failed to
@@ -249,7 +255,7 @@ def _commit(
             raise CheckpointWriteError("; ".join(failed))
         assert header is not None
         final = commit_parts(store, directory, [a["part"] for a in answers], header, world_size)
-    except CheckpointWriteError as exc:
+    except Exception as exc:  # any error of the commit (a full disk, a lost lease, …): nothing committed
         store.abandon(directory)
         return {
             "committed": None,
