@@ -5,6 +5,7 @@ found by its digest."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import shutil
@@ -161,6 +162,14 @@ def test_a_missing_rank_part_or_a_stray_file_is_not_committed(
     directory = store.begin(2)
     with pytest.raises(CheckpointWriteError, match=r"parts from ranks \[0, 2\], expected one from each of 3"):
         commit_parts(store, directory, [parts[0], parts[2]], header, WORLD)
+    # Rank 1's part handed in twice (once under rank 2's name): its chunks cover the tensors wrongly.
+    twice = dataclasses.replace(parts[1], rank=2)
+    with pytest.raises(CheckpointWriteError, match=r"the ranks' shards hold \d+ of its \d+ elements"):
+        commit_parts(store, directory, [parts[0], parts[1], twice], header, WORLD)
+    # A file in the directory that no rank reported is refused too.
+    (directory / "stray.bin").write_bytes(b"x")
+    with pytest.raises(CheckpointWriteError, match=r"files no rank wrote \['stray\.bin'\]"):
+        commit_parts(store, directory, parts, header, WORLD)
     assert store.committed() == []
 
 

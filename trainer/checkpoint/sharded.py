@@ -26,6 +26,7 @@ the manifest, written from rank 0's :func:`manifest_header`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import pickle
@@ -112,8 +113,8 @@ def split(tensors: dict[str, torch.Tensor], rank: int) -> SplitState:
             raise CheckpointWriteError(
                 f"{key}: the local shard is {list(local.shape)}, its chunk says {list(chunk.sizes)}"
             )
-        if local.numel() == 0:
-            continue
+        if local.numel() == 0 and (rank != 0 or math.prod(tensor.shape) != 0):
+            continue  # nothing of it here (an empty tensor is still listed, by rank 0)
         out.tensors[key] = local
         out.placements[key] = Placement(tuple(tensor.shape), tuple(chunk.offsets))
     return out
@@ -158,9 +159,7 @@ class _PartWriter(DigestingWriter):
         self.metadata: Metadata | None = None
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
-        return [
-            SavePlan(p.items, _StoragePrefix(f"__{self.part_rank}_"), p.planner_data, p.usable) for p in plans
-        ]
+        return [dataclasses.replace(p, storage_data=_StoragePrefix(f"__{self.part_rank}_")) for p in plans]
 
     def finish(self, metadata: Metadata, results: list[list[Any]]) -> None:
         metadata.storage_data = {r.index: r.storage_data for rs in results for r in rs}
@@ -288,6 +287,9 @@ def commit_parts(
             f"{directory}: parts from ranks {ranks}, expected one from each of {world_size}; not committed"
         )
     metadata = merge_metadata(parts)
+    unwritten = sorted(set(header["tensors"]) - set(metadata.state_dict_metadata))
+    if unwritten:
+        raise CheckpointWriteError(f"{directory}: no rank wrote {unwritten[:8]}; not committed")
     with open(directory / METADATA_NAME, "wb") as f:
         pickle.dump(metadata, f)
         f.flush()
