@@ -96,6 +96,7 @@ class RunRecovery(RunEndings):
         """Stop the group, start the family again at :meth:`launchable_size`, give it the newest state and form
         it; what it loaded, or (the family cannot start one) the state the policy's decision leads to."""
         if self.group is not None:
+            self.saves.settle()  # a sharded save the members are writing commits before they are stopped
             self.group.shutdown()
             self.group = None
         try:
