@@ -76,9 +76,10 @@ from trainer.devices import get_adapter
 from trainer.model import GPT
 
 
-def build_state(megabytes: int, device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """A GPT whose parameters plus AdamW state weigh about ``megabytes`` (params x3 in fp32)."""
-    n_embd = 512
+def build_state(
+    megabytes: int, device: torch.device, n_embd: int = 512
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A GPT ``n_embd`` wide whose parameters plus AdamW state weigh about ``megabytes`` (params x3 in fp32)."""
     per_layer = 12 * n_embd * n_embd
     layers = max(1, int(megabytes * 1e6 / 12 / per_layer))
     model = GPT(vocab_size=4096, seq_len=128, n_layer=layers, n_head=8, n_embd=n_embd).to(device)
@@ -98,7 +99,11 @@ def fsync_file(path: Path) -> None:
 
 
 def save_async(
-    checkpointer: AsyncCheckpointer, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int
+    checkpointer: AsyncCheckpointer,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    overlap: bool = True,
 ) -> Any:
     device = next(model.parameters()).device
     adapter = get_adapter(device.type)
@@ -107,7 +112,8 @@ def save_async(
     state = capture(model, optimizer, scaler)
     # As a worker saves: on CUDA the copies of the parameters and optimizer state overlap with the next
     # steps until the optimizer's next step.
-    return checkpointer.save(state, adapter.get_rng_state(device), adapter, progress, {}, overlap=optimizer)
+    overlapped = optimizer if overlap else None
+    return checkpointer.save(state, adapter.get_rng_state(device), adapter, progress, {}, overlap=overlapped)
 
 
 def cpu_seconds() -> float:
@@ -163,11 +169,13 @@ def run_steps_with_save(
     optimizer: torch.optim.Optimizer,
     tokens: torch.Tensor,
     step: int,
+    overlap: bool = True,
 ) -> tuple[float, int]:
     """An async save, then training steps until everything the save does in the background is done:
-    (wall seconds from the save call to the end of the last step, number of steps)."""
+    (wall seconds from the save call to the end of the last step, number of steps). ``overlap=False``: the
+    copies in order with training (a GPU's next step waits for them)."""
     started = time.perf_counter()
-    save_async(checkpointer, model, optimizer, step)
+    save_async(checkpointer, model, optimizer, step, overlap)
     steps = 0
     while steps == 0 or checkpointer.busy:
         train_step(model, optimizer, tokens)
@@ -257,6 +265,7 @@ def main() -> None:
     parser.add_argument("--megabytes", type=int, default=600)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=1, help="sequences per training step")
+    parser.add_argument("--width", type=int, default=512, help="the model's n_embd (layers fill --megabytes)")
     parser.add_argument("--seq", type=int, default=16, help="tokens per sequence (at most 128)")
     parser.add_argument("--steps", type=int, default=5, help="steps per window without a save")
     parser.add_argument("--threads", type=int, default=0, help="training threads (default: one per core)")
@@ -296,7 +305,7 @@ def main_on(args: argparse.Namespace, options: dict[str, str]) -> None:
     load_before = os.getloadavg()[0]
 
     device = torch.device(args.device)
-    model, optimizer = build_state(args.megabytes, device)
+    model, optimizer = build_state(args.megabytes, device, args.width)
     state = list(model.state_dict().values()) + [v for s in optimizer.state.values() for v in s.values()]
     nbytes = sum(t.numel() * t.element_size() for t in state)
     flat = torch.ones(nbytes, dtype=torch.uint8, device=device)
@@ -320,6 +329,7 @@ def main_on(args: argparse.Namespace, options: dict[str, str]) -> None:
         "steps_with_save_s",
         "steps_with_save",
         "lost_s",
+        "lost_in_order_s",
     ]
     samples: dict[str, list[float]] = {name: [] for name in names}
     try:
@@ -349,6 +359,11 @@ def main_on(args: argparse.Namespace, options: dict[str, str]) -> None:
             samples["steps_with_save_s"].append(window)
             samples["steps_with_save"].append(steps)
             samples["lost_s"].append(window - steps * step_s)
+            if device.type == "cuda":  # the same save with its copies in order, not overlapped
+                window, steps = run_steps_with_save(
+                    checkpointer, model, optimizer, tokens, 2 * i + 3, overlap=False
+                )
+                samples["lost_in_order_s"].append(window - steps * step_s)
     finally:
         checkpointer.close()
         shutil.rmtree(work, ignore_errors=True)
@@ -369,6 +384,7 @@ def main_on(args: argparse.Namespace, options: dict[str, str]) -> None:
         "host_staging_note": "one copy of the state, allocated once, reused by every save of the worker",
         "repeats": args.repeats,
         "batch": [args.batch, args.seq],
+        "width": args.width,
         "direct_io": args.direct_io,
         "samples": samples,
         "median": med,
@@ -379,6 +395,7 @@ def main_on(args: argparse.Namespace, options: dict[str, str]) -> None:
         "floor": "device-to-host copy of the state" if bandwidth is not None else "one memcpy of the state",
         "lost_vs_memcpy": med["lost_s"] / floor,
         "lost_vs_torch_save": med["lost_s"] / med["torch_save_s"],
+        "lost_in_order_vs_memcpy": med["lost_in_order_s"] / floor if "lost_in_order_s" in med else None,
         "blocking_vs_memcpy": med["async_blocking_s"] / floor,
         "blocking_ratio": med["async_blocking_s"] / med["torch_save_s"],
         # On a GPU the copy overlaps with training: what is lost must stay under a quarter of the copy.

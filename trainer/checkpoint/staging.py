@@ -67,16 +67,25 @@ class StagingBuffers:
             self._allocate(layout, pinned)
         side = self._side_stream(tensors, overlap)
         stepped = _stepped_by(overlap) if side is not None else set()
+        overlapped: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        in_order: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         for key, tensor in tensors.items():
             source, target = tensor.detach(), self.tensors[key]
             if type(source) is torch.Tensor and source.device.type == "cpu" and source.is_contiguous():
                 ctypes.memmove(target.data_ptr(), source.data_ptr(), target.nbytes)
-            elif side is not None and source.data_ptr() in stepped:
-                with torch.cuda.stream(side):
-                    target.copy_(source, non_blocking=True)
-                source.record_stream(side)  # its memory is not reused before the side stream read it
-            else:  # device tensors, strided ones, tensor subclasses: as torch copies them
+            elif type(source) is not torch.Tensor:  # tensor subclasses: as torch copies them
                 target.copy_(source, non_blocking=source.device.type != "cpu")
+            else:
+                group = overlapped if source.data_ptr() in stepped else in_order
+                group[0].append(target)
+                group[1].append(source)
+        _copy_all(*in_order)
+        if overlapped[0]:
+            assert side is not None
+            with torch.cuda.stream(side):
+                _copy_all(*overlapped)
+            for source in overlapped[1]:
+                source.record_stream(side)  # its memory is not reused before the side stream read it
         self._copied = []
         if any(t.device.type == "cuda" for t in tensors.values()):
             self._copied.append(_recorded(torch.cuda.current_stream()))
@@ -136,6 +145,19 @@ class StagingBuffers:
 
 def _element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+def _copy_all(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    """``targets[i].copy_(sources[i])`` for all, in one call where torch can (thousands of tensors: the
+    per-call overhead of a Python loop is what the save would block for); non-blocking from a device."""
+    if not targets:
+        return
+    non_blocking = any(s.device.type != "cpu" for s in sources)
+    try:
+        torch._foreach_copy_(targets, sources, non_blocking=non_blocking)
+    except (RuntimeError, TypeError):  # mixed shapes of views, an older torch: one by one
+        for target, source in zip(targets, sources, strict=True):
+            target.copy_(source, non_blocking=source.device.type != "cpu")
 
 
 def _recorded(stream: Any) -> Any:
