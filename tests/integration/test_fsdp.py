@@ -6,9 +6,14 @@ the update of one process over the same samples, passing over a checkpoint with 
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import ray
 import torch
 
 from trainer.checkpoint.store import CheckpointStore
@@ -130,6 +135,42 @@ def test_a_sharded_checkpoint_resumes_on_other_world_sizes_as_one_process_would_
     # Read back from the ranks' shards, the tensors are whole: the model's full shapes.
     assert state["model/blocks.0.attn.qkv.weight"].shape == reference["model/blocks.0.attn.qkv.weight"].shape
     assert exported["blocks.0.attn.qkv.weight"].shape == reference["model/blocks.0.attn.qkv.weight"].shape
+
+
+def test_sigterm_to_the_driver_commits_the_step_in_flight_from_every_rank(tmp_path: Path) -> None:
+    """The final save of a preempted FSDP run goes the same way: every rank writes its shards of the step it
+    stopped at, the driver commits them within the grace period, and the run exits as preempted."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    long = [o for o in _group(3) if not o.startswith(("train.steps=", "checkpoint.interval_steps="))]
+    long += ["train.steps=100000", "checkpoint.interval_steps=100000", "cluster.chunk_steps=100000"]
+    long += [f"cluster.address={ray.get_runtime_context().gcs_address}", f"hydra.run.dir={run_dir}"]
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "trainer", *long],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert driver.stdout is not None
+        for line in driver.stdout:  # until the group trains
+            if "worker group up" in line:
+                break
+        time.sleep(3.0)
+        driver.send_signal(signal.SIGTERM)
+        out, _ = driver.communicate(timeout=120)
+    finally:
+        driver.kill()
+    assert driver.returncode == ExitCode.PREEMPTED, out[-3000:]
+    [preempted] = events(run_dir, "preempted")
+    assert preempted["saved_step"] == preempted["step"] >= 1
+    store = CheckpointStore(run_dir / "checkpoints")
+    [newest] = store.committed()[-1:]
+    assert newest.name == f"step_{preempted['saved_step']:09d}"
+    manifest = store.verify(newest)
+    assert {n.split("_")[2] for n in manifest.files if n.endswith(".distcp")} == {"0", "1", "2"}
 
 
 def test_fsdp_with_fp16_is_refused_naming_what_is_allowed() -> None:
