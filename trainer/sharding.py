@@ -10,8 +10,7 @@ How the sharded state survives, in this version:
 - **Checkpoints** are written by every rank: each writes the shards it holds with DCP, and the driver
   commits one checkpoint listing every rank's files (:mod:`trainer.checkpoint.sharded`). DCP picks out
   what each reader needs on load, so an FSDP checkpoint resumes on any world size, on another family, or
-  with DDP, and the other way round. On object storage the state is still gathered whole for a save (:func:`gathered`,
-  a collective) and rank 0 writes it.
+  with DDP, and the other way round.
 - **Loads** go into a fresh model (``WorkerState.before_load``): a peer's snapshot into the unsharded model,
   which the next join shards; a checkpoint likewise, except in a formed group (a run's start), where the
   fresh model is sharded first and each rank reads only its slices (``WorkerState.restore``). A group that lost a rank cannot gather its state any

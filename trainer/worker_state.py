@@ -139,10 +139,11 @@ class WorkerState:
         )
 
     def save_part_async(
-        self, checkpointer: AsyncCheckpointer, directory: Path, metrics: dict[str, float] | None = None
+        self, checkpointer: AsyncCheckpointer, directory: Path | str, metrics: dict[str, float] | None = None
     ) -> tuple[Future[RankPart], dict[str, Any] | None]:
         """Sharded state (FSDP): stage this rank's shards (blocks only for the copy, no collective) and write
-        them into ``directory``, a sharded checkpoint's private directory, in the background. Returns the
+        them into ``directory``, a sharded checkpoint's private directory (on object storage, its URL), in the
+        background. Returns the
         future of this rank's :class:`~trainer.checkpoint.sharded.RankPart` and, on rank 0, the manifest's
         header (else None); the party that commits needs every rank's part and the header."""
         state = self.capture(gather=False)

@@ -22,6 +22,7 @@ from trainer.export import main as export_main
 from trainer.job import run
 from trainer.testing.configs import make_config
 from trainer.testing.runs import events
+from trainer.testing.s3 import client
 from trainer.testing.state import mismatched, restored_state
 
 pytestmark = pytest.mark.usefixtures("local_ray")
@@ -171,6 +172,30 @@ def test_sigterm_to_the_driver_commits_the_step_in_flight_from_every_rank(tmp_pa
     assert newest.name == f"step_{preempted['saved_step']:09d}"
     manifest = store.verify(newest)
     assert {n.split("_")[2] for n in manifest.files if n.endswith(".distcp")} == {"0", "1", "2"}
+
+
+def test_on_object_storage_every_rank_uploads_its_shards_and_the_manifest_goes_up_last(
+    tmp_path: Path, s3_run: tuple[str, dict[str, str], str]
+) -> None:
+    """checkpoint.dir=s3://…: each rank writes its shards locally and uploads them under the checkpoint's name;
+    the driver uploads the merged .metadata and commits with the manifest (create-only); a 2-rank run resumes
+    from it on each rank's slices."""
+    url, options, bucket = s3_run
+    remote = (f"checkpoint.dir={url}", *(f"+checkpoint.storage_options.{k}={v}" for k, v in options.items()))
+    assert (
+        run(make_config(*_group(3, *remote, "train.steps=8")), run_dir=tmp_path / "run") == ExitCode.FINISHED
+    )
+    keys = [o["Key"] for o in client(options["endpoint_url"]).list_objects_v2(Bucket=bucket)["Contents"]]
+    newest = [k for k in keys if k.startswith("run/step_000000008/")]
+    assert "run/step_000000008/manifest.json" in newest and "run/step_000000008/.metadata" in newest
+    assert {k.split("/")[-1].split("_")[2] for k in newest if k.endswith(".distcp")} == {"0", "1", "2"}
+    manifests = {k.split("/")[1] for k in keys if k.endswith("manifest.json")}
+    assert {k.split("/")[1] for k in keys if k.startswith("run/step_")} == manifests  # nothing uncommitted
+
+    resumed = make_config(*_group(2, *remote, "train.steps=10"))
+    assert run(resumed, run_dir=tmp_path / "run") == ExitCode.FINISHED
+    assert [e["step"] for e in events(tmp_path / "run", "resumed")] == [8]
+    assert int(restored_state(resumed, url)["step"]) == 10
 
 
 def test_fsdp_with_fp16_is_refused_naming_what_is_allowed() -> None:

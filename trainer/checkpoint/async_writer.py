@@ -13,6 +13,7 @@ for all of them.
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from trainer.checkpoint.manager import CheckpointManager, TrainingProgress, write_failure
+from trainer.checkpoint.objects import ObjectStore
 from trainer.checkpoint.sharded import RankPart, SplitState, write_part
 from trainer.checkpoint.staging import StagingBuffers
 from trainer.checkpoint.state import PortableState
@@ -92,15 +94,17 @@ class AsyncCheckpointer:
 
     def save_part(
         self,
-        directory: Path,
+        directory: Path | str,
         rank: int,
         state: SplitState,
         rng_key: str,
         rng_states: dict[str, torch.Tensor],
     ) -> Future[RankPart]:
         """Stage this rank's share of a sharded checkpoint and write it into ``directory`` in the background
-        (see :mod:`~trainer.checkpoint.sharded`); the future yields the :class:`RankPart` for the committing
-        party, or raises :class:`CheckpointWriteError`. Nothing is committed here."""
+        (see :mod:`~trainer.checkpoint.sharded`): the checkpoint's private directory, or on object storage its
+        URL (``store.reserve``; the files are written locally, then uploaded). The future yields the
+        :class:`RankPart` for the committing party, or raises :class:`CheckpointWriteError`. Nothing is
+        committed here."""
         started = time.perf_counter()
         try:
             self.wait()
@@ -117,11 +121,20 @@ class AsyncCheckpointer:
         return pending
 
     def _write_part(
-        self, directory: Path, rank: int, state: SplitState, rng_key: str, rng: dict[str, torch.Tensor]
+        self, directory: Path | str, rank: int, state: SplitState, rng_key: str, rng: dict[str, torch.Tensor]
     ) -> RankPart:
         try:
             self.staging.wait_copied()
-            return write_part(directory, rank, state, rng_key, rng, direct=self.manager.direct_io)
+            store = self.manager.store
+            if not isinstance(store, ObjectStore):
+                return write_part(Path(directory), rank, state, rng_key, rng, direct=self.manager.direct_io)
+            local = store.scratch()
+            try:
+                part = write_part(local, rank, state, rng_key, rng, sync=False)
+                store.upload(local, store.name_of(directory), sorted(part.files))
+            finally:
+                shutil.rmtree(local, ignore_errors=True)
+            return part
         except BaseException as exc:
             cause = write_failure(exc)
             if cause is None:

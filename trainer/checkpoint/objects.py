@@ -166,24 +166,61 @@ class ObjectStore:
         refused."""
         if self.fence is not None:
             self.fence.check(self.lease_slot())
-            manifest.lease_generation = self.fence.generation
-        manifest.write(tmp)
         name = self._free_name(manifest.step)
-        files = sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
-        targets = [self._key(name, p.relative_to(tmp).as_posix()) for p in files]
+        self.upload(tmp, name, [p.relative_to(tmp).as_posix() for p in sorted(tmp.rglob("*")) if p.is_file()])
+        url = self.publish(name, manifest)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return url
+
+    def reserve(self, step: int) -> str:
+        """A name no object uses yet, for a checkpoint of ``step`` whose files several writers upload
+        (:meth:`upload`) before one party commits it (:meth:`publish`); the caller's saves never overlap."""
+        return self._free_name(step)
+
+    def scratch(self) -> Path:
+        """A fresh local directory in this process's spool, for files on their way up."""
+        path = self.spool / f".tmp-{uuid.uuid4().hex[:8]}"
+        path.mkdir(parents=True)
+        return path
+
+    def upload(self, local: Path, name: str, files: list[str]) -> None:
+        """Upload ``files`` (paths relative to ``local``) under checkpoint ``name``: invisible to readers
+        until :meth:`publish` puts its manifest up."""
+        if files:
+            self.fs.put([str(local / f) for f in files], [self._key(name, f) for f in files])
+
+    def uploaded(self, name: str) -> dict[str, int]:
+        """``{path relative to the checkpoint: size}`` of every object under checkpoint ``name``."""
+        prefix = self._key(name)
+        self.fs.invalidate_cache(prefix)
         try:
-            if files:
-                self.fs.put([str(p) for p in files], targets)
+            found = self.fs.find(prefix, detail=True)
+        except FileNotFoundError:
+            return {}
+        return {str(k)[len(prefix) + 1 :]: int(info["size"]) for k, info in found.items()}
+
+    def publish(self, name: str, manifest: Manifest) -> str:
+        """Commit checkpoint ``name``, whose other files are uploaded: its manifest goes up create-only, then
+        ``latest`` moves; returns its URL. A driver whose lease was taken over is refused, before and after."""
+        if self.fence is not None:
+            self.fence.check(self.lease_slot())
+            manifest.lease_generation = self.fence.generation
+        body = manifest.to_json().encode()
+        try:
             if self.fence is not None:
                 self.fence.check(self.lease_slot())
-            self.fs.pipe(self._key(name, MANIFEST_NAME), (tmp / MANIFEST_NAME).read_bytes(), mode="create")
+            self.fs.pipe(self._key(name, MANIFEST_NAME), body, mode="create")
         except FileExistsError as exc:
             raise CheckpointWriteError(
                 f"{self.url}/{name}: another writer committed this name meanwhile ({exc}); nothing was overwritten"
             ) from None
         self.fs.pipe(self._key(LATEST), (name + "\n").encode())
-        shutil.rmtree(tmp, ignore_errors=True)
         return f"{self.url}/{name}"
+
+    def discard(self, name: str) -> None:
+        """Delete the uploaded objects of checkpoint ``name``, which was never published."""
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(self._key(name), recursive=True)
 
     def abandon(self, tmp: Path) -> None:
         """Remove a save that failed before commit (its local files; uploaded objects without a manifest

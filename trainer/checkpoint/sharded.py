@@ -20,6 +20,11 @@ disk are exactly the ones the ranks wrote, at the sizes they wrote, writes the m
 directory atomically (:func:`commit_parts`). A save that loses a rank before that (it died, the group was
 re-formed under it) is abandoned: its directory is never renamed into place and is removed.
 
+On object storage the directory is a name the committing party reserved (``ObjectStore.reserve``): each rank
+writes its part into a local spool and uploads it there, the committing party uploads ``.metadata``, checks
+the objects found against the ranks' files and sizes, and commits by putting the manifest up create-only
+(:func:`commit_uploaded`); until then the objects are invisible, and an abandoned save's are deleted.
+
 Only tensors go through DCP; everything else (param groups, scheduler, scaler, the task's JSON values) is in
 the manifest, written from rank 0's :func:`manifest_header`.
 """
@@ -30,6 +35,7 @@ import dataclasses
 import math
 import os
 import pickle
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -54,6 +60,7 @@ from trainer.checkpoint import layout
 from trainer.checkpoint import rng as rng_io
 from trainer.checkpoint.dcp_writer import DigestingWriter
 from trainer.checkpoint.manifest import MANIFEST_NAME, Manifest, checksum_files, file_digest
+from trainer.checkpoint.objects import ObjectStore
 from trainer.checkpoint.state import PortableState
 from trainer.checkpoint.store import CheckpointStore
 from trainer.errors import CheckpointWriteError
@@ -174,9 +181,11 @@ def write_part(
     rng_states: dict[str, torch.Tensor],
     *,
     direct: bool = False,
+    sync: bool = True,
 ) -> RankPart:
     """Write this rank's share into the checkpoint directory ``directory`` (shared by the ranks): its DCP
-    files and its RNG state, each file fsynced; no collective. Returns what it wrote."""
+    files and its RNG state, each file fsynced (unless not ``sync``: a local copy on its way to object
+    storage); no collective. Returns what it wrote."""
     nested = layout.nested(
         {k: _Shard(t, state.placements[k]) if k in state.placements else t for k, t in state.tensors.items()}  # type: ignore[misc]
     )
@@ -188,7 +197,7 @@ def write_part(
     rng_io.write_rng(directory, rank, rng_key, rng_states)
     rng_name = rng_io.rng_file(directory, rank).relative_to(directory).as_posix()
     files = {**writer.digests, rng_name: _digest(rng_io.rng_file(directory, rank))}
-    for name in writer.digests:
+    for name in writer.digests if sync else ():
         _fsync(directory / name)  # the committing party may be on another node: the writer syncs
     return RankPart(rank, files, writer.metadata)
 
@@ -273,6 +282,47 @@ def manifest_header(
     }
 
 
+def _checked_metadata(
+    where: str, parts: list[RankPart], header: dict[str, Any], world_size: int
+) -> tuple[Metadata, dict[str, dict[str, Any]]]:
+    """The merged metadata and every rank's files, once every rank of ``world_size`` returned its part and
+    the parts cover every tensor the manifest lists; else CheckpointWriteError."""
+    ranks = sorted(p.rank for p in parts)
+    if ranks != list(range(world_size)):
+        raise CheckpointWriteError(
+            f"{where}: parts from ranks {ranks}, expected one from each of {world_size}; not committed"
+        )
+    metadata = merge_metadata(parts)
+    unwritten = sorted(set(header["tensors"]) - set(metadata.state_dict_metadata))
+    if unwritten:
+        raise CheckpointWriteError(f"{where}: no rank wrote {unwritten[:8]}; not committed")
+    written: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        written.update(part.files)
+    return metadata, written
+
+
+def _write_metadata(directory: Path, metadata: Metadata) -> None:
+    with open(directory / METADATA_NAME, "wb") as f:
+        pickle.dump(metadata, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _check_present(where: str, present: dict[str, int], written: dict[str, dict[str, Any]]) -> None:
+    """The files found (``{path: size}``) are exactly the ones written, at the sizes written."""
+    if set(present) != set(written):
+        raise CheckpointWriteError(
+            f"{where}: files missing {sorted(set(written) - set(present))}, files no rank wrote "
+            f"{sorted(set(present) - set(written))}; not committed"
+        )
+    for name, size in sorted(present.items()):
+        if size != written[name]["bytes"]:
+            raise CheckpointWriteError(
+                f"{where}/{name}: {written[name]['bytes']} bytes written, {size} found; not committed"
+            )
+
+
 def commit_parts(
     store: CheckpointStore, directory: Path, parts: list[RankPart], header: dict[str, Any], world_size: int
 ) -> Path:
@@ -281,35 +331,33 @@ def commit_parts(
     files the ranks wrote at the sizes they wrote, the manifest with every file's digest, then the store's
     atomic commit (fsync, rename, ``latest``). Returns the committed directory; raises CheckpointWriteError
     (nothing committed) when a part is missing or a file does not match."""
-    ranks = sorted(p.rank for p in parts)
-    if ranks != list(range(world_size)):
-        raise CheckpointWriteError(
-            f"{directory}: parts from ranks {ranks}, expected one from each of {world_size}; not committed"
-        )
-    metadata = merge_metadata(parts)
-    unwritten = sorted(set(header["tensors"]) - set(metadata.state_dict_metadata))
-    if unwritten:
-        raise CheckpointWriteError(f"{directory}: no rank wrote {unwritten[:8]}; not committed")
-    with open(directory / METADATA_NAME, "wb") as f:
-        pickle.dump(metadata, f)
-        f.flush()
-        os.fsync(f.fileno())
-    written: dict[str, dict[str, Any]] = {}
-    for part in parts:
-        written.update(part.files)
+    metadata, written = _checked_metadata(str(directory), parts, header, world_size)
+    _write_metadata(directory, metadata)
     present = {
-        p.relative_to(directory).as_posix()
+        p.relative_to(directory).as_posix(): p.stat().st_size
         for p in directory.rglob("*")
         if p.is_file() and p.name not in (MANIFEST_NAME, METADATA_NAME)
     }
-    if present != set(written):
-        raise CheckpointWriteError(
-            f"{directory}: files missing {sorted(set(written) - present)}, files no rank wrote "
-            f"{sorted(present - set(written))}; not committed"
-        )
+    _check_present(str(directory), present, written)
+    files = checksum_files(directory, written)  # digests the .metadata
+    return store.commit(directory, Manifest(**header, files=files, created_at=time.time()))
+
+
+def commit_uploaded(
+    store: ObjectStore, name: str, parts: list[RankPart], header: dict[str, Any], world_size: int
+) -> str:
+    """:func:`commit_parts` on object storage: the ranks uploaded their files under checkpoint ``name``
+    (``store.reserve``); the merged ``.metadata`` goes up, the objects found must be exactly the ones written
+    at their sizes, then the manifest goes up create-only (``store.publish``). Returns the checkpoint's URL."""
+    where = f"{store.url}/{name}"
+    metadata, written = _checked_metadata(where, parts, header, world_size)
+    scratch = store.scratch()
     try:
-        files = checksum_files(directory, written)  # sizes on disk against the bytes written
-    except OSError as exc:
-        raise CheckpointWriteError(f"{directory}: {exc}; not committed") from exc
-    manifest = Manifest(**header, files=files, created_at=time.time())
-    return store.commit(directory, manifest)
+        _write_metadata(scratch, metadata)
+        written[METADATA_NAME] = _digest(scratch / METADATA_NAME)
+        store.upload(scratch, name, [METADATA_NAME])
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    _check_present(where, store.uploaded(name), written)
+    files = {k: written[k] for k in sorted(written)}
+    return store.publish(name, Manifest(**header, files=files, created_at=time.time()))

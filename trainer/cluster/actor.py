@@ -232,7 +232,7 @@ class WorkerActor:
     def restore(self, root: str, keep_last: int) -> dict[str, Any] | None:
         # Leftovers of interrupted saves are the driver's to remove when every rank writes (one of the group's
         # saves may be in flight); else as before, by each member.
-        clean = not shards_per_rank(self.config, root)
+        clean = not shards_per_rank(self.config)
         with self.loading:
             restored = self.worker.restore(self._manager(root, keep_last), clean=clean)
             self.holds_state = True  # the checkpoint's state, or the initial state when there is none
@@ -258,17 +258,15 @@ class WorkerActor:
     def save(
         self, root: str, keep_last: int, metrics: dict[str, float] | None = None, fence: Fence | None = None
     ) -> dict[str, Any]:
-        """Stage a checkpoint and return once the copy is done; the write and commit go on in the background.
-        ``fence``: the driver's lease, checked before the commit (see trainer.checkpoint.lease). Rank 0
-        writes; with sharded state (FSDP) every rank is called, the others only help gather it.
+        """Replicated state (DDP): stage a checkpoint and return once the copy is done; the write and commit
+        go on in the background. ``fence``: the driver's lease, checked before the commit (see
+        trainer.checkpoint.lease). Sharded state is saved by every rank instead (:meth:`save_shards`).
 
         Returns the previous background save's committed path (if one finished since) and the time this
         call blocked training.
         """
-        if self.worker.rank != 0 and is_sharded(self.worker.module):  # FSDP: the others help gather it
-            self.worker.evaluate()
-            self.worker.capture()
-            return {"committed": None, "failed": None, "blocking_s": 0.0, "bytes": 0}
+        if is_sharded(self.worker.module):
+            raise RuntimeError("sharded state is saved by every rank with save_shards, not by one with save")
         self.checkpointer = self._checkpointer(root, keep_last)
         previous = self.flush()
         self.checkpointer.manager.store.fence = fence
@@ -302,7 +300,7 @@ class WorkerActor:
         # The held-out loss at this step (a collective forward under FSDP: every rank takes part) is the
         # reference for a parity check after a later hand-over.
         metrics = {"eval_loss": self.worker.evaluate(), **(metrics or {})}
-        part, header = self.worker.save_part_async(checkpointer, Path(directory), metrics)
+        part, header = self.worker.save_part_async(checkpointer, directory, metrics)
         self.parts[directory] = (part, self.worker.step)
         return {
             "header": header,
@@ -319,8 +317,8 @@ class WorkerActor:
         part, step = self.parts.pop(directory)
         try:
             done = part.result()
-        except CheckpointWriteError as exc:
-            return {"failed": str(exc)}
+        except Exception as exc:  # a full disk, an upload refused, …: the driver abandons the save
+            return {"failed": f"rank {self.worker.rank}: {type(exc).__name__}: {exc}"}
         if self.armed and self.config.faults.kill_during_checkpoint_step == step and self.worker.rank == 0:
             os.kill(os.getpid(), signal.SIGKILL)  # injected fault: shards written aside, never reported
         return {"part": done}

@@ -1,12 +1,11 @@
 """The driver's side of a group run's checkpoints, and what each save cost.
 
 Replicated state (DDP): rank 0 stages a checkpoint (the replicas hold the same state) and writes and commits
-it in the background. Sharded state (``train.parallelism=fsdp``) on a shared directory: every rank stages its
-own shards and writes them in the background into one private directory that the driver made; the driver
-collects every rank's part (files and digests) on a thread of its own and commits the checkpoint once all
-are in — or abandons it, removing the directory, when a rank was lost or failed to write before that (see
-:mod:`trainer.checkpoint.sharded`). Sharded state on object storage is still gathered by every rank and
-written by rank 0."""
+it in the background. Sharded state (``train.parallelism=fsdp``): every rank stages its own shards and writes
+them in the background into one private directory that the driver made (on object storage: uploads them
+under a name the driver reserved); the driver collects every rank's part (files and digests) on a thread of
+its own and commits the checkpoint once all are in — or abandons it, removing what was written, when a rank
+was lost or failed to write before that (see :mod:`trainer.checkpoint.sharded`)."""
 
 from __future__ import annotations
 
@@ -22,8 +21,9 @@ from typing import Any
 import ray
 
 from trainer.checkpoint.lease import Fence
-from trainer.checkpoint.objects import local_path, scheme
-from trainer.checkpoint.sharded import commit_parts
+from trainer.checkpoint.manager import open_store
+from trainer.checkpoint.objects import ObjectStore, scheme
+from trainer.checkpoint.sharded import commit_parts, commit_uploaded
 from trainer.checkpoint.store import CheckpointStore
 from trainer.config import Config
 from trainer.errors import CheckpointWriteError, ConfigError
@@ -35,10 +35,9 @@ from trainer.progress import Progress
 log = logging.getLogger(__name__)
 
 
-def shards_per_rank(config: Config, checkpoint_root: str) -> bool:
-    """Whether each rank writes its own shards (sharded state, a checkpoint directory every node mounts);
-    else rank 0 writes the whole state."""
-    return config.train.sharded and scheme(checkpoint_root) is None
+def shards_per_rank(config: Config) -> bool:
+    """Whether each rank writes its own shards (sharded state); else rank 0 writes the whole state."""
+    return config.train.sharded
 
 
 class Saves:
@@ -58,13 +57,14 @@ class Saves:
         #: The driver's lease fence, handed to the member that commits (None: no lease).
         self.fence: Fence | None = None
         #: Each rank writes its shards, the driver commits (see :func:`shards_per_rank`).
-        self.per_rank = shards_per_rank(config, checkpoint_root)
+        self.per_rank = shards_per_rank(config)
         #: The sharded save being written and committed: its outcome (as a member's ``flush`` reports it).
         self._pending: Future[dict[str, Any]] | None = None
         self._pending_step = -1
 
-    def _store(self) -> CheckpointStore:
-        store = CheckpointStore(Path(local_path(self.checkpoint_root)), self.config.checkpoint.keep_last)
+    def _store(self) -> CheckpointStore | ObjectStore:
+        checkpoint = self.config.checkpoint
+        store = open_store(self.checkpoint_root, checkpoint.keep_last, checkpoint.storage_options)
         store.fence = self.fence
         return store
 
@@ -88,7 +88,7 @@ class Saves:
 
     def writers(self, members: list[Any], rank: int = 0) -> list[Any]:
         """Who takes part in a save of the group's state: the member of ``rank`` (replicas hold the same
-        state), or with sharded state (``train.parallelism=fsdp``) every member, rank 0 writing."""
+        state), or with sharded state (``train.parallelism=fsdp``) every member, each writing its shards."""
         return list(members) if self.config.train.sharded else [members[rank]]
 
     def save(self, writers: list[Any], step: int, metrics: dict[str, float] | None = None) -> None:
@@ -114,12 +114,13 @@ class Saves:
         self.settle()
         keep = self.config.checkpoint.keep_last
         store = self._store()
-        try:
-            directory = store.begin(step)
-        except OSError as exc:  # the checkpoint directory cannot be written: training goes on without it
-            self.committed(
-                {"failed": f"checkpoint of step {step}: cannot write to {store.root}: {exc}"}, step
-            )
+        try:  # the checkpoint's private directory; on object storage, its URL
+            if isinstance(store, CheckpointStore):
+                directory: Path | str = store.begin(step)
+            else:
+                directory = f"{store.url}/{store.reserve(step)}"
+        except Exception as exc:  # the checkpoint directory cannot be written: training goes on without it
+            self.committed({"failed": f"checkpoint of step {step}: cannot write to {store}: {exc}"}, step)
             return
         started = time.monotonic()
         calls = [m.save_shards.remote(self.checkpoint_root, keep, str(directory), metrics) for m in writers]
@@ -230,8 +231,8 @@ def _value(ref: Any) -> dict[str, Any] | None:
 
 
 def _commit(
-    store: CheckpointStore,
-    directory: Path,
+    store: CheckpointStore | ObjectStore,
+    directory: Path | str,
     written: list[Any],
     header: dict[str, Any] | None,
     world_size: int,
@@ -254,9 +255,16 @@ def _commit(
         if failed:
             raise CheckpointWriteError("; ".join(failed))
         assert header is not None
-        final = commit_parts(store, directory, [a["part"] for a in answers], header, world_size)
+        parts = [a["part"] for a in answers]
+        if isinstance(store, CheckpointStore):
+            final: Path | str = commit_parts(store, Path(directory), parts, header, world_size)
+        else:
+            final = commit_uploaded(store, store.name_of(directory), parts, header, world_size)
     except Exception as exc:  # any error of the commit (a full disk, a lost lease, …): nothing committed
-        store.abandon(directory)
+        if isinstance(store, CheckpointStore):
+            store.abandon(Path(directory))
+        else:
+            store.discard(store.name_of(directory))
         return {
             "committed": None,
             "failed": f"the sharded checkpoint of step {header['step'] if header else '?'} was abandoned, nothing "
@@ -264,8 +272,8 @@ def _commit(
         }
     try:
         store.retain(final)
-    except OSError as exc:
-        log.warning("could not delete old checkpoints in %s: %s", store.root, exc)
+    except Exception as exc:  # s3fs raises its own errors besides OSError
+        log.warning("could not delete old checkpoints in %s: %s", store, exc)
     total = sum(f["bytes"] for a in answers for f in a["part"].files.values())
     return {"committed": str(final), "committed_bytes": total, "failed": None}
 
