@@ -16,12 +16,12 @@ from pathlib import Path
 from trainer.checkpoint import CheckpointManager, Restored
 from trainer.checkpoint.async_writer import AsyncCheckpointer
 from trainer.checkpoint.lease import Lease
+from trainer.cluster.heartbeat import Heartbeat
 from trainer.config import Config
 from trainer.errors import CheckpointWriteError, ExitCode, UserCodeError
 from trainer.goodput import Goodput
 from trainer.journal import Journal
-from trainer.metrics import MetricsSink, report_task_metrics
-from trainer.nonfinite import report_skipped
+from trainer.metrics import MetricsSink
 from trainer.preemption import Preemption, record_preempted
 from trainer.progress import Progress
 from trainer.worker import StepResult, Worker, host_values
@@ -56,21 +56,16 @@ def run_in_process(
     last_saved = worker.step if restored is not None else -1
     checkpointer = AsyncCheckpointer(manager)
     progress = Progress(steps, config.train.log_interval)
-    tokens_per_sample = int(getattr(worker.data.dataset, "seq_len", 0))
-    pending = _Pending(config.train.global_batch_size, tokens_per_sample, worker.adapter.name)
+    pending = _Pending(worker, progress)
     try:
         while worker.step < steps:
             result = worker.train_step()
             pending.results.append(result)
             goodput.productive(result.step_time_s)
-            if worker.nonfinite.since(result.step - 1):
-                report_skipped([result.step], worker.adapter.name, journal, sink)
             lease_lost = lease is not None and lease.lost.is_set()
-            if result.step % config.train.log_interval == 0 or result.step == steps:
-                pending.report(sink, progress)
-                report_task_metrics(result.step, worker.task_metrics(), journal, sink)
-            elif preemption.requested or lease_lost:
-                pending.report(sink, progress)
+            logged = result.step % config.train.log_interval == 0 or result.step == steps
+            if logged or preemption.requested or lease_lost:
+                pending.report(journal, sink)
             if interval and result.step % interval == 0 and result.step < steps:
                 _checkpoint(worker, checkpointer, journal, sink, goodput, config.checkpoint.async_save)
                 last_saved = result.step
@@ -123,30 +118,35 @@ def run_in_process(
 
 @dataclass
 class _Pending:
-    """Steps done whose losses are still on the device: reported together, with one read of the losses, at
-    each log line (the training loop never waits for the device to report a step)."""
+    """Steps done whose losses are still on the device: reported together at each log line as one heartbeat
+    (journal, metrics, skipped steps, the task's figures), as a worker group reports a chunk, with one read
+    of the losses — the training loop never waits for the device to report a step."""
 
-    samples: int
-    tokens_per_sample: int
-    family: str
+    worker: Worker
+    progress: Progress
     results: list[StepResult] = field(default_factory=list)
 
-    def report(self, sink: MetricsSink, progress: Progress) -> None:
+    def report(self, journal: Journal, sink: MetricsSink) -> None:
         if not self.results:
             return
+        worker, first = self.worker, self.results[0].step
         losses = host_values([r.loss for r in self.results])
         times = [r.step_time_s for r in self.results]
-        n = len(self.results)
-        sink.steps(
-            self.results[-1].step,
-            losses[-1],
-            times,
-            self.samples * n,
-            self.samples * self.tokens_per_sample * n,
-            {0: statistics.median(times)},
+        beat = Heartbeat(
+            first_step=first,
+            step=self.results[-1].step,
+            losses=losses,
+            step_times=times,
+            rank_step_s={0: statistics.median(times)},
+            skipped_steps=worker.nonfinite.since(first - 1),
+            task_metrics=worker.task_metrics(),
         )
+        tokens = int(getattr(worker.data.dataset, "seq_len", 0))
+        beat.record(journal, sink, worker.config, worker.adapter.name, losses[-1], tokens_per_sample=tokens)
+        samples = worker.config.train.global_batch_size
         for result, loss in zip(self.results, losses, strict=True):
-            progress.update(result.step, loss, self.samples / max(result.step_time_s, 1e-9), self.family, 0)
+            rate = samples / max(result.step_time_s, 1e-9)
+            self.progress.update(result.step, loss, rate, worker.adapter.name, 0)
         self.results.clear()
 
 

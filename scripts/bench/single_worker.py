@@ -7,10 +7,11 @@ same model, optimizer, clipping and data on the same device, in the same process
   synchronisations, after a warm-up. Also reported: the same loop reading its loss every step
   (``loss.item()``), the habit most loops have.
 * **toolkit in-process**: ``trainer.job.run`` with ``cluster=local`` (Prometheus exporter on, checkpoints,
-  probes and the final evaluation off). Seconds per step = (wall time of a run of ``warm-up + steps`` steps -
-  wall time of a run of ``warm-up`` steps) ÷ ``steps``: start-up, warm-up and the end of the run cancel out.
+  probes and the final evaluation off); seconds per step from the journal's heartbeats after the warm-up
+  (one every ``--chunk`` steps: ``train.log_interval``).
 * **toolkit on Ray**: ``cluster=ray_local`` with one worker and no spare; seconds per step from the journal's
-  heartbeats after the warm-up (as the 2-worker mode). Skipped, and said so, where Ray is not installed.
+  heartbeats after the warm-up (one per chunk of ``--chunk`` steps). Skipped, and said so, where Ray is not
+  installed.
 
 A GPU machine needs PyTorch with CUDA, ``hydra-core``, ``omegaconf``, ``prometheus-client``, ``xxhash`` and
 ``numpy`` (and ``ray`` for the Ray mode); the project itself is imported from the repository.
@@ -56,6 +57,7 @@ def overrides(device: str, steps: int, ray: bool, chunk: int) -> list[str]:
         "checkpoint.interval_steps=0",
         "probes.preflight=false",
         "monitoring.port=0",
+        f"train.log_interval={chunk}",
         *(cluster if ray else ["cluster=local"]),
     ]
 
@@ -71,20 +73,8 @@ def _timed_run(config: Config) -> tuple[float, Path]:
     return wall, work
 
 
-def toolkit_in_process_s(device: str, steps: int) -> float:
-    short, long_ = (
-        make_config(*overrides(device, n, False, 1)) for n in (WARMUP_STEPS, WARMUP_STEPS + steps)
-    )
-    walls = []
-    for config in (short, long_):
-        wall, work = _timed_run(config)
-        shutil.rmtree(work, ignore_errors=True)
-        walls.append(wall)
-    return (walls[1] - walls[0]) / steps
-
-
-def toolkit_ray_s(device: str, steps: int, chunk: int) -> float:
-    _, work = _timed_run(make_config(*overrides(device, WARMUP_STEPS + steps, True, chunk)))
+def toolkit_step_s(device: str, steps: int, chunk: int, ray: bool) -> float:
+    _, work = _timed_run(make_config(*overrides(device, WARMUP_STEPS + steps, ray, chunk)))
     try:
         beats = [e for e in Journal(work / "journal.jsonl").read() if e["event"] == "heartbeat"]
         steady = [b for b in beats if b["first_step"] > WARMUP_STEPS]
@@ -151,10 +141,10 @@ def measure(device: str, steps: int, repeats: int, chunk: int) -> dict[str, Any]
     modes: dict[str, Callable[[], float]] = {
         "plain_step_s": lambda: plain_loop_s(device, steps, read_loss=False),
         "plain_read_loss_step_s": lambda: plain_loop_s(device, steps, read_loss=True),
-        "toolkit_in_process_step_s": lambda: toolkit_in_process_s(device, steps),
+        "toolkit_in_process_step_s": lambda: toolkit_step_s(device, steps, chunk, ray=False),
     }
     if with_ray:
-        modes["toolkit_ray_step_s"] = lambda: toolkit_ray_s(device, steps, chunk)
+        modes["toolkit_ray_step_s"] = lambda: toolkit_step_s(device, steps, chunk, ray=True)
     samples: dict[str, list[float]] = {k: [] for k in modes}
     context = contextlib.nullcontext()
     if with_ray:

@@ -10,6 +10,7 @@ import torch
 
 from trainer.data import GlobalBatchSampler, SyntheticCorpus, split
 from trainer.data.positions import to_device
+from trainer.data.synthetic import mix_seed
 from trainer.errors import ConfigError
 
 
@@ -73,3 +74,24 @@ def test_to_device_moves_the_tensors_of_a_dataclass_batch_and_keeps_its_type() -
     moved = to_device(Batch(torch.zeros(2, 3), {"mask": torch.ones(2)}), torch.device("meta"))
     assert isinstance(moved, Batch) and moved.name == "b"
     assert moved.tokens.device.type == "meta" and moved.extra["mask"].device.type == "meta"
+
+
+@pytest.mark.parametrize(
+    ("seed", "vocab", "seq_len", "noise"), [(1234, 1024, 256, 0.1), (3, 16, 8, 0.0), (5, 16, 8, 1.0)]
+)
+def test_batch_is_the_chain_walked_one_position_at_a_time(
+    seed: int, vocab: int, seq_len: int, noise: float
+) -> None:
+    corpus = SyntheticCorpus(seed, vocab, seq_len, noise)
+    indices = list(range(-5, 27))
+    walked = []
+    for index in indices:  # the definition: each token the table's successor of the last, unless noisy
+        g = torch.Generator().manual_seed(mix_seed(seed, index))
+        first = torch.randint(vocab, (1,), generator=g)
+        noisy = torch.rand(seq_len + 1, generator=g) < noise
+        drawn = torch.randint(vocab, (seq_len + 1,), generator=g)
+        tokens = [int(first)]
+        for t in range(1, seq_len + 1):
+            tokens.append(int(drawn[t]) if noisy[t] else int(corpus.table[tokens[-1]]))
+        walked.append(tokens)
+    assert corpus.batch(indices).tolist() == walked

@@ -51,8 +51,17 @@ class Heartbeat:
     def median_step_s(self) -> float | None:
         return statistics.median(self.step_times) if self.step_times else None
 
-    def record(self, journal: Journal, sink: MetricsSink, config: Config, family: str, loss: float) -> None:
-        """Journal it (not durably: heartbeats are many) and export the steps' figures."""
+    def record(
+        self,
+        journal: Journal,
+        sink: MetricsSink,
+        config: Config,
+        family: str,
+        loss: float,
+        tokens_per_sample: int | None = None,
+    ) -> None:
+        """Journal it (not durably: heartbeats are many) and export the steps' figures (``tokens_per_sample``:
+        default, the built-in model's ``seq_len``)."""
         journal.record(
             "heartbeat",
             durable=False,
@@ -64,9 +73,8 @@ class Heartbeat:
             step_time_s=self.median_step_s,
         )
         samples = len(self.losses) * config.train.global_batch_size
-        sink.steps(
-            self.step, loss, list(self.step_times), samples, samples * _seq_len(config), self.rank_step_s
-        )
+        tokens = samples * (_seq_len(config) if tokens_per_sample is None else tokens_per_sample)
+        sink.steps(self.step, loss, list(self.step_times), samples, tokens, self.rank_step_s)
         if self.skipped_steps:
             report_skipped(self.skipped_steps, family, journal, sink)
         report_task_metrics(self.step, self.task_metrics, journal, sink)

@@ -38,6 +38,11 @@ class SyntheticCorpus:
         self.noise = noise
         g = torch.Generator().manual_seed(mix_seed(seed, -1))
         self.table = torch.randperm(vocab_size, generator=g)
+        #: ``powers[k][v]``: the chain's token ``k`` steps after token ``v`` (the table applied ``k`` times).
+        self.powers = torch.empty(seq_len + 1, vocab_size, dtype=torch.int64)
+        self.powers[0] = torch.arange(vocab_size)
+        for k in range(1, seq_len + 1):
+            self.powers[k] = self.table[self.powers[k - 1]]
 
     def entropy_floor(self) -> float:
         """Per-token cross-entropy of a model that knows the chain exactly (nats)."""
@@ -63,11 +68,15 @@ class SyntheticCorpus:
             first[row] = torch.randint(self.vocab_size, (1,), generator=g)
             noisy[row] = torch.rand(length, generator=g) < self.noise
             random_tokens[row] = torch.randint(self.vocab_size, (length,), generator=g)
-        tokens = torch.empty(n, length, dtype=torch.int64)
-        tokens[:, 0] = first
-        for t in range(1, length):
-            tokens[:, t] = torch.where(noisy[:, t], random_tokens[:, t], self.table[tokens[:, t - 1]])
-        return tokens
+        # Token t is the random one where the sample is noisy (and the first token at 0), else the chain's
+        # successor of token t-1: so it is the chain's token t-r after the token drawn at r, the last
+        # position <= t that drew one. All positions at once, in whole-tensor operations.
+        noisy[:, 0] = True
+        drawn = torch.where(noisy, random_tokens, 0)
+        drawn[:, 0] = first
+        positions = torch.arange(length).expand(n, length)
+        last = torch.where(noisy, positions, 0).cummax(dim=1).values
+        return self.powers[positions - last, drawn.gather(1, last)]
 
     def held_out(self, count: int) -> torch.Tensor:
         """``count`` samples from a stream disjoint from training (negative indices), for evaluation."""
