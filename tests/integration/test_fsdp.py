@@ -138,6 +138,7 @@ def test_a_sharded_checkpoint_resumes_on_other_world_sizes_as_one_process_would_
     assert exported["blocks.0.attn.qkv.weight"].shape == reference["model/blocks.0.attn.qkv.weight"].shape
 
 
+@pytest.mark.slow  # about 30-60 s; scripts/test.sh --slow runs it
 def test_sigterm_to_the_driver_commits_the_step_in_flight_from_every_rank(tmp_path: Path) -> None:
     """The final save of a preempted FSDP run goes the same way: every rank writes its shards of the step it
     stopped at, the driver commits them within the grace period, and the run exits as preempted."""
@@ -174,6 +175,7 @@ def test_sigterm_to_the_driver_commits_the_step_in_flight_from_every_rank(tmp_pa
     assert {n.split("_")[2] for n in manifest.files if n.endswith(".distcp")} == {"0", "1", "2"}
 
 
+@pytest.mark.slow  # about 30-60 s; scripts/test.sh --slow runs it
 def test_on_object_storage_every_rank_uploads_its_shards_and_the_manifest_goes_up_last(
     tmp_path: Path, s3_run: tuple[str, dict[str, str], str]
 ) -> None:
