@@ -93,8 +93,20 @@ class WorkerActor:
         if simulated_device is not None:
             os.environ[SIM_VISIBLE_DEVICES_ENV] = str(simulated_device)
         self.config = from_container(config)
+        # Objects that live as long as the process go out of the cyclic collector's sight (gc.freeze), so that
+        # leave()'s collections scan only what was made since (the DDP wrapper, a failed collective's
+        # objects). A full collection costs ~0.2 s of a core here, and in a release cascade each rank waits
+        # for its neighbour's leave(): with 8 ranks sharing two cores the last survivor was out 2.2 s after
+        # the kill, against 0.16 s frozen. First what the imports made, then the model and optimizer — except
+        # under FSDP, whose model refers to itself through its hooks and is built anew at each re-formation:
+        # a frozen one would never be collected.
+        gc.collect()
+        gc.freeze()
         self.worker = Worker(self.config, local_world_size=workers_per_node)
         self.worker.setup()
+        if not self.config.train.sharded:
+            gc.collect()
+            gc.freeze()
         self.armed = False
         self.die_in = die_in
         #: Whether this worker holds the run's state (restored or loaded); a fresh spare does not.
@@ -144,7 +156,10 @@ class WorkerActor:
         return self.worker.step
 
     def leave(self) -> None:
-        """Drop the current process group (after a peer failure it cannot be reused)."""
+        """Drop the current process group (after a peer failure it cannot be reused); nothing to do when it
+        is already dropped (a survivor that left on the collective error is asked again by the repair)."""
+        if not self.worker.attached and not dist.is_initialized():
+            return
         self.worker.detach()  # release the DDP wrapper and its autograd hooks first
         gc.collect()
         if dist.is_initialized():
