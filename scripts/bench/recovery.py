@@ -27,6 +27,9 @@ each worker and spare of the largest N); each run lives in its own temporary dir
 Run from the repository root::
 
     .venv/bin/python scripts/bench/recovery.py [--workers 2 4 8] [--repeats 3] [--steps 10] [--kill-at 5]
+        [--systems toolkit ray_train]
+
+``--systems toolkit`` measures the toolkit alone (its scaling over N; no ratio to Ray Train is reported).
 
 It prints one JSON object to stdout (per N: both systems' MTTR and their ratio); everything else (Ray, the
 trainer's own output) goes to stderr.
@@ -362,10 +365,7 @@ def interleave(
 
     # Composed once: the repository may change under a long run; every run measures the same job.
     config = make_config(*job_overrides(args.steps, args.kill_at, workers))
-    systems: dict[str, Callable[[Config, Path, Path], dict[str, Any]]] = {
-        "toolkit": run_toolkit,
-        "ray_train": run_ray_train,
-    }
+    systems = {name: SYSTEMS[name] for name in args.systems}
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in systems}
     for repeat in range(args.repeats):
         for name, fn in systems.items():
@@ -381,6 +381,11 @@ def interleave(
     return runs
 
 
+SYSTEMS: dict[str, Callable[[Config, Path, Path], dict[str, Any]]] = {
+    "toolkit": run_toolkit,
+    "ray_train": run_ray_train,
+}
+
 DEFINITION = (
     "MTTR = wall time (time.time(), one host) from the SIGKILL of rank 1 of N to the next completed "
     "training step. Kill time, both systems: time.time() inside the victim immediately before "
@@ -394,12 +399,13 @@ DEFINITION = (
     "time.time() on rank 0 right after loss.item() of the first step completed after the kill, before "
     "ray.train.report (in the worker, not at the driver: this favours Ray Train by the report/heartbeat "
     "latency). ratio = toolkit mean / Ray Train mean at the same N; goal_seconds_met: toolkit mean <= "
-    "goal_seconds_max; scaling = toolkit mean at the largest N / toolkit mean at the smallest N."
+    "goal_seconds_max; scaling = toolkit mean at the largest N / toolkit mean at the smallest N "
+    "(scaling_median: the same with medians)."
 )
 
 
 def per_workers(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    toolkit, ray_train = summary(runs["toolkit"]), summary(runs["ray_train"])
+    toolkit, ray_train = summary(runs.get("toolkit", [])), summary(runs.get("ray_train", []))
     ratio = _ratio(toolkit["mean_s"], ray_train["mean_s"])
     return {
         "toolkit": toolkit,
@@ -417,6 +423,8 @@ def result_json(
     by_n = {n: per_workers(r) for n, r in runs.items()}
     smallest, largest = by_n[min(by_n)]["toolkit"]["mean_s"], by_n[max(by_n)]["toolkit"]["mean_s"]
     scaling = _ratio(largest, smallest) if len(by_n) > 1 else None
+    low, high = by_n[min(by_n)]["toolkit"]["median_s"], by_n[max(by_n)]["toolkit"]["median_s"]
+    scaling_median = _ratio(high, low) if len(by_n) > 1 else None
     return {
         "benchmark": "recovery",
         "definition": DEFINITION,
@@ -425,7 +433,8 @@ def result_json(
             "repeats": args.repeats,
             "steps": args.steps,
             "kill_at_step": args.kill_at,
-            "order": "per N, interleaved toolkit, ray_train per repeat",
+            "systems": args.systems,
+            "order": "per N, interleaved " + ", ".join(args.systems) + " per repeat",
             "local_ray": ray_resources(max(by_n)),
             "toolkit_overrides": job_overrides(args.steps, args.kill_at, max(by_n)),
             "ray_train": {
@@ -440,12 +449,14 @@ def result_json(
         "summary": {
             str(n): {
                 "toolkit_mean_s": f["toolkit"]["mean_s"],
+                "toolkit_median_s": f["toolkit"]["median_s"],
                 "ray_train_mean_s": f["ray_train"]["mean_s"],
                 "ratio": f["ratio"],
             }
             for n, f in by_n.items()
         },
         "scaling": scaling,
+        "scaling_median": scaling_median,
         "goal_ratio_max": GOAL_RATIO_MAX,
         "goal_seconds_max": GOAL_SECONDS_MAX,
         "goal_scaling_max": GOAL_SCALING_MAX,
@@ -472,9 +483,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="runs of each system per N (interleaved)")
     parser.add_argument("--steps", type=int, default=10, help="training steps per run")
     parser.add_argument("--kill-at", type=int, default=5, help="rank 1 is killed just before this step")
+    parser.add_argument(
+        "--systems",
+        nargs="+",
+        choices=sorted(SYSTEMS),
+        default=list(SYSTEMS),
+        help="what to measure (default both; toolkit alone for its scaling over N)",
+    )
     args = parser.parse_args(argv)
     if args.repeats < 1 or not 1 < args.kill_at <= args.steps:
         parser.error("need --repeats >= 1 and 1 < --kill-at <= --steps")
+    args.systems = [name for name in SYSTEMS if name in args.systems]
     if any(n < 2 or 8 % n for n in args.workers):
         parser.error("each --workers N must be >= 2 and divide the global batch of 8 (2, 4 or 8)")
     args.workers = sorted(set(args.workers))
