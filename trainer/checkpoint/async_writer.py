@@ -65,11 +65,7 @@ class AsyncCheckpointer:
         this one: it is kept in :attr:`failures` for the caller to report. Other errors are raised.
         """
         started = time.perf_counter()
-        try:
-            self.wait()
-        except CheckpointWriteError as exc:
-            log.error("%s", exc)
-            self.failures.append(exc)
+        self._finish_previous()
         staged = self._stage(state.tensors, overlap)
         staged_state = PortableState(staged, state.optimizer, state.scaler, state.task_state)
         rng = {k: v.clone() for k, v in rng_states.items()}
@@ -87,6 +83,14 @@ class AsyncCheckpointer:
         self._pending = pending
         self.last_blocking_s = time.perf_counter() - started
         return pending
+
+    def _finish_previous(self) -> None:
+        """Wait for the pending save; one that could not be written is kept in :attr:`failures`."""
+        try:
+            self.wait()
+        except CheckpointWriteError as exc:
+            log.error("%s", exc)
+            self.failures.append(exc)
 
     def _write(self, *args: Any) -> Path | str:
         self.staging.wait_copied()  # the non-blocking copies land before the writer reads them
@@ -106,11 +110,7 @@ class AsyncCheckpointer:
         :class:`RankPart` for the committing party, or raises :class:`CheckpointWriteError`. Nothing is
         committed here."""
         started = time.perf_counter()
-        try:
-            self.wait()
-        except CheckpointWriteError as exc:
-            log.error("%s", exc)
-            self.failures.append(exc)
+        self._finish_previous()
         staged = self._stage(state.tensors)
         rng = {k: v.clone() for k, v in rng_states.items()}
         pending = self._pool.submit(
