@@ -17,6 +17,7 @@ from trainer.config import Config
 from trainer.data.prefetch import Prefetcher
 from trainer.errors import ExitCode, UserCodeError
 from trainer.job import run
+from trainer.journal import Journal
 from trainer.testing.state import mismatched, restored_state
 from trainer.worker import Worker
 
@@ -130,4 +131,10 @@ def test_training_with_read_ahead_ends_bit_for_bit_where_training_without_it_doe
         )
         assert run(config, run_dir=tmp_path / prefetch) == ExitCode.FINISHED
         states.append(restored_state(config, tmp_path / prefetch / "checkpoints"))
+        # The single process reports as a worker group does: one heartbeat per log line, every step once.
+        beats = [
+            e for e in Journal(tmp_path / prefetch / "journal.jsonl").read() if e["event"] == "heartbeat"
+        ]
+        assert [(b["first_step"], b["step"]) for b in beats] == [(1, 10), (11, 12)]
+        assert all(b["loss"] > 0 and b["busy_s"] > 0 for b in beats)
     assert mismatched(*states) == []
