@@ -51,6 +51,7 @@ class HandOver:
         print(f"handing over from {old} to {target} at step {ctl.step}")
         held = self._newest_state()
         if ctl.group is not None:
+            ctl.saves.settle()  # a sharded save the members are writing commits before they are stopped
             ctl.group.shutdown()
             ctl.group = None
         try:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from trainer.cluster.group import WorkerGroup
     from trainer.cluster.newest_state import HeldState, Loaded
+    from trainer.cluster.saves import Saves
     from trainer.cluster.watch import ChunkOutcome
     from trainer.config import Config
     from trainer.journal import Journal
@@ -55,6 +56,7 @@ class RunControl(Protocol):
     given_up: set[str]
     #: The newest state taken from a live member while the group changes.
     held: HeldState | None
+    saves: Saves
 
     @property
     def members(self) -> list[Any]: ...
