@@ -16,7 +16,7 @@ from trainer.health import (
     compare_timings,
     run_with_deadline,
 )
-from trainer.health.interconnect import common_rank, ring_pairs, slow_links
+from trainer.health.interconnect_report import common_rank, ring_pairs, slow_links
 
 GB = 1e9
 

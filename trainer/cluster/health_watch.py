@@ -19,8 +19,8 @@ from trainer.cluster.newest_state import LOST_ERRORS
 from trainer.cluster.watch import ChunkOutcome
 from trainer.config import Config
 from trainer.goodput import Goodput
+from trainer.health.assessment import assess
 from trainer.health.device import DeviceReport, compare_results, compare_timings, wrong_ranks
-from trainer.health.interconnect import assess
 from trainer.journal import Journal
 from trainer.metrics import MetricsSink
 from trainer.policy import FailureKind

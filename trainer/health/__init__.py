@@ -14,6 +14,7 @@ baseline, compare ranks' timings) and ship it across Ray actors or into a JSON j
 
 from __future__ import annotations
 
+from trainer.health.assessment import Assessment, assess
 from trainer.health.deadline import DeadlineResult, run_with_deadline
 from trainer.health.device import (
     BitwiseVerdict,
@@ -23,15 +24,12 @@ from trainer.health.device import (
     probe_device,
     wrong_ranks,
 )
-from trainer.health.interconnect import (
-    Assessment,
+from trainer.health.interconnect import ProbeCollectiveError, probe_interconnect
+from trainer.health.interconnect_report import (
     BandwidthPoint,
     InterconnectReport,
     LinkReport,
-    ProbeCollectiveError,
-    assess,
     bandwidth_point,
-    probe_interconnect,
 )
 
 __all__ = [

@@ -17,82 +17,32 @@ import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from trainer.faults import CollectiveFaults
 from trainer.health.deadline import run_with_deadline
+from trainer.health.interconnect_report import (
+    LINK_FRACTION,
+    BandwidthPoint,
+    InterconnectReport,
+    LinkReport,
+    bandwidth_point,
+    common_rank,
+    ring_pairs,
+    slow_links,
+)
 
 #: Bytes each way for the point-to-point test of one ring link.
 LINK_BYTES = 1 << 20
 #: Timed rounds over the ring links, interleaved; a link's figure is its fastest round, so a few more rounds
 #: than the all-reduce's iterations make it a better estimate of what the link can do (they cost ~1 ms each).
 LINK_ITERS = 8
-#: A link below this fraction of the reference link bandwidth is slow (:func:`slow_links`). Looser than the
-#: bus-bandwidth criterion because single links vary more: healthy loopback links of 3 gloo ranks on 2 shared
-#: cores measured 0.49-0.99 of the reference over 80 probes; an injected slow rank puts its links at ~0.01.
-LINK_FRACTION = 0.5
 _FAULT_SALT = 7
 _ELEMENT = torch.float32
 _ELEMENT_BYTES = 4
-
-
-@dataclass(frozen=True)
-class BandwidthPoint:
-    """All-reduce of one message size: the slowest rank's median seconds and the bandwidths from it."""
-
-    bytes: int
-    seconds: float
-    algbw_bytes_per_s: float
-    #: ``algbw * 2(n-1)/n``: what each rank's link carries in a ring all-reduce (0 on one rank).
-    busbw_bytes_per_s: float
-
-
-@dataclass(frozen=True)
-class LinkReport:
-    """Point-to-point between ring neighbours ``src`` and ``dst``: one-way seconds for ``bytes`` (half the
-    fastest round trip) and the bandwidth from it."""
-
-    src: int
-    dst: int
-    bytes: int
-    seconds: float
-    bandwidth_bytes_per_s: float
-
-    @property
-    def name(self) -> str:
-        return f"{self.src}<->{self.dst}"
-
-
-@dataclass(frozen=True)
-class InterconnectReport:
-    """What one rank's call of :func:`probe_interconnect` found. Picklable; :meth:`to_dict` for JSON."""
-
-    ok: bool
-    timed_out: bool
-    error: str | None
-    world_size: int
-    backend: str
-    rank: int
-    points: tuple[BandwidthPoint, ...]
-    #: Median all-reduce time of the smallest message size.
-    small_message_latency_s: float | None
-    links: tuple[LinkReport, ...]
-    slowest_link: LinkReport | None
-    #: The rank common to every slow link, when there is exactly one such rank.
-    slow_rank: int | None
-    duration_s: float
-
-    @property
-    def busbw_bytes_per_s(self) -> float | None:
-        """Bus bandwidth of the largest message size (the figure compared with a baseline)."""
-        return max(self.points, key=lambda p: p.bytes).busbw_bytes_per_s if self.points else None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "busbw_bytes_per_s": self.busbw_bytes_per_s}
 
 
 @dataclass
@@ -219,22 +169,6 @@ def _time_all_reduce(ctx: _Context, nbytes: int) -> BandwidthPoint:
     return bandwidth_point(numel * _ELEMENT_BYTES, seconds, ctx.world)
 
 
-def bandwidth_point(nbytes: int, seconds: float, world_size: int) -> BandwidthPoint:
-    """nccl-tests' figures for an all-reduce of ``nbytes`` that took ``seconds`` on ``world_size`` ranks."""
-    algbw = nbytes / max(seconds, 1e-12)
-    busbw = algbw * 2 * (world_size - 1) / world_size
-    return BandwidthPoint(nbytes, seconds, algbw, busbw)
-
-
-def ring_pairs(world_size: int) -> list[tuple[int, int]]:
-    """Links ``i -> (i+1) % n`` of the ring; two ranks share one link, one rank has none."""
-    if world_size < 2:
-        return []
-    if world_size == 2:
-        return [(0, 1)]
-    return [(i, (i + 1) % world_size) for i in range(world_size)]
-
-
 def _time_ring(ctx: _Context) -> list[LinkReport]:
     """Every link once per round, the other ranks idle at a barrier; a ping-pong timed on ``src``.
 
@@ -325,107 +259,3 @@ def _report(
         slow_rank=common_rank(slow_links(links, LINK_FRACTION)),
         duration_s=time.monotonic() - start,
     )
-
-
-def reference_link_bandwidth(links: Sequence[LinkReport]) -> float | None:
-    """Median bandwidth of the faster half of the links.
-
-    Not the plain median: a slow rank slows the two ring links that touch it, so on 3 or 4 ranks the plain
-    median is itself a slow link and nothing would stand out.
-    """
-    if not links:
-        return None
-    ranked = sorted((link.bandwidth_bytes_per_s for link in links), reverse=True)
-    return statistics.median(ranked[: (len(ranked) + 1) // 2])
-
-
-def slow_links(links: Sequence[LinkReport], fraction: float) -> list[LinkReport]:
-    """Links below ``fraction`` x :func:`reference_link_bandwidth`, slowest first (none with < 2 links)."""
-    reference = reference_link_bandwidth(links)
-    if reference is None or len(links) < 2:
-        return []
-    slow = [link for link in links if link.bandwidth_bytes_per_s < fraction * reference]
-    return sorted(slow, key=lambda link: link.bandwidth_bytes_per_s)
-
-
-def common_rank(links: Sequence[LinkReport]) -> int | None:
-    """The one rank every link touches (a slow rank on a ring touches two links), else ``None``."""
-    if not links:
-        return None
-    common = set.intersection(*({link.src, link.dst} for link in links))
-    return common.pop() if len(common) == 1 else None
-
-
-@dataclass(frozen=True)
-class Assessment:
-    """Whether one interconnect report is healthy, and why not."""
-
-    healthy: bool
-    degraded: bool
-    reason: str
-    #: The report's bus bandwidth at its largest message size.
-    busbw_bytes_per_s: float | None
-    #: The baseline compared against: the given one, or the report's own figure when none was given.
-    baseline: float | None
-
-
-def assess(
-    report: InterconnectReport,
-    baseline_busbw_bytes_per_s: float | None,
-    degraded_fraction: float = 0.8,
-    link_fraction: float = LINK_FRACTION,
-) -> Assessment:
-    """Judge ``report``. Degraded when the probe failed or timed out, when the largest size's bus bandwidth
-    is below ``degraded_fraction`` x the baseline, or when a link is below ``link_fraction`` x the
-    reference link bandwidth (:func:`reference_link_bandwidth`); the reason names the slowest link and the
-    slow rank where known. With no baseline a healthy report becomes the baseline (returned in
-    ``baseline``); a degraded one never does. Pure; raises ``ValueError`` for a fraction outside (0, 1].
-    """
-    for name, value in (("degraded_fraction", degraded_fraction), ("link_fraction", link_fraction)):
-        if not 0 < value <= 1:
-            raise ValueError(f"{name}={value}; allowed: a float in (0, 1]")
-    busbw, baseline = report.busbw_bytes_per_s, baseline_busbw_bytes_per_s
-    if not report.ok:
-        what = "timed out" if report.timed_out else "failed"
-        return Assessment(False, True, f"interconnect probe {what}: {report.error}", busbw, baseline)
-    findings = _busbw_findings(report, baseline, degraded_fraction) + _link_findings(report, link_fraction)
-    if findings:
-        return Assessment(False, True, "; ".join(findings + _culprits(report, findings)), busbw, baseline)
-    if baseline is None:
-        return Assessment(True, False, "no baseline: this measurement becomes the baseline", busbw, busbw)
-    reason = f"bus bandwidth {_gbps(busbw or 0.0)} within {degraded_fraction:g} x baseline {_gbps(baseline)}"
-    return Assessment(True, False, reason, busbw, baseline)
-
-
-def _busbw_findings(report: InterconnectReport, baseline: float | None, fraction: float) -> list[str]:
-    busbw = report.busbw_bytes_per_s
-    # One rank has no interconnect: its bus bandwidth is 0 by definition, not degraded.
-    if baseline is None or busbw is None or report.world_size < 2 or busbw >= fraction * baseline:
-        return []
-    return [f"bus bandwidth {_gbps(busbw)} is below {fraction:g} x baseline {_gbps(baseline)}"]
-
-
-def _link_findings(report: InterconnectReport, fraction: float) -> list[str]:
-    slow = slow_links(report.links, fraction)
-    if not slow:
-        return []
-    reference = reference_link_bandwidth(report.links) or 0.0
-    return [
-        f"link {slow[0].name} at {_gbps(slow[0].bandwidth_bytes_per_s)} is below {fraction:g} x "
-        f"the reference link bandwidth {_gbps(reference)}"
-    ]
-
-
-def _culprits(report: InterconnectReport, findings: list[str]) -> list[str]:
-    """The slowest link (unless a finding already names a link) and the slow rank."""
-    found = []
-    if report.slowest_link is not None and not any(f.startswith("link ") for f in findings):
-        link = report.slowest_link
-        found.append(f"slowest link {link.name} at {_gbps(link.bandwidth_bytes_per_s)}")
-    if report.slow_rank is not None:
-        found.append(f"slow rank {report.slow_rank}")
-    return found
-
-
-def _gbps(bytes_per_s: float) -> str:
-    return f"{bytes_per_s / 1e9:.3g} GB/s"
