@@ -20,7 +20,8 @@ import torch.multiprocessing as mp
 from trainer.checkpoint import CheckpointManager
 from trainer.checkpoint.async_writer import AsyncCheckpointer
 from trainer.checkpoint.export import export
-from trainer.checkpoint.sharded import RankPart, commit_parts
+from trainer.checkpoint.objects import ObjectStore
+from trainer.checkpoint.sharded import RankPart, commit_parts, commit_uploaded
 from trainer.checkpoint.store import CheckpointStore
 from trainer.errors import CheckpointCorruptError, CheckpointWriteError
 from trainer.testing.configs import make_config
@@ -93,7 +94,16 @@ def sharded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     store = CheckpointStore(root / "checkpoints")
     directory = store.begin(2)
     mp.spawn(_rank, args=(free_port(), str(directory), str(root)), nprocs=WORLD)
+    shutil.copytree(directory, root / "written")  # the ranks' files as written, for the other tests
     return root, directory
+
+
+def _committed_copy(root: Path, store: CheckpointStore, step: int) -> Path:
+    """The ranks' files committed again into ``store`` as the checkpoint of ``step``."""
+    parts, header = _parts(root)
+    directory = store.begin(step)
+    shutil.copytree(root / "written", directory, dirs_exist_ok=True)
+    return commit_parts(store, directory, parts, {**header, "step": step}, WORLD)
 
 
 def test_each_rank_writes_only_its_own_shards_and_a_commit_makes_one_checkpoint(
@@ -177,17 +187,10 @@ def test_a_damaged_shard_of_one_rank_is_found_and_the_previous_checkpoint_is_use
     tmp_path: Path, sharded: tuple[Path, Path]
 ) -> None:
     root, _ = sharded
-    committed = root / "checkpoints"
-    [first] = CheckpointStore(committed).committed()
-    # A second checkpoint: a copy of the first under the next step's name, its manifest rewritten.
-    from trainer.checkpoint.manifest import Manifest
-
-    second = committed / "step_000000004"
-    shutil.copytree(first, second)
-    manifest = Manifest.read(second)
-    manifest.step = 4
-    manifest.write(second)
-    (committed / "latest").write_text(second.name + "\n")
+    store = CheckpointStore(tmp_path / "checkpoints")
+    first, second = _committed_copy(root, store, 2), _committed_copy(root, store, 4)
+    committed = store.root
+    assert (committed / "latest").read_text().strip() == second.name
     shard = second / "__1_0.distcp"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -200,3 +203,37 @@ def test_a_damaged_shard_of_one_rank_is_found_and_the_previous_checkpoint_is_use
     restored = worker.restore(CheckpointManager(committed))
     assert restored is not None and restored.path == first and worker.step == 2
     assert [Path(p).name for p, _ in restored.skipped] == [second.name]
+
+
+def test_on_object_storage_the_uploaded_shards_commit_with_the_manifest_last(
+    sharded: tuple[Path, Path], s3_run: tuple[str, dict[str, str], str]
+) -> None:
+    """The ranks' files uploaded under a reserved name are invisible until the manifest goes up; a stray
+    object there is refused, a discarded save leaves nothing, and a committed one restores whole."""
+    root, _ = sharded
+    parts, header = _parts(root)
+    url, options, _ = s3_run
+    store = ObjectStore(url, storage_options=options)
+    local = root / "written"
+    files = sorted(n for p in parts for n in p.files)
+
+    name = store.reserve(2)
+    store.upload(local, name, files)
+    store.upload(root, name, ["whole.pt"])  # an object no rank wrote
+    with pytest.raises(CheckpointWriteError, match=r"files no rank wrote \['whole\.pt'\]"):
+        commit_uploaded(store, name, parts, header, WORLD)
+    assert store.committed() == []
+    store.discard(name)
+    assert store.uploaded(name) == {}
+
+    name = store.reserve(2)
+    store.upload(local, name, files)
+    assert store.committed() == []  # uploaded, not committed
+    committed = commit_uploaded(store, name, parts, header, WORLD)
+    assert store.committed() == [committed] and store.latest_pointer() == committed
+    worker = Worker(make_config(*OVERRIDES))
+    worker.setup()
+    assert worker.restore(CheckpointManager(url, storage_options=options)) is not None
+    whole = torch.load(root / "whole.pt", weights_only=True)
+    state = worker.capture().tensors
+    assert all(torch.equal(state[k], t) for k, t in whole.items())
