@@ -200,6 +200,20 @@ def test_on_object_storage_every_rank_uploads_its_shards_and_the_manifest_goes_u
     assert int(restored_state(resumed, url)["step"]) == 10
 
 
+@pytest.mark.slow  # about 40 s; scripts/test.sh --slow runs it
+def test_a_ddp_run_resumes_from_a_sharded_checkpoint(tmp_path: Path) -> None:
+    """The ranks of a DDP group read the sharded checkpoint's tensors whole (DCP assembles them from every
+    rank's chunks) and carry on from its step."""
+    run_dir = tmp_path / "run"
+    assert run(make_config(*_group(3, "train.steps=8")), run_dir=run_dir) == ExitCode.FINISHED
+    ddp = make_config(*[o for o in _group(2, "train.steps=10") if o != "train.parallelism=fsdp"])
+    assert ddp.train.parallelism == "ddp"
+    assert run(ddp, run_dir=run_dir) == ExitCode.FINISHED
+    [resumed] = events(run_dir, "resumed")
+    assert resumed["step"] == 8 and resumed["rng_restored"] is False  # another world size: re-derived
+    assert int(restored_state(ddp, run_dir / "checkpoints")["step"]) == 10
+
+
 def test_fsdp_with_fp16_is_refused_naming_what_is_allowed() -> None:
     from trainer.errors import ConfigError
 
