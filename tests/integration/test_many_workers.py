@@ -77,6 +77,7 @@ def test_one_rank_killed_out_of_four_is_the_only_one_replaced(
     [recovered] = events(tmp_path, "recovered")
     assert recovered["replaced_ranks"] == [1] and recovered["step"] == 6
     assert recovered["state_from"].startswith("peer snapshot from rank ")
+    assert recovered["loaded_ranks"] == [1]  # the survivors kept their own state of step 6
     _finished_like(killed, tmp_path, uninterrupted)
 
 

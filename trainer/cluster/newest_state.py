@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,8 @@ class Loaded:
     reason: str
     #: The first member's restore reply when the state came from a checkpoint (path, metrics, ...).
     restored: dict[str, Any] | None = None
+    #: The ranks that were given the state (the others already held it); None: every rank.
+    into: list[int] | None = None
 
 
 def hold_newest(members: list[Any], steps: dict[int, int | None], evaluate: bool = False) -> HeldState | None:
@@ -80,11 +83,23 @@ def hold_newest(members: list[Any], steps: dict[int, int | None], evaluate: bool
     return None
 
 
-def load(members: list[Any], held: HeldState | None, checkpoint_root: str, keep_last: int) -> Loaded:
-    """Give every member the newest state there is: ``held``, else the newest good checkpoint, else none."""
+def load(
+    members: list[Any],
+    held: HeldState | None,
+    checkpoint_root: str,
+    keep_last: int,
+    holding: Collection[int] = (),
+) -> Loaded:
+    """Give every member the newest state there is: ``held``, else the newest good checkpoint, else none.
+
+    ``holding``: ranks whose members already hold the state of ``held.step`` (survivors of a repair, which
+    held it when ``held`` was taken from one of them): they keep their own, as an uninterrupted run would
+    (their RNG streams too), and only the others load the snapshot. Ignored when the state is not ``held``.
+    """
     if held is not None:
-        steps = ray.get([m.load_snapshot.remote(held.ref, rank) for rank, m in enumerate(members)])
-        return Loaded(int(steps[0]), held.origin, f"a live member held step {held.step}")
+        into = [rank for rank in range(len(members)) if rank not in holding]
+        ray.get([members[rank].load_snapshot.remote(held.ref, rank) for rank in into])
+        return Loaded(held.step, held.origin, f"a live member held step {held.step}", into=into)
     restored = ray.get([m.restore.remote(checkpoint_root, keep_last) for m in members])
     if restored[0] is not None:
         return Loaded(

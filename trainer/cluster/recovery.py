@@ -172,7 +172,11 @@ class RunRecovery(RunEndings):
                 gone |= set(alive) - set(self.group.live_steps())
         forget([self.members[r] for r in gone])
         self.group.replace(tuple(sorted(gone)))
-        loaded = self.load_newest()
+        # Survivors at the held step keep their state (and process, model, RNG): only the others load it.
+        newest = self.held.step if self.held is not None else None
+        loaded = self.load_newest(
+            holding=[r for r, step in alive.items() if r not in gone and step == newest]
+        )
         self.group.form(self.collective_timeout())
         self._recovered(decision.action.value, sorted(gone | replaced), loaded, previous, started)
         return self.handover.check_parity() or State.RUNNING
@@ -187,11 +191,12 @@ class RunRecovery(RunEndings):
     def evaluate(self) -> float:
         return self.saves.evaluate(self.saves.writers(self.members))
 
-    def load_newest(self) -> Loaded:
-        """Give the group the held live state (else the newest checkpoint, else none); the step follows it."""
+    def load_newest(self, holding: list[int] | None = None) -> Loaded:
+        """Give the group the held live state (else the newest checkpoint, else none); the step follows it.
+        ``holding``: ranks that already hold the held state and keep it (see :func:`load`)."""
         keep = self.config.checkpoint.keep_last
         self.saves.settle()  # a sharded save every rank wrote commits first, and is the one restored
-        loaded = load(self.members, self.held, str(self.checkpoint_root), keep)
+        loaded = load(self.members, self.held, str(self.checkpoint_root), keep, holding or ())
         self.held = None
         self.step = loaded.step
         return loaded
@@ -208,6 +213,8 @@ class RunRecovery(RunEndings):
             "replaced_ranks": replaced,
             "state_from": loaded.origin,
             "state_reason": loaded.reason,
+            # The ranks the state was loaded into: the others (survivors at that step) kept their own.
+            "loaded_ranks": loaded.into if loaded.into is not None else list(range(self.group.size)),
             "recover_s": time.monotonic() - started,
             "incarnation": self.group.incarnation,
         }
