@@ -7,12 +7,24 @@ process that stops making progress, a wrong-computing device corrupts a real mat
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from trainer.config import Config
+
+
+class Worker(Protocol):
+    """What the fault seams read of the worker they act on: how many steps it has done."""
+
+    step: int
 
 
 class InjectedCollectiveError(RuntimeError):
@@ -55,6 +67,91 @@ class CollectiveFaults:
             raise InjectedCollectiveError(
                 f"injected collective failure on rank {self.rank} (flaky interconnect)"
             )
+
+
+class WorkerFaults:
+    """The faults one worker injects, installed on it from outside the training code (the worker group sets
+    :attr:`Worker.faults` when a worker joins; a worker alone has :data:`NO_FAULTS`). The worker calls two
+    seams: :meth:`before_step` once its step has begun (a kill, a hang, a slow device) and
+    :meth:`in_collective` on entering its gradient collective (a hang there, a slow or flaky link).
+
+    ``armed``: the kill, hang and straggler faults may fire — the run's first incarnation only, so that a
+    replacement is healthy. A family's interconnect faults act on every incarnation alike.
+    """
+
+    def __init__(self, config: Config, family: str, rank: int, step: int, armed: bool) -> None:
+        self.faults, self.rank, self.armed = config.faults, rank, armed
+        self.family = config.faults.for_family(family)
+        self.injected = family in config.faults.families
+        slow = armed and self.family.straggler_rank == rank
+        #: Seconds this worker's device takes longer per step (an injected straggler).
+        self.straggler_s = self.family.straggler_delay_s if slow else 0.0
+        #: The step whose gradient collective this worker gets stuck in (an injected hang), if any.
+        self.hang_in_collective_at: int | None = None
+        #: This worker's device computes wrong results (caught by the device probe).
+        self.wrong_compute = armed and self.family.wrong_compute_rank == rank
+        self._rng = self.collective(step).rng(salt=config.train.seed)
+
+    def collective(self, step: int) -> CollectiveFaults:
+        """The family's interconnect faults as they stand after ``step`` steps (they may begin mid-run)."""
+        f = self.family
+        if step + 1 < f.degrade_from_step:
+            return CollectiveFaults(rank=self.rank)
+        return CollectiveFaults(
+            rank=self.rank,
+            delay_s=f.collective_delay_s,
+            slow_ranks=(f.slow_rank,) if f.slow_rank is not None else (),
+            slow_rank_delay_s=f.slow_rank_delay_s,
+            error_rate=f.collective_error_rate,
+            seed=self.faults.seed,
+        )
+
+    def before_step(self, worker: Worker) -> None:
+        """At the start of ``worker``'s next step (its progress already marks it computing)."""
+        if not self.armed:
+            return
+        step, faults = worker.step + 1, self.faults
+        if step == faults.kill_at_step and self.rank in faults.killed_ranks():
+            # This process vanishes mid-run (SIGKILL), or is asked to leave (SIGTERM).
+            os.kill(os.getpid(), signal.Signals[faults.kill_signal])
+        if faults.hang_rank == self.rank and step == faults.hang_at_step:
+            if faults.hang_phase == "collective":
+                self.hang_in_collective_at = step  # in_collective stops there
+            else:
+                while True:  # alive, holding its resources, making no progress
+                    time.sleep(1.0)
+        if self.straggler_s > 0:
+            time.sleep(self.straggler_s)  # this device computes slowly
+
+    def in_collective(self, worker: Worker) -> None:
+        """On entering ``worker``'s gradient collective of its current step."""
+        if self.hang_in_collective_at == worker.step + 1:
+            while True:  # stuck inside the collective: the peers wait in it too
+                time.sleep(1.0)
+        if self.injected:
+            faults = self.collective(worker.step)
+            if faults.active:
+                faults.before_collective(self._rng)
+
+
+class _NoFaults(WorkerFaults):
+    """A healthy worker's faults: none."""
+
+    def __init__(self) -> None:
+        self.straggler_s, self.hang_in_collective_at, self.wrong_compute = 0.0, None, False
+
+    def collective(self, step: int) -> CollectiveFaults:
+        return CollectiveFaults()
+
+    def before_step(self, worker: Worker) -> None:
+        pass
+
+    def in_collective(self, worker: Worker) -> None:
+        pass
+
+
+#: What a worker injects unless its group installs :class:`WorkerFaults`: nothing.
+NO_FAULTS: WorkerFaults = _NoFaults()
 
 
 def corrupt_matmul(result: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from trainer.data.positions import DataPositions, to_device
 from trainer.data.prefetch import Prefetcher
 from trainer.devices import DeviceAdapter, get_adapter
 from trainer.errors import ConfigError, UserCodeError
-from trainer.faults import CollectiveFaults
+from trainer.faults import NO_FAULTS, WorkerFaults
 from trainer.metrics import checked_metrics
 from trainer.nonfinite import NonFiniteSteps, grad_norm
 from trainer.tasks import build_task
@@ -68,10 +68,8 @@ class Worker(WorkerState):
         self.progress: dict[str, Any] = {"step": 0, "phase": "idle", "since": time.time()}
         self.compute_s = float("nan")
         self._step_started = 0.0
-        #: Injected slowness of this worker's device (seconds per step); set by fault injection only.
-        self.extra_compute_s = 0.0
-        #: Injected hang inside the gradient collective of this step; set by fault injection only.
-        self.hang_in_collective_at: int | None = None
+        #: The faults this worker injects, installed from outside by its group (see trainer.faults).
+        self.faults: WorkerFaults = NO_FAULTS
         self.attached = False
         self.staging = None
 
@@ -134,7 +132,7 @@ class Worker(WorkerState):
         # the all-reduce with the backward pass.
         if hasattr(ddp.reducer, "_push_all_rebuilt_params"):
             ddp.reducer._push_all_rebuilt_params()
-        ddp.register_comm_hook(None, self._comm_hook(rank))
+        ddp.register_comm_hook(None, self._comm_hook())
         self.model = ddp
 
     def detach(self) -> None:
@@ -142,8 +140,8 @@ class Worker(WorkerState):
         self.model = self.module
         self.attached = False
 
-    def _comm_hook(self, rank: int) -> Any:
-        """DDP's all-reduce, preceded by progress bookkeeping and the family's injected faults (if any).
+    def _comm_hook(self) -> Any:
+        """DDP's all-reduce, preceded by progress bookkeeping and the worker's injected faults (if any).
 
         Entering the first gradient collective of a step marks the end of this rank's compute for the
         step: the compute time feeds straggler detection, and "in a collective since t" tells a rank
@@ -151,23 +149,13 @@ class Worker(WorkerState):
         """
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-        base = self.collective_faults(rank)
-        rng = base.rng(salt=self.config.train.seed)
-        injected = self.adapter.name in self.config.faults.families
-
         # Unannotated on purpose: DDP checks a hook's annotations by identity, and this module's
         # postponed annotations would be strings.
         def hook(state, bucket):  # type: ignore[no-untyped-def]
             if self.progress["phase"] == "compute":
                 self.compute_s = time.perf_counter() - self._step_started
                 self.mark("collective")
-            if self.hang_in_collective_at == self.step + 1:
-                while True:  # injected fault: stuck inside the collective, peers wait in it too
-                    time.sleep(1.0)
-            if injected:
-                faults = self.collective_faults(rank)  # the profile may switch on mid-run
-                if faults.active:
-                    faults.before_collective(rng)
+            self.faults.in_collective(self)
             return allreduce_hook(state, bucket).then(noted)
 
         def noted(fut):  # type: ignore[no-untyped-def]
@@ -178,20 +166,6 @@ class Worker(WorkerState):
                 raise
 
         return hook
-
-    def collective_faults(self, rank: int) -> CollectiveFaults:
-        """This family's injected interconnect faults as they stand at the current step."""
-        f = self.config.faults.for_family(self.adapter.name)
-        if self.step + 1 < f.degrade_from_step:
-            return CollectiveFaults(rank=rank)
-        return CollectiveFaults(
-            rank=rank,
-            delay_s=f.collective_delay_s,
-            slow_ranks=(f.slow_rank,) if f.slow_rank is not None else (),
-            slow_rank_delay_s=f.slow_rank_delay_s,
-            error_rate=f.collective_error_rate,
-            seed=self.config.faults.seed,
-        )
 
     @property
     def last_loss(self) -> float:
@@ -214,8 +188,7 @@ class Worker(WorkerState):
         self.compute_s = float("nan")
         self.mark("compute")
         self.model.train()
-        if self.extra_compute_s > 0:
-            time.sleep(self.extra_compute_s)  # injected straggler: this device computes slowly
+        self.faults.before_step(self)  # injected kill, hang or slow device, if the group installed any
         micro = self._micro_indices(self.step)
         batches = [self._user("train_dataset or collate", self.prefetch.get, m) for m in micro]
         if self.step + 1 < self.config.train.steps:

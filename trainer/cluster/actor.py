@@ -34,6 +34,7 @@ from trainer.config import from_container
 from trainer.devices.join import join_group
 from trainer.devices.sim import SIM_VISIBLE_DEVICES_ENV
 from trainer.errors import CheckpointWriteError, UserCodeError
+from trainer.faults import WorkerFaults
 from trainer.sharding import is_sharded
 from trainer.worker import Worker, host_values
 
@@ -150,9 +151,8 @@ class WorkerActor:
         self.worker.attach(rank, world_size)
         self.armed = arm_faults
         # Device faults belong to the devices of the first incarnation: a replacement is healthy.
-        family_faults = self.config.faults.for_family(self.worker.adapter.name)
-        slow = arm_faults and family_faults.straggler_rank == rank
-        self.worker.extra_compute_s = family_faults.straggler_delay_s if slow else 0.0
+        family = self.worker.adapter.name
+        self.worker.faults = WorkerFaults(self.config, family, rank, self.worker.step, armed=arm_faults)
         return self.worker.step
 
     def leave(self) -> None:
@@ -177,7 +177,6 @@ class WorkerActor:
             while self.worker.step < until_step and (
                 self.stop_step is None or self.worker.step < self.stop_step
             ):
-                self._inject(self.worker.step + 1)
                 result = self.worker.train_step()
                 losses.append(result.loss)
                 times.append(result.step_time_s)
@@ -200,21 +199,6 @@ class WorkerActor:
             "skipped_steps": self.worker.nonfinite.since(first_step),
             "task_metrics": self.worker.task_metrics(),
         }
-
-    def _inject(self, next_step: int) -> None:
-        faults = self.config.faults
-        if not self.armed:
-            return
-        if next_step == faults.kill_at_step and self.worker.rank in faults.killed_ranks():
-            # Injected fault: this process vanishes mid-run (SIGKILL), or is asked to leave (SIGTERM).
-            os.kill(os.getpid(), signal.Signals[faults.kill_signal])
-        if faults.hang_rank == self.worker.rank and next_step == faults.hang_at_step:
-            if faults.hang_phase == "collective":
-                self.worker.hang_in_collective_at = next_step  # the comm hook stops there
-                return
-            self.worker.mark("compute")
-            while True:  # injected fault: alive, holding its resources, making no progress
-                time.sleep(1.0)
 
     def stop_after(self, step: int) -> int:
         """Stop training after step ``step`` — or after the step now in flight, if that is a later one (it
@@ -382,19 +366,18 @@ class WorkerActor:
         from trainer.health.interconnect import probe_interconnect
 
         worker = self.worker
-        family_faults = self.config.faults.for_family(worker.adapter.name)
         interconnect = probe_interconnect(
             worker.device,
             sizes_bytes=tuple(sizes_bytes),
             iters=iters,
             pairwise=pairwise,
-            faults=worker.collective_faults(worker.rank),
+            faults=worker.faults.collective(worker.step),
             timeout_s=timeout_s,
         )
         device = probe_device(
             worker.adapter,
             worker.device,
-            faults_wrong_compute=self.armed and family_faults.wrong_compute_rank == worker.rank,
+            faults_wrong_compute=worker.faults.wrong_compute,
             timeout_s=timeout_s,
             vendor_tools_dir=self.config.probes.vendor_tools_dir,
         )
