@@ -110,12 +110,16 @@ class LeaveWatch:
     def __init__(self, every_s: float = 0.5) -> None:
         self.every_s = every_s
         self._next = 0.0
-        #: Ranks found leaving at the last look.
+        #: Ranks found leaving at the last look, and the members it looked at.
         self.ranks: list[int] = []
+        self._looked_at: list[str] = []
 
     def __call__(self, members: list[Any]) -> bool:
         now = time.monotonic()
-        if now >= self._next:
-            self._next = now + self.every_s
+        ids = [actor_id(m) for m in members]
+        # Another group than at the last look (a leaving rank was just replaced, often within the interval):
+        # what was found then is about workers no longer here, so look again now.
+        if now >= self._next or ids != self._looked_at:
+            self._next, self._looked_at = now + self.every_s, ids
             self.ranks = leaving(members)
         return bool(self.ranks)
