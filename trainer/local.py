@@ -130,6 +130,7 @@ class _Pending:
         if not self.results:
             return
         worker, first = self.worker, self.results[0].step
+        worker.nonfinite.settle()  # a skip the device decided is reported with its step
         losses = host_values([r.loss for r in self.results])
         times = [r.step_time_s for r in self.results]
         beat = Heartbeat(

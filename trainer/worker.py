@@ -29,7 +29,7 @@ from trainer.devices import DeviceAdapter, get_adapter
 from trainer.errors import ConfigError, UserCodeError
 from trainer.faults import NO_FAULTS, WorkerFaults
 from trainer.metrics import checked_metrics
-from trainer.nonfinite import NonFiniteSteps, grad_norm
+from trainer.nonfinite import NonFiniteSteps, grad_norm, skips_on_device
 from trainer.tasks import build_task
 from trainer.worker_state import WorkerState
 
@@ -202,8 +202,9 @@ class Worker(WorkerState):
                 loss = self._user("train_step", self.task.train_step, self.model, batch, self)
         else:
             loss = self._accumulate(micro, batches)
-        # The loss stays on the device: the host reads it once per chunk or log line (host_values), and the
-        # step's one wait for the device is the non-finite check before the optimizer step.
+        # The loss stays on the device: the host reads it once per chunk or log line (host_values). The step
+        # waits for the device only for the non-finite check, and not even then with an optimizer that skips
+        # on the device (trainer.nonfinite).
         self.last_loss = loss.detach()
         self.step += 1
         self.samples_seen += self.config.train.global_batch_size
@@ -279,17 +280,31 @@ class Worker(WorkerState):
 
     def optimizer_step(self) -> None:
         """Clip, then step the optimizer and the scheduler — unless the gradients are not finite: then the
-        step is skipped on every rank alike (see :mod:`trainer.nonfinite`)."""
+        step is skipped on every rank alike (see :mod:`trainer.nonfinite`). An optimizer that can skip on
+        the device is handed the decision there, and the scheduler steps when the host has read it."""
         self.scaler.unscale_(self.optimizer)  # nothing to do unless fp16 scaling is on
         clip = self.config.train.grad_clip
         params = self.module.parameters()
         norm = torch.nn.utils.clip_grad_norm_(params, clip) if clip > 0 else grad_norm(params)
         norm = sharding.full_norm(norm)  # FSDP: the norm over every rank's shards
+        # Not under fp16 (the GradScaler's own skip) nor FSDP (the flag would meet sharded parameters).
+        on_device = not self.scaler.is_enabled() and not sharding.is_sharded(self.module)
+        if on_device and skips_on_device(self.optimizer):
+            optimizer = self.optimizer
+            optimizer.found_inf = self.nonfinite.defer(self.step + 1, norm, self._scheduler_step)  # type: ignore[attr-defined]
+            try:
+                optimizer.step()
+            finally:
+                del optimizer.found_inf  # type: ignore[attr-defined]
+            return
         if self.nonfinite.skip(self.step + 1, norm):
             self.scaler.update()  # fp16: the scaler lowers its scale; otherwise nothing
             return
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        self._scheduler_step()
+
+    def _scheduler_step(self) -> None:
         if self.scheduler is not None:
             self.scheduler.step()
 

@@ -67,6 +67,7 @@ class WorkerState:
         """The whole training state, tensors not yet copied: model, optimizer, scaler, scheduler, the task's
         extra state. Sharded (FSDP), every tensor is gathered whole: every rank of the group must call it;
         without ``gather`` the sharded tensors stay this rank's DTensors (no collective)."""
+        self.nonfinite.settle()  # the last step's scheduler step, if the device left it undecided
         state = portable.capture(
             self.module,
             self.optimizer,

@@ -204,9 +204,15 @@ def main() -> None:
         default=None,
         help="one worker on this device: toolkit in-process and on Ray against a plain loop",
     )
+    parser.add_argument(
+        "--fused",
+        action="store_true",
+        help="with --device: AdamW's fused kernel in every loop (the toolkit's step then skips on the device)",
+    )
     args = parser.parse_args()
     if args.device is not None:
-        print(json.dumps(single_worker.measure(args.device, args.steps, args.repeats, args.chunk), indent=2))
+        measured = single_worker.measure(args.device, args.steps, args.repeats, args.chunk, args.fused)
+        print(json.dumps(measured, indent=2))
         return
     if args.steps < WARMUP_STEPS + 2 * args.chunk:  # two heartbeats after the warm-up, or nothing to time
         parser.error(f"--steps={args.steps}: must be at least {WARMUP_STEPS} warm-up steps + 2 * --chunk")

@@ -5,7 +5,8 @@ same model, optimizer, clipping and data on the same device, in the same process
   ahead by a ``torch.utils.data.DataLoader`` (one worker process, pinned memory on a GPU, non-blocking copies)
   and no host read per step — what a careful user writes. Seconds per step between two device
   synchronisations, after a warm-up. Also reported: the same loop reading its loss every step
-  (``loss.item()``), the habit most loops have.
+  (``loss.item()``), the habit most loops have. ``--fused``: every loop uses AdamW's fused kernel
+  (``optim.fused=true``), with which the toolkit's step does not wait for its non-finite check.
 * **toolkit in-process**: ``trainer.job.run`` with ``cluster=local`` (Prometheus exporter on, checkpoints,
   probes and the final evaluation off); seconds per step from the journal's heartbeats after the warm-up
   (one every ``--chunk`` steps: ``train.log_interval``).
@@ -45,7 +46,7 @@ WORKLOADS = {"cpu": ("gpt_tiny", 32), "cuda": ("gpt_small", 32)}
 WARMUP_STEPS = 20
 
 
-def overrides(device: str, steps: int, ray: bool, chunk: int) -> list[str]:
+def overrides(device: str, steps: int, ray: bool, chunk: int, fused: bool = False) -> list[str]:
     model, batch = WORKLOADS[device]
     cluster = ["cluster=ray_local", "cluster.workers=1", "cluster.spares=0", f"cluster.chunk_steps={chunk}"]
     return [
@@ -58,6 +59,7 @@ def overrides(device: str, steps: int, ray: bool, chunk: int) -> list[str]:
         "probes.preflight=false",
         "monitoring.port=0",
         f"train.log_interval={chunk}",
+        *(["optim.fused=true"] if fused else []),
         *(cluster if ray else ["cluster=local"]),
     ]
 
@@ -73,8 +75,8 @@ def _timed_run(config: Config) -> tuple[float, Path]:
     return wall, work
 
 
-def toolkit_step_s(device: str, steps: int, chunk: int, ray: bool) -> float:
-    _, work = _timed_run(make_config(*overrides(device, WARMUP_STEPS + steps, ray, chunk)))
+def toolkit_step_s(device: str, steps: int, chunk: int, ray: bool, fused: bool = False) -> float:
+    _, work = _timed_run(make_config(*overrides(device, WARMUP_STEPS + steps, ray, chunk, fused)))
     try:
         beats = [e for e in Journal(work / "journal.jsonl").read() if e["event"] == "heartbeat"]
         steady = [b for b in beats if b["first_step"] > WARMUP_STEPS]
@@ -99,8 +101,8 @@ class _Steps(torch.utils.data.Dataset[torch.Tensor]):
         return self.corpus.batch(self.sampler.indices(step))
 
 
-def plain_loop_s(device: str, steps: int, read_loss: bool) -> float:
-    config = make_config(*overrides(device, WARMUP_STEPS + steps, False, 1))
+def plain_loop_s(device: str, steps: int, read_loss: bool, fused: bool = False) -> float:
+    config = make_config(*overrides(device, WARMUP_STEPS + steps, False, 1, fused))
     target = torch.device(device)
     task = build_task(config)  # the built-in GPT's model, AdamW and corpus, as the toolkit builds them
     model = task.build_model(target)
@@ -131,7 +133,7 @@ def plain_loop_s(device: str, steps: int, read_loss: bool) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def measure(device: str, steps: int, repeats: int, chunk: int) -> dict[str, Any]:
+def measure(device: str, steps: int, repeats: int, chunk: int, fused: bool = False) -> dict[str, Any]:
     try:
         import ray  # noqa: F401  (the Ray mode needs it; the rest does not)
 
@@ -139,12 +141,12 @@ def measure(device: str, steps: int, repeats: int, chunk: int) -> dict[str, Any]
     except ImportError:
         with_ray = False
     modes: dict[str, Callable[[], float]] = {
-        "plain_step_s": lambda: plain_loop_s(device, steps, read_loss=False),
-        "plain_read_loss_step_s": lambda: plain_loop_s(device, steps, read_loss=True),
-        "toolkit_in_process_step_s": lambda: toolkit_step_s(device, steps, chunk, ray=False),
+        "plain_step_s": lambda: plain_loop_s(device, steps, read_loss=False, fused=fused),
+        "plain_read_loss_step_s": lambda: plain_loop_s(device, steps, read_loss=True, fused=fused),
+        "toolkit_in_process_step_s": lambda: toolkit_step_s(device, steps, chunk, ray=False, fused=fused),
     }
     if with_ray:
-        modes["toolkit_ray_step_s"] = lambda: toolkit_step_s(device, steps, chunk, ray=True)
+        modes["toolkit_ray_step_s"] = lambda: toolkit_step_s(device, steps, chunk, ray=True, fused=fused)
     samples: dict[str, list[float]] = {k: [] for k in modes}
     context = contextlib.nullcontext()
     if with_ray:
@@ -181,6 +183,7 @@ def measure(device: str, steps: int, repeats: int, chunk: int) -> dict[str, Any]
         "device": device,
         "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "model": model,
+        "optimizer": "AdamW, fused (the toolkit skips a non-finite step on the device)" if fused else "AdamW",
         "global_batch": batch,
         "steps": steps,
         "warmup_steps": WARMUP_STEPS,

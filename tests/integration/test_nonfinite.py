@@ -2,7 +2,9 @@
 after it is exact, and too many in a row stop the run as a user error — across a resume too.
 
 The task is :class:`trainer.testing.tasks.ClusterTask` (a manual step with an LR scheduler and extra state)
-whose loss is NaN at the steps named by ``task.nan_at`` on rank ``task.nan_rank``.
+whose loss is NaN at the steps named by ``task.nan_at`` on rank ``task.nan_rank``. Each test runs twice: with
+torch's plain SGD (the host decides before the optimizer step) and its fused SGD (the optimizer skips on the
+device; the host learns it a step later, and only then steps the LR scheduler).
 """
 
 from __future__ import annotations
@@ -28,15 +30,19 @@ LOCAL = (
 )
 
 
+FUSED = pytest.mark.parametrize("fused", ["false", "true"], ids=["host_decides", "device_skips"])
+
+
 def _local(*extra: str) -> Config:
     return make_config(*LOCAL, *extra)
 
 
-def test_a_nan_step_changes_nothing_and_resume_after_it_is_exact(tmp_path: Path) -> None:
-    nan = "+task.nan_at=[7]"
-    before = _local(nan, "train.steps=6")
+@FUSED
+def test_a_nan_step_changes_nothing_and_resume_after_it_is_exact(tmp_path: Path, fused: str) -> None:
+    nan = ("+task.nan_at=[7]", f"+task.fused={fused}")
+    before = _local(*nan, "train.steps=6")
     assert run(before, run_dir=tmp_path / "six") == ExitCode.FINISHED
-    assert run(_local(nan, "train.steps=7"), run_dir=tmp_path / "seven") == ExitCode.FINISHED
+    assert run(_local(*nan, "train.steps=7"), run_dir=tmp_path / "seven") == ExitCode.FINISHED
     six = restored_state(before, tmp_path / "six" / "checkpoints")
     seven = restored_state(before, tmp_path / "seven" / "checkpoints")
     # Step 7 moved neither the model, nor the optimizer, nor the LR schedule; the task's own state (its
@@ -51,16 +57,19 @@ def test_a_nan_step_changes_nothing_and_resume_after_it_is_exact(tmp_path: Path)
     ]
 
     # Stopped after the NaN step and resumed: the same final state as straight through.
-    assert run(_local(nan, "train.steps=12"), run_dir=tmp_path / "straight") == ExitCode.FINISHED
-    resumed = _local(nan, "train.steps=12")
+    assert run(_local(*nan, "train.steps=12"), run_dir=tmp_path / "straight") == ExitCode.FINISHED
+    resumed = _local(*nan, "train.steps=12")
     assert run(resumed, run_dir=tmp_path / "seven") == ExitCode.FINISHED
     a = restored_state(resumed, tmp_path / "straight" / "checkpoints")
     b = restored_state(resumed, tmp_path / "seven" / "checkpoints")
     assert int(b["step"]) == 12 and mismatched(a, b) == []
 
 
-def test_nonfinite_steps_in_a_row_stop_the_run_as_a_user_error_across_a_resume(tmp_path: Path) -> None:
-    overrides = ("+task.nan_at=[8,9,10]", "train.max_nonfinite_steps=3")
+@FUSED
+def test_nonfinite_steps_in_a_row_stop_the_run_as_a_user_error_across_a_resume(
+    tmp_path: Path, fused: str
+) -> None:
+    overrides = ("+task.nan_at=[8,9,10]", "train.max_nonfinite_steps=3", f"+task.fused={fused}")
     # Steps 8 and 9 are skipped (two in a row: allowed); the checkpoint at step 9 records them.
     assert run(_local(*overrides, "train.steps=9"), run_dir=tmp_path) == ExitCode.FINISHED
     # Resumed: step 10 is the third in a row, counting the two before the restart.
@@ -74,8 +83,9 @@ def test_nonfinite_steps_in_a_row_stop_the_run_as_a_user_error_across_a_resume(t
     assert newest.name == "step_000000009"
 
 
+@FUSED
 @pytest.mark.usefixtures("local_ray")
-def test_a_nan_on_one_rank_of_three_is_skipped_by_all(tmp_path: Path) -> None:
+def test_a_nan_on_one_rank_of_three_is_skipped_by_all(tmp_path: Path, fused: str) -> None:
     """Had one rank stepped with the NaN gradients, its weights would be NaN from then on and every later
     step non-finite on every rank: one skipped step, then a finished run, shows all three skipped it."""
     config = make_config(
@@ -90,6 +100,7 @@ def test_a_nan_on_one_rank_of_three_is_skipped_by_all(tmp_path: Path) -> None:
         "train.max_nonfinite_steps=2",
         "+task.nan_at=[7]",
         "+task.nan_rank=1",
+        f"+task.fused={fused}",
     )
     assert run(config, run_dir=tmp_path) == ExitCode.FINISHED
     journal = Journal(tmp_path / "journal.jsonl").read()

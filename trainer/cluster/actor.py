@@ -181,6 +181,7 @@ class WorkerActor:
                 losses.append(result.loss)
                 times.append(result.step_time_s)
                 compute.append(result.compute_s)
+            self.worker.nonfinite.settle()  # the last step's decision, if the device kept it: in the report
 
         # On a collective error the group is dropped at once: its connections close, so peers still waiting
         # on this rank in a collective fail fast too, and so on around the group — every survivor is

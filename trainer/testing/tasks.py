@@ -55,14 +55,16 @@ class ClusterTask(Task):
         fail_rank: int = 0,
         nan_at: list[int] | None = None,
         nan_rank: int = 0,
+        fused: bool = False,
     ) -> None:
         """``fail_at``, ``fail_rank``: a bug of the user's — the step raises ``KeyError`` at that step on that
         rank (tests of user errors). ``nan_at``, ``nan_rank``: the loss is NaN at those steps on that rank
-        (tests of non-finite steps)."""
+        (tests of non-finite steps). ``fused``: torch's fused SGD, which skips a non-finite step on the device."""
         self.size, self.dim, self.classes, self.hidden = size, dim, classes, hidden
         self.lr, self.decay = lr, ema
         self.fail_at, self.fail_rank = fail_at, fail_rank
         self.nan_at, self.nan_rank = set(nan_at or ()), nan_rank
+        self.fused = fused
         self.ema: dict[str, torch.Tensor] = {}
         self.steps_seen = 0
 
@@ -73,7 +75,7 @@ class ClusterTask(Task):
         return model
 
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        return torch.optim.SGD(model.parameters(), lr=self.lr, momentum=0.9)
+        return torch.optim.SGD(model.parameters(), lr=self.lr, momentum=0.9, fused=self.fused)
 
     def build_scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=5, gamma=0.7)
