@@ -164,16 +164,12 @@ def _run_on_ray(
     import ray
 
     from trainer.cluster.controller import Controller
+    from trainer.cluster.local_ray import start_local_ray
 
     started_here = not ray.is_initialized()
     if started_here:
-        if config.cluster.address is None:
-            ray.init(
-                num_cpus=config.cluster.local_num_cpus or None,
-                resources=dict(config.cluster.local_resources),
-                include_dashboard=False,
-                log_to_driver=False,
-            )
+        if config.cluster.address is None:  # out of this process group: a SIGTERM to it reaches the driver
+            start_local_ray(config.cluster.local_num_cpus or None, dict(config.cluster.local_resources))
         else:
             _check_reachable(config.cluster.address, config.cluster.connect_timeout_s)
             ray.init(address=config.cluster.address, log_to_driver=False)

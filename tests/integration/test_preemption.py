@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-import ray
 
 from trainer.checkpoint import CheckpointStore
 from trainer.errors import ExitCode
@@ -118,29 +117,34 @@ def test_sigterm_to_the_process_group_of_a_single_process_run_saves_the_step_in_
 
 @pytest.mark.usefixtures("local_ray")
 def test_sigterm_to_a_ray_driver_stops_every_rank_at_the_step_in_flight_and_saves_it(tmp_path: Path) -> None:
-    """Chunks of 100000 steps: the ranks stop inside a chunk, at a step the controller set for all."""
+    """The driver starts a Ray of its own (``cluster=ray_local``) and SIGTERM goes to its whole process group,
+    as ``kill -TERM -<pgid>``, a batch system or job control sends it. Ray's processes and its workers run in
+    process groups of their own, so the driver alone gets it, as when it is signalled alone. Chunks of 100000
+    steps: the ranks stop inside a chunk, at a step the controller set for all."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    address = ray.get_runtime_context().gcs_address
     ray_run = (
         "cluster=ray_local",
         "device=sim_npu",
         "cluster.workers=3",
         "cluster.cpus_per_worker=0.25",
         "probes.preflight=false",
-        f"cluster.address={address}",
     )
     driver = _driver(run_dir, *ray_run, "cluster.chunk_steps=100000")
     _wait_for(driver, "worker group up")
     time.sleep(3.0)  # a few dozen steps into the first chunk
-    driver.send_signal(signal.SIGTERM)
+    os.killpg(driver.pid, signal.SIGTERM)
     out = _finish(driver)
     assert driver.returncode == ExitCode.PREEMPTED, out[-3000:]
     saved = _assert_saved(run_dir, at_least=1)
     assert not events(run_dir, "failure"), "stopping the ranks is not a failure"
+    assert not events(run_dir, "worker_preempted"), "the workers were not signalled"
     assert f"outcome: preempted at step {saved} (saved)" in out
 
-    _resumes_at(run_dir, saved, *ray_run, "cluster.chunk_steps=5")
+    # The same run resumed on the tests' Ray, in this process: what is checked is what the signal left.
+    again = make_config(*TINY, *ray_run, "cluster.chunk_steps=5", f"train.steps={saved + 2}")
+    assert run(again, run_dir=run_dir) == ExitCode.FINISHED
+    assert [e["step"] for e in events(run_dir, "resumed")] == [saved]
 
 
 @pytest.mark.usefixtures("local_ray")
