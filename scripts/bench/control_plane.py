@@ -49,6 +49,7 @@ import ray
 
 from trainer.cluster.health_watch import HealthWatch
 from trainer.cluster.heartbeat import Heartbeat
+from trainer.cluster.relay import Relay, Relays
 from trainer.cluster.watch import run_chunk
 from trainer.goodput import Goodput
 from trainer.journal import Journal
@@ -65,8 +66,9 @@ GOAL_DECIDE_MS = 100.0
 class MemberPool:
     """Simulated members: their step, progress mark and stop request; ``train`` sleeps per step."""
 
-    def __init__(self, size: int, step_s: float) -> None:
+    def __init__(self, size: int, step_s: float, per_node: int) -> None:
         self.step_s = step_s
+        self.per_node = per_node
         self.steps = [0] * size
         self.stop: list[int | None] = [None] * size
         self.phase = ["idle"] * size
@@ -106,6 +108,9 @@ class MemberPool:
         stop = self.stop[member]
         return sys.maxsize if stop is None else stop
 
+    def info(self, member: int) -> dict[str, Any]:
+        return {"node": f"node-{member // self.per_node}"}
+
     def progress(self, member: int) -> dict[str, Any]:
         return {"step": self.steps[member], "phase": self.phase[member], "since": time.time()}
 
@@ -125,11 +130,11 @@ class MemberPool:
 
 
 class _Call:
-    def __init__(self, pool: Any, method: str, member: int) -> None:
-        self.pool, self.method, self.member = pool, method, member
+    def __init__(self, actor: Any, method: str, *first: Any) -> None:
+        self.actor, self.method, self.first = actor, method, first
 
     def remote(self, *args: Any) -> Any:
-        return getattr(self.pool, self.method).remote(self.member, *args)
+        return getattr(self.actor, self.method).remote(*self.first, *args)
 
 
 class Member:
@@ -139,62 +144,102 @@ class Member:
         self.train = _Call(pool, "train", index)
         self.progress = _Call(pool, "progress", index)
         self.stop_after = _Call(pool, "stop_after", index)
+        self.info = _Call(pool, "info", index)
 
 
-def measure(size: int, repeats: int, steps: int, step_s: float, journal: Journal) -> dict[str, Any]:
-    pool = MemberPool.options(max_concurrency=size + 64).remote(size, step_s)  # type: ignore[attr-defined]
+@ray.remote(num_cpus=0)
+class RelayHost:
+    """The simulated nodes' relays: one :class:`~trainer.cluster.relay.Relay` per node, all in this actor
+    (one actor per node would not fit either). Their calls to the members are real Ray calls."""
+
+    def __init__(self) -> None:
+        self.relays: dict[str, Relay] = {}
+
+    async def call(self, node: str, method: str, *args: Any) -> Any:
+        result = getattr(self.relays.setdefault(node, Relay()), method)(*args)
+        return await result if asyncio.iscoroutine(result) else result
+
+
+class RelayOf:
+    """What the driver calls on one node's relay, routed to the host."""
+
+    def __init__(self, host: Any, node: str) -> None:
+        for method in ("assign", "train", "more", "progress"):
+            setattr(self, method, _Call(host, "call", node, method))
+
+
+def measure(
+    size: int, repeats: int, steps: int, step_s: float, per_node: int, journal: Journal
+) -> list[dict[str, Any]]:
+    """One row per route (members called directly, then through their nodes' relays), measured A B A B."""
+    pool = MemberPool.options(max_concurrency=size + 64).remote(size, step_s, per_node)  # type: ignore[attr-defined]
+    host = RelayHost.remote()  # type: ignore[attr-defined]
     members = [Member(pool, i) for i in range(size)]
+    routes = {"direct": None, "relayed": Relays(start=lambda node: RelayOf(host, node))}
     config = make_config("cluster=ray_local", f"cluster.workers={size}", "train.global_batch_size=1000000")
     health = HealthWatch(config, journal, NullSink(), Goodput())
-    cpu, overhead = [], []
+    cpu: dict[str, list[float]] = {name: [] for name in routes}
+    overhead: dict[str, list[float]] = {name: [] for name in routes}
     until = 0
-    for _ in range(repeats + 1):  # the first chunk warms up (Ray's workers, the pool's tasks)
-        until += steps
-        wall, used = time.perf_counter(), time.process_time()
-        outcome = run_chunk(members, until, hang_after_s=60.0, deadline_s=120.0, release_s=10.0)
-        beat = Heartbeat.of(outcome, until)
-        health.after_chunk(members, "sim_npu", until, outcome)  # type: ignore[arg-type]
-        used, wall = time.process_time() - used, time.perf_counter() - wall
-        assert not outcome.failed() and beat.step == until, outcome
-        cpu.append(used)
-        overhead.append(wall - steps * step_s)
-    cpu, overhead = cpu[1:], overhead[1:]
+    for _ in range(repeats + 1):  # the first chunk of each warms up (Ray's workers, the relays, the tasks)
+        for name, relays in routes.items():
+            until += steps
+            wall, used = time.perf_counter(), time.process_time()
+            outcome = run_chunk(members, until, 60.0, 120.0, 10.0, relays=relays)
+            beat = Heartbeat.of(outcome, until)
+            health.after_chunk(members, "sim_npu", until, outcome)  # type: ignore[arg-type]
+            used, wall = time.process_time() - used, time.perf_counter() - wall
+            assert not outcome.failed() and beat.step == until and len(outcome.results) == size, outcome
+            cpu[name].append(used)
+            overhead[name].append(wall - steps * step_s)
 
-    detect, decide_ms = [], []
+    detect: dict[str, list[float]] = {name: [] for name in routes}
+    decide_ms: dict[str, list[float]] = {name: [] for name in routes}
     policy = PolicyConfig.of(config, set())
     for _ in range(repeats):
-        ray.get(pool.reset.remote())
-        victim = size // 2
-        killed_at: list[float] = []
+        for name, relays in routes.items():
+            ray.get(pool.reset.remote())
+            victim = size // 2
+            killed_at: list[float] = []
 
-        def kill(victim: int = victim, killed_at: list[float] = killed_at) -> None:
-            time.sleep(steps * step_s / 2)
-            killed_at.append(time.perf_counter())
-            ray.get(pool.kill.remote(victim))
+            def kill(victim: int = victim, killed_at: list[float] = killed_at) -> None:
+                time.sleep(steps * step_s / 2)
+                killed_at.append(time.perf_counter())
+                ray.get(pool.kill.remote(victim))
 
-        killer = threading.Thread(target=kill)
-        killer.start()
-        outcome = run_chunk(members, steps * 1000, hang_after_s=60.0, deadline_s=120.0, release_s=10.0)
-        returned = time.perf_counter()
-        killer.join()
-        assert outcome.lost == [victim], outcome.lost
-        detect.append(returned - killed_at[0])
-        kind, ranks, detail = outcome.event()
-        started = time.perf_counter()
-        decision = decide([FailureEvent(kind, ranks, 0, "sim_npu", time.time(), detail[:1000])], policy)
-        decide_ms.append((time.perf_counter() - started) * 1000)
-        assert kind is FailureKind.WORKER_LOST and decision.ranks == (victim,), decision
+            killer = threading.Thread(target=kill)
+            killer.start()
+            outcome = run_chunk(members, steps * 1000, 60.0, 120.0, 10.0, relays=relays)
+            returned = time.perf_counter()
+            killer.join()
+            assert outcome.lost == [victim] and len(outcome.results) == size - 1, outcome.lost
+            detect[name].append(returned - killed_at[0])
+            kind, ranks, detail = outcome.event()
+            started = time.perf_counter()
+            decision = decide([FailureEvent(kind, ranks, 0, "sim_npu", time.time(), detail[:1000])], policy)
+            decide_ms[name].append((time.perf_counter() - started) * 1000)
+            assert kind is FailureKind.WORKER_LOST and decision.ranks == (victim,), decision
+    ray.kill(host)
     ray.kill(pool)
-    chunk_cpu = statistics.median(cpu)
-    return {
-        "members": size,
-        "controller_cpu_ms_per_chunk": round(chunk_cpu * 1000, 2),
-        "controller_cpu_per_member_us": round(chunk_cpu / size * 1e6, 1),
-        "wall_overhead_ms": round(statistics.median(overhead) * 1000, 1),
-        "detect_s": round(statistics.median(detect), 3),
-        "detect_s_max": round(max(detect), 3),
-        "decide_ms": round(statistics.median(decide_ms), 3),
-    }
+    plan = routes["relayed"].routes(members)  # type: ignore[union-attr]
+    calls = {"direct": size, "relayed": len(plan.relayed) + len(plan.direct)}
+    rows = []
+    for name in routes:
+        chunk_cpu = statistics.median(cpu[name][1:])
+        rows.append(
+            {
+                "members": size,
+                "route": name,
+                "driver_calls_per_chunk": calls[name],
+                "controller_cpu_ms_per_chunk": round(chunk_cpu * 1000, 2),
+                "controller_cpu_per_member_us": round(chunk_cpu / size * 1e6, 1),
+                "wall_overhead_ms": round(statistics.median(overhead[name][1:]) * 1000, 1),
+                "detect_s": round(statistics.median(detect[name]), 3),
+                "detect_s_max": round(max(detect[name]), 3),
+                "decide_ms": round(statistics.median(decide_ms[name]), 3),
+            }
+        )
+    return rows
 
 
 def main() -> None:
@@ -203,21 +248,27 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=5, help="steps per chunk")
     parser.add_argument("--step-ms", type=float, default=100.0, help="simulated step time")
+    parser.add_argument("--per-node", type=int, default=8, help="members per simulated node (relayed route)")
     args = parser.parse_args()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             journal = Journal(Path(tmp) / "journal.jsonl")
-            rows = [measure(n, args.repeats, args.steps, args.step_ms / 1000, journal) for n in args.members]
+            rows = [
+                row
+                for n in args.members
+                for row in measure(n, args.repeats, args.steps, args.step_ms / 1000, args.per_node, journal)
+            ]
     finally:
         ray.shutdown()
-    largest = rows[-1]
+    largest = max(rows, key=lambda row: (row["members"], row["route"] == "relayed"))
     print(
         json.dumps(
             {
                 "benchmark": "control_plane",
                 "host": {"cpus": os.cpu_count(), "python": platform.python_version()},
                 "steps_per_chunk": args.steps,
+                "members_per_node": args.per_node,
                 "step_ms": args.step_ms,
                 "rows": rows,
                 "goals": {"detect_s": GOAL_DETECT_S, "decide_ms": GOAL_DECIDE_MS},

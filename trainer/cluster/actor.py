@@ -21,6 +21,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+import ray
 import torch
 import torch.distributed as dist
 
@@ -130,6 +131,7 @@ class WorkerActor:
         return {
             "pid": os.getpid(),
             "host": socket.gethostname(),
+            "node": ray.get_runtime_context().get_node_id(),  # where its relay runs (trainer.cluster.relay)
             "family": self.worker.adapter.name,
             "step": step,
         }

@@ -24,6 +24,7 @@ from trainer.cluster.heartbeat import Heartbeat
 from trainer.cluster.leaving import LeaveWatch, leaving
 from trainer.cluster.newest_state import LOST_ERRORS, HeldState
 from trainer.cluster.recovery import RunRecovery
+from trainer.cluster.relay import Relays
 from trainer.cluster.run_control import BADPUT_STATES, State
 from trainer.cluster.saves import Saves, check_shared
 from trainer.cluster.watch import ChunkOutcome, run_chunk
@@ -73,6 +74,8 @@ class Controller(RunRecovery):
         self.driver_host = driver_host
         self.family = get_adapter(config.device.family).name
         self.group: WorkerGroup | None = None
+        #: One relay per node hosting several members: a chunk costs the driver one call per node.
+        self.relays = Relays()
         self.progress = Progress(config.train.steps, config.train.log_interval)
         self.health = HealthWatch(config, journal, self.sink, self.goodput)
         self.handover = HandOver(self)
@@ -124,6 +127,7 @@ class Controller(RunRecovery):
         finally:
             if self.group is not None:
                 self.group.shutdown()
+            self.relays.shutdown()
         if self.user_error is not None:
             return ExitCode.USER_ERROR
         if self.state is State.PREEMPTED:
@@ -204,6 +208,7 @@ class Controller(RunRecovery):
             limits.chunk_s(until - self.step),
             limits.release_s(),
             stop=lambda: self.preemption.requested or self.leave_watch(self.members),
+            relays=self.relays,
         )
         if outcome.stop_step is not None and self.preemption.requested:
             return self._preempted(outcome)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 
@@ -36,7 +37,11 @@ class Heartbeat:
         return cls(
             first_step=until - n + 1,
             step=until,
-            losses=[statistics.fmean(r["losses"][i] for r in outcome.results.values()) for i in range(n)],
+            # Per step, the mean over the ranks (as statistics.fmean: fsum / n, without its per-item cost).
+            losses=[
+                math.fsum(step) / len(step)
+                for step in zip(*(r["losses"][:n] for r in outcome.results.values()), strict=True)
+            ],
             step_times=list(first["step_times"]),
             rank_step_s={
                 rank: statistics.median(r["step_times"])

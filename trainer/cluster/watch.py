@@ -12,6 +12,10 @@ sockets close, and the peers still waiting on it fail in cascade and return with
 state intact. They get ``release_s`` to do so; the ones still pending after that are blocked behind a live
 peer that is itself stuck, and are killed and replaced with the lost and hung ones.
 
+With ``relays`` (:mod:`trainer.cluster.relay`), the members of a node that hosts several are reached
+through that node's relay — one call per node and chunk, and one per node for the hang check — and each
+member's reply, loss or error is still taken in one by one, at most one poll later than directly.
+
 Release paths, by backend:
 - gloo (the only one exercised here, CPU and simulated families): dropping the group closes its TCP
   connections, and a peer blocked in ``recv`` fails with "Connection closed by peer". gloo's
@@ -35,6 +39,7 @@ from typing import Any
 
 import ray
 
+from trainer.cluster.relay import Relays, Routes, progress_of
 from trainer.policy import FailureKind
 
 log = logging.getLogger(__name__)
@@ -92,25 +97,36 @@ def run_chunk(
     deadline_s: float,
     release_s: float,
     stop: Callable[[], bool] | None = None,
+    relays: Relays | None = None,
 ) -> ChunkOutcome:
     """Every member trains until step ``until``; returns when all replied, or once a rank is lost or hung
     and the others are released (or, after ``release_s``, killed). Once ``stop()`` is true, every rank is
     asked to stop after the step in flight (:func:`stop_all`) and the chunk ends there, with every rank at
-    that step (:func:`_settle_stop`)."""
-    refs = {m.train.remote(until): rank for rank, m in enumerate(members)}
+    that step (:func:`_settle_stop`). With ``relays``, the members of a node that hosts several are called
+    through its relay (:mod:`trainer.cluster.relay`): one call per node instead of one per member."""
+    routes = relays.routes(members) if relays is not None else Routes(direct=list(range(len(members))))
+    # Each call awaited: the relay it went through (None: a member called directly) and the ranks it covers.
+    waiting: dict[Any, tuple[Any, list[int]]] = {
+        relay.train.remote(until, _POLL_S): (relay, ranks) for relay, ranks in routes.relayed
+    }
+    waiting.update({members[rank].train.remote(until): (None, [rank]) for rank in routes.direct})
     outcome = ChunkOutcome()
-    pending = list(refs)
     started = time.monotonic()
     give_up_at = started + deadline_s
     release_by: float | None = None
-    while pending:
-        done, pending = ray.wait(pending, num_returns=len(pending), timeout=_POLL_S)
-        _collect(done, refs, outcome)
+    while waiting:
+        done, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=_POLL_S)
+        for ref in done:
+            relay, ranks = waiting.pop(ref)
+            rest = _collect(ref, relay, ranks, outcome, relays)
+            if rest:  # a relay returned on a failure: the rest of its node's replies are still due
+                waiting[relay.more.remote(_POLL_S)] = (relay, rest)
+        pending = sorted(rank for _, ranks in waiting.values() for rank in ranks)
         if stop is not None and outcome.stop_step is None and pending and stop():
-            outcome.stop_step = stop_all(members, [refs[r] for r in pending], until)
+            outcome.stop_step = stop_all(members, pending, until)
         if outcome.stop_step is not None and not outcome.failed():
-            pending += _settle_stop(members, refs, pending, outcome)
-        if not pending:
+            waiting.update(_settle_stop(members, pending, outcome))
+        if not waiting:
             break
         now = time.monotonic()
         if release_by is None and outcome.failed():
@@ -118,7 +134,7 @@ def run_chunk(
         if release_by is not None:
             if now < release_by:
                 continue
-            outcome.unreleased, outcome.release_s = sorted(refs[r] for r in pending), release_s
+            outcome.unreleased, outcome.release_s = pending, release_s
             log.warning("ranks %s not released within %.1f s: killed", outcome.unreleased, release_s)
             for rank in outcome.unreleased:
                 ray.kill(members[rank], no_restart=True)
@@ -127,31 +143,53 @@ def run_chunk(
         # for longer than the chunk has run: no need to ask before then (asking costs the workers time).
         if now - started < hang_after_s and now < give_up_at:
             continue
-        hung, silent_for = _find_hung(members, [refs[r] for r in pending], hang_after_s)
+        hung, silent_for = _find_hung(members, pending, hang_after_s, routes)
         if not hung and time.monotonic() > give_up_at:
-            hung, silent_for = sorted(refs[r] for r in pending), deadline_s
+            hung, silent_for = pending, deadline_s
         if hung:
             outcome.hung, outcome.hang_detected_after_s = hung, silent_for
             for rank in hung:
                 ray.kill(members[rank], no_restart=True)
             # Their peers now fail fast ("connection closed") and are released.
-            pending = [r for r in pending if refs[r] not in hung]
+            for ref, (relay, ranks) in list(waiting.items()):
+                waiting[ref] = (relay, [r for r in ranks if r not in hung])
+            waiting = {ref: entry for ref, entry in waiting.items() if entry[1]}
             release_by = time.monotonic() + release_s
     return outcome
 
 
-def _collect(done: list[Any], refs: dict[Any, int], outcome: ChunkOutcome) -> None:
-    for ref in done:
-        rank = refs[ref]
-        try:
-            reply = ray.get(ref)
-            earlier = outcome.results.get(rank)  # this rank's reply before it caught up to the stop step
-            outcome.results[rank] = reply if earlier is None else _joined(earlier, reply)
-        except ray.exceptions.RayActorError as exc:
-            log.warning("rank %d lost: %s", rank, str(exc).splitlines()[0])
-            outcome.lost = sorted([*outcome.lost, rank])  # in rank order, whatever order they died in
-            if getattr(exc, "preempted", False):  # Ray says so: its node was drained
-                outcome.preempted = sorted([*outcome.preempted, rank])
+def _collect(
+    ref: Any, relay: Any, ranks: list[int], outcome: ChunkOutcome, relays: Relays | None
+) -> list[int]:
+    """Take in one finished call (a member's reply, or a relay's replies for ``ranks``); returns the ranks
+    it still owes."""
+    try:
+        value = ray.get(ref)
+    except ray.exceptions.RayActorError as exc:  # the member died, or the relay with its node
+        if relay is not None and relays is not None:
+            relays.forget(relay)
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        for rank in ranks:
+            _lost(outcome, rank, first, bool(getattr(exc, "preempted", False)))
+        return []
+    replies = value if relay is not None else {ranks[0]: value}
+    for rank in ranks:
+        reply = replies.get(rank)
+        if reply is None:
+            continue
+        if reply.get("lost"):
+            _lost(outcome, rank, reply["error"], reply["preempted"])
+            continue
+        earlier = outcome.results.get(rank)  # this rank's reply before it caught up to the stop step
+        outcome.results[rank] = reply if earlier is None else _joined(earlier, reply)
+    return [rank for rank in ranks if rank not in replies]
+
+
+def _lost(outcome: ChunkOutcome, rank: int, error: str, preempted: bool) -> None:
+    log.warning("rank %d lost: %s", rank, error)
+    outcome.lost = sorted([*outcome.lost, rank])  # in rank order, whatever order they died in
+    if preempted:  # Ray says so: its node was drained
+        outcome.preempted = sorted([*outcome.preempted, rank])
 
 
 def stop_all(members: list[Any], training: list[int], until: int) -> int:
@@ -185,29 +223,28 @@ def _ask_stop(members: list[Any], step: int) -> int:
 
 
 def _settle_stop(
-    members: list[Any], refs: dict[Any, int], pending: list[Any], outcome: ChunkOutcome
-) -> list[Any]:
-    """Bring every rank to one stop step; returns the refs of the catch-up calls started.
+    members: list[Any], pending: list[int], outcome: ChunkOutcome
+) -> dict[Any, tuple[None, list[int]]]:
+    """Bring every rank to one stop step; returns the catch-up calls started (ref → (None, [rank])).
 
     A stop request reaches the ranks one by one: a rank that had already finished ``outcome.stop_step`` and
     started the next step goes on with it and waits in its collective for the others. Then the stop step
     becomes that step, every rank is asked to stop after it, and the ranks that stopped earlier train on
     to it (their collectives meet the waiting rank's) — no healthy rank is left waiting alone or replaced.
+    ``pending``: the ranks whose reply is still due.
     """
     assert outcome.stop_step is not None
-    furthest = _furthest_in_flight(members, [refs[r] for r in pending])
+    furthest = _furthest_in_flight(members, pending)
     if furthest > outcome.stop_step:
         outcome.stop_step = _ask_stop(members, furthest)
         log.warning("a rank was already in step %d: every rank stops after it", furthest)
-    running = {refs[r] for r in pending}
+    running = set(pending)
     behind = [
         rank
         for rank, reply in outcome.results.items()
         if reply["ok"] and reply["step"] < outcome.stop_step and rank not in running
     ]
-    started = [members[rank].train.remote(outcome.stop_step) for rank in behind]
-    refs.update(zip(started, behind, strict=True))
-    return started
+    return {members[rank].train.remote(outcome.stop_step): (None, [rank]) for rank in behind}
 
 
 def _furthest_in_flight(members: list[Any], ranks: list[int]) -> int:
@@ -234,16 +271,14 @@ def _joined(earlier: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
     return joined
 
 
-def _find_hung(members: list[Any], ranks: list[int], hang_after_s: float) -> tuple[list[int], float]:
-    """Ranks making no progress outside a collective for longer than ``hang_after_s``."""
+def _find_hung(
+    members: list[Any], ranks: list[int], hang_after_s: float, routes: Routes
+) -> tuple[list[int], float]:
+    """Ranks making no progress outside a collective for longer than ``hang_after_s`` (asked through the
+    relays: one call per node)."""
     now = time.time()
-    probes = {rank: members[rank].progress.remote() for rank in ranks}
     hung, worst = [], 0.0
-    for rank, ref in probes.items():
-        try:
-            progress = ray.get(ref, timeout=5.0)
-        except (ray.exceptions.RayError, TimeoutError):
-            continue  # dead ranks surface through their train() reply
+    for rank, progress in progress_of(members, ranks, routes).items():
         silent = now - float(progress["since"])
         if progress["phase"] != "collective" and silent > hang_after_s:
             hung.append(rank)
