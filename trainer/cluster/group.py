@@ -64,11 +64,12 @@ class WorkerGroup:
         """``arm_faults``: injected kill/hang faults may fire in the first incarnation (the run's first group);
         ``arm_call_faults``: the family's ``die_in_call`` fault is given to its slot (the family's first group)."""
         # The group's own view of the config: its family and world size may differ from the run's start.
-        size = workers or config.cluster.workers
+        size = workers or config.cluster.workers_on(adapter.name)
         self.config = replace(
             config,
             device=replace(config.device, family=adapter.name),
-            cluster=replace(config.cluster, workers=size),
+            # Its world size is ``size``: the run's per-family sizes and elastic floor are the driver's to use.
+            cluster=replace(config.cluster, workers=size, family_workers={}, min_workers=None),
         )
         self.adapter = adapter
         self.driver_host = driver_host

@@ -2,9 +2,11 @@
 
 1. take the newest state from the family being given up: a live worker's in-memory snapshot (through
    Ray's object store) and its held-out loss, else the newest committed checkpoint and the held-out loss
-   its manifest recorded (``newest_state``);
-2. stop the old group; start a group on the new family (its Ray resource, its backend); load the state
-   (RNG re-derived from (seed, step, rank));
+   its manifest recorded (``newest_state``). Sharded state (FSDP) is held whole by no member: the old group
+   evaluates it and writes it as a checkpoint with that loss before it stops (``_save_sharded``);
+2. stop the old group; start a group on the new family (its Ray resource, its backend, its world size:
+   ``cluster.family_workers``); load the state (RNG re-derived from (seed, step, rank); a checkpoint's
+   shards resharded to the new world size);
 3. parity check: the held-out loss on the new family against the old family's at the same step, within a
    tolerance set by the precision; a failure is an event the policy sees;
 4. preflight probes on the new family, then training goes on.
@@ -49,6 +51,7 @@ class HandOver:
             "handover_started", from_family=old, to_family=target, step=ctl.step, reason=decision.reason
         )
         print(f"handing over from {old} to {target} at step {ctl.step}")
+        evaluated = self._save_sharded() if ctl.config.train.sharded else None
         held = self._newest_state()
         if ctl.group is not None:
             ctl.saves.settle()  # a sharded save the members are writing commits before they are stopped
@@ -66,6 +69,8 @@ class HandOver:
         if held is None:
             restored = loaded.restored
             reference = float(restored["metrics"].get("eval_loss", math.nan)) if restored else math.nan
+            if evaluated is not None and evaluated[0] == loaded.step:
+                reference = evaluated[1]  # the old group's held-out loss of the state loaded
             origin = "newest committed checkpoint" if restored else loaded.origin
             self._due(old, target, reference, origin, previous, loaded.step)
         assert ctl.group is not None
@@ -83,6 +88,27 @@ class HandOver:
             # Steps completed on the old family after its last heartbeat, kept through the snapshot.
             "kept_steps": [previous + 1, step] if step > previous else None,
         }
+
+    def _save_sharded(self) -> tuple[int, float] | None:
+        """FSDP: the old group's state at its step, with its held-out loss (every member evaluates), written as
+        a checkpoint and committed before the group stops — the state the new group loads, at any world size.
+        Returns (step, held-out loss): the parity check's reference if that state is the one loaded. A group
+        that lost a member cannot (None): the newest committed checkpoint is handed over."""
+        ctl = self.ctl
+        if not (ctl.group and ctl.group.members) or (
+            self.outcome and (self.outcome.lost or self.outcome.hung)
+        ):
+            return None  # no live group (its family could not start one), or one that lost a member
+        step = ctl.step
+        try:
+            loss = ctl.evaluate()
+            if ctl.saves.last_saved != step:  # a checkpoint of this step is never written twice
+                ctl.saves.save(ctl.saves.writers(ctl.group.members), step, {"eval_loss": loss})
+            ctl.saves.settle()
+        except Exception as exc:  # a member lost meanwhile: the newest committed checkpoint is handed over
+            ctl.journal.record("handover_save_failed", step=step, reason=f"{type(exc).__name__}: {exc}")
+            return None
+        return step, loss
 
     def _newest_state(self) -> HeldState | None:
         """A live member's snapshot and its held-out loss on the old family; None: no member has one."""

@@ -80,7 +80,7 @@ class RunRecovery(RunEndings):
         if the family can no longer start one (its nodes are gone), that is an event for the policy, and the
         state held from a live member goes on to the hand-over."""
         started, previous = time.monotonic(), self.step
-        size = self.group.size if self.group is not None else self.config.cluster.workers
+        size = self.group.size if self.group is not None else self.config.cluster.workers_on(self.family)
         self.journal.record("group_rebuild", family=self.family, step=self.step, reason=why)
         self.progress.message(f"rebuilding the {self.family} group: {why}")
         if self.group is not None and self.held is None:
@@ -109,10 +109,11 @@ class RunRecovery(RunEndings):
         return loaded
 
     def launchable_size(self) -> int:
-        """The world size to start the family with: ``cluster.workers`` if its capacity holds them, else (with
-        ``cluster.min_workers`` below it) as many as it holds, not fewer than ``min_workers`` (a launch that
-        cannot get them fails, and the family is unavailable to the policy)."""
-        wanted, least = self.config.cluster.workers, self.config.cluster.least_workers
+        """The world size to start the family with: its own (``cluster.workers``, or ``family_workers``) if its
+        capacity holds them, else (with ``cluster.min_workers`` below it) as many as it holds, not fewer than
+        ``min_workers`` (a launch that cannot get them fails, and the family is unavailable to the policy)."""
+        wanted = self.config.cluster.workers_on(self.family)
+        least = self.config.cluster.least_workers_on(self.family)
         if least >= wanted:
             return wanted
         fits = capacity(get_adapter(self.family), self.config.cluster.cpus_per_worker)
@@ -134,10 +135,10 @@ class RunRecovery(RunEndings):
         return State.RUNNING
 
     def room_to_grow(self) -> bool:
-        """Whether the group is below ``cluster.workers`` and the cluster has free room for the missing ones."""
-        if self.group is None or self.group.size >= self.config.cluster.workers:
+        """Whether the group is below its family's world size and the cluster has room for the missing ones."""
+        if self.group is None or self.group.size >= self.config.cluster.workers_on(self.family):
             return False
-        missing = self.config.cluster.workers - self.group.size
+        missing = self.config.cluster.workers_on(self.family) - self.group.size
         return free_bundles(self.group.adapter, self.config.cluster.cpus_per_worker) >= missing
 
     def _record_size(self, why: str, before: int, resize_s: float | None = None) -> None:

@@ -153,6 +153,18 @@ def validate(cfg: DictConfig | Config) -> Config:
             f"{typed.cluster.workers} x train.grad_accum_steps={typed.train.grad_accum_steps}; allowed: at "
             f"least {per_step} (one sample per micro-batch of every rank)"
         )
+    for family, size in typed.cluster.family_workers.items():
+        if family == typed.device.family:
+            raise ConfigError(
+                f"cluster.family_workers.{family}={size} names the family the run starts on; allowed: other "
+                f"families (the run starts with cluster.workers={typed.cluster.workers})"
+            )
+        if typed.train.global_batch_size < size * typed.train.grad_accum_steps:
+            raise ConfigError(
+                f"cluster.family_workers.{family}={size} x train.grad_accum_steps={typed.train.grad_accum_steps} "
+                f"is more than train.global_batch_size={typed.train.global_batch_size}; allowed: at most "
+                f"{typed.train.global_batch_size // typed.train.grad_accum_steps} workers"
+            )
     for key in ("kill_rank", "hang_rank"):
         rank = getattr(typed.faults, key)
         if rank is not None and rank >= typed.cluster.workers:

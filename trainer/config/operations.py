@@ -40,6 +40,10 @@ class ClusterConfig:
     #: a node), the run goes on with the workers the family can still hold, down to this many, and grows back
     #: to ``workers`` once capacity returns. None: ``workers`` (no shrinking: the policy decides instead).
     min_workers: int | None = None
+    #: World sizes on families other than the one the run starts on, where they differ from ``workers``: a
+    #: fallback family with fewer (or more) devices, e.g. {sim_cuda: 2}. A run handed over to such a family
+    #: goes on there at that size (the global batch is split over it; sharded state is resharded).
+    family_workers: dict[str, int] = field(default_factory=dict)
     #: Warm spare actors (torch imported, model built) kept ready to replace a lost worker.
     spares: int = 1
     #: CPUs each worker actor reserves (fractional, so that spares and probes fit on small hosts).
@@ -69,6 +73,12 @@ class ClusterConfig:
         _require("cluster.mode", self.mode, self.mode in CLUSTER_MODES, ", ".join(CLUSTER_MODES))
         _require("cluster.workers", self.workers, self.workers >= 1, "an integer >= 1")
         _require("cluster.spares", self.spares, self.spares >= 0, "an integer >= 0")
+        from trainer.devices import family_names
+
+        for family, size in self.family_workers.items():
+            names = [f for f in family_names() if f != "auto"]
+            _require("cluster.family_workers", family, family in names, f"families among {', '.join(names)}")
+            _require(f"cluster.family_workers.{family}", size, size >= 1, "an integer >= 1")
         if self.min_workers is not None:
             _require(
                 "cluster.min_workers",
@@ -90,6 +100,14 @@ class ClusterConfig:
     def least_workers(self) -> int:
         """The fewest workers the run may go on with (``min_workers``, else ``workers``)."""
         return self.workers if self.min_workers is None else self.min_workers
+
+    def workers_on(self, family: str) -> int:
+        """The world size a group on ``family`` is started with (``family_workers``, else ``workers``)."""
+        return self.family_workers.get(family, self.workers)
+
+    def least_workers_on(self, family: str) -> int:
+        """The fewest workers the run may go on with on ``family`` (no more than its world size)."""
+        return min(self.least_workers, self.workers_on(family))
 
 
 #: Worker calls an injected fault can die in (``faults.families.<family>.die_in_call``).
