@@ -80,6 +80,8 @@ def _run_leased(
 ) -> ExitCode:
     """The run, by the one driver that holds its lease."""
     manager.store.fence = lease.fence
+    if isinstance(manager.store, ObjectStore):
+        manager.store.claim(lease.fence)  # before restoring: no commit of an earlier holder lands after this
     if lease.taken_from is not None:
         journal.record("lease_taken_over", generation=lease.generation, previous=lease.taken_from)
         print(f"took over the run's lease from a driver that stopped renewing it: {lease.taken_from}")

@@ -281,6 +281,81 @@ def test_one_driver_per_run_on_s3_with_conditional_writes(s3_run: S3Run) -> None
     assert not store.lease_slot().exists()
 
 
+@pytest.mark.parametrize("pause", ["after its manifest went up", "after it read latest"])
+def test_a_driver_paused_through_a_take_over_cannot_commit_on_s3(
+    pause: str, s3_run: S3Run, s3_endpoint: str
+) -> None:
+    """Driver A holds the lease, has committed step 1 and is saving step 2 when it is paused past its lease
+    check: with the manifest of step 2 uploaded, or inside the commit, having read ``latest``. Its lease goes
+    stale, B takes it over and claims ``latest`` as a driver does at its start. Until A comes back, nothing
+    of its step 2 is visible (B restores step 1); when it does, its commit is refused and still nothing of
+    it is listed or restored; B's own commits go on under generation 2."""
+    url, options, bucket = s3_run
+    slot = CheckpointManager(url, storage_options=options).store.lease_slot()
+    a_lease = Lease(slot, stale_after_s=30, renew_s=600).acquire()
+    a = CheckpointManager(url, storage_options=options)
+    a.store.fence = a_lease.fence
+    a.store.claim(a_lease.fence)
+    worker = _trained(1)
+    worker.save(a)
+    worker.train_step()
+
+    paused, resume = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        if not paused.is_set():
+            paused.set()
+            assert resume.wait(120)
+
+    pointer = a.store.pointer
+    if pause == "after its manifest went up":
+        advance = pointer.advance
+        pointer.advance = lambda *args: (hold(), advance(*args))[1]  # type: ignore[method-assign]
+    else:
+        read = pointer.read
+        pointer.read = lambda: (read(), hold())[0]  # type: ignore[method-assign]
+    outcome: list[Any] = []
+    saving = threading.Thread(target=lambda: outcome.append(_outcome(worker.save, a)))
+    saving.start()
+    try:
+        assert paused.wait(120), "A never reached the pause"
+        assert "run/step_000000002/manifest.json" in _objects(s3_endpoint, bucket)
+
+        time.sleep(0.2)  # A has stopped renewing: its lease is stale for B
+        b_lease = Lease(slot, stale_after_s=0.1, renew_s=600).acquire()
+        assert b_lease.generation == 2
+        b = CheckpointManager(url, storage_options=options)
+        b.store.fence = b_lease.fence
+        b.store.claim(b_lease.fence)
+        assert b.store.committed() == [f"{url}/step_000000001"], "a manifest not in latest is not committed"
+        restored = _worker().restore(b, clean=False)
+        assert restored is not None and restored.manifest.step == 1
+    finally:
+        resume.set()
+        saving.join(timeout=120)
+    [refused] = outcome
+    assert isinstance(refused, CheckpointWriteError) and "lease generation 2" in str(refused), refused
+
+    assert b.store.committed() == [f"{url}/step_000000001"]
+    assert b.store.latest_pointer() == f"{url}/step_000000001"
+    restored = _worker().restore(b)  # B's start: the leftover of A's save is removed
+    assert restored is not None and restored.manifest.step == 1
+    assert not [k for k in _objects(s3_endpoint, bucket) if k.startswith("run/step_000000002")]
+    successor = _trained(2)
+    assert successor.save(b) == f"{url}/step_000000002"
+    with b.store.opened(f"{url}/step_000000002") as local:
+        assert b.store.verify(local).lease_generation == 2
+    b_lease.release()
+    a_lease.release()  # no longer A's: left in place until B's release above removed it
+
+
+def _outcome(call: Any, *args: Any) -> Any:
+    try:
+        return call(*args)
+    except Exception as exc:
+        return exc
+
+
 def test_a_run_checkpoints_to_s3_and_a_second_run_resumes_from_it(s3_run: S3Run, tmp_path: Path) -> None:
     url, options, _ = s3_run
     overrides = (*TINY, *_options_overrides(url, options), "checkpoint.interval_steps=3")

@@ -16,9 +16,10 @@ it, so the hosts' clocks must agree to within a fraction of ``stale_after_s``.
 Fencing: a driver that was paused (a stopped VM, a long GC, a partitioned host) may come back after its
 lease was taken over. Every checkpoint commit first checks that the lease file still holds the
 committing driver's token (:class:`Fence`, which the driver hands to whichever process commits), and is
-refused otherwise; each manifest records the lease generation it was committed under. Between that check
-and the rename (or the manifest's upload) there is a window of a few calls: S3 conditions a write only on
-the object written, not on another one, so neither storage closes it entirely.
+refused otherwise; each manifest records the lease generation it was committed under. On a filesystem,
+between that check and the rename there is a window of a few calls. On object storage there is none: S3
+conditions a write only on the object written, so the commit is a conditional write of the one object every
+holder writes, ``latest``, which a new holder claims at its start (:mod:`trainer.checkpoint.pointer`).
 """
 
 from __future__ import annotations

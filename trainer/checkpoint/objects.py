@@ -2,16 +2,17 @@
 
 Layout under the URL::
 
-    <url>/latest                          name of the newest committed checkpoint (one PUT replaces it)
+    <url>/latest                          the newest and every committed checkpoint, its owner (pointer.py)
     <url>/step_000000040/manifest.json    uploaded last: its presence is what makes the checkpoint committed
     <url>/step_000000040/...              DCP files and rng/, uploaded first
     <url>/.driver-lease.json              the driver's lease (trainer.checkpoint.lease), conditional writes
 
-Object storage has no rename, so the commit is the manifest: a checkpoint is written into a local spool
-directory exactly as on disk (DCP, RNG, digests), its data objects are uploaded under a name no object uses
-yet, and the manifest goes up last with a create-only PUT (``If-None-Match: *``), so no object of a
-committed checkpoint is ever overwritten. An upload killed mid-way leaves objects without a manifest:
-invisible to readers and removed on the next start. Retention deletes the manifest first, so a
+Object storage has no rename: a checkpoint is written into a local spool directory exactly as on disk
+(DCP, RNG, digests), its data objects are uploaded under a name no object uses yet, the manifest goes up
+last with a create-only PUT (``If-None-Match: *``), so no object of a committed checkpoint is ever
+overwritten, and the commit is listing it in ``latest`` with a conditional PUT (``If-Match``) that a
+driver whose lease was taken over cannot make (:mod:`trainer.checkpoint.pointer`). An upload killed
+mid-way leaves objects that ``latest`` does not list: invisible to readers and removed on the next start. Retention deletes the manifest first, so a
 half-deleted checkpoint never looks committed. A checkpoint is loaded by downloading it into the spool and
 verifying every file against the manifest's digests before a tensor is read.
 
@@ -36,6 +37,7 @@ from typing import Any
 
 from trainer.checkpoint.lease import Fence, ObjectSlot, pid_alive
 from trainer.checkpoint.manifest import MANIFEST_NAME, Manifest
+from trainer.checkpoint.pointer import LatestObject
 from trainer.checkpoint.store import LATEST, NAME, best_first, sort_key, verify_dir
 from trainer.errors import CheckpointCorruptError, CheckpointWriteError, ConfigError
 
@@ -143,6 +145,7 @@ class ObjectStore:
         self.fence: Fence | None = None
         #: This process's local directory for saves being written and checkpoints being read.
         self.spool = _spool_root() / f"p{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.pointer = LatestObject(self.fs, self._key(LATEST), self.url)
 
     def __str__(self) -> str:
         return self.url
@@ -201,21 +204,25 @@ class ObjectStore:
 
     def publish(self, name: str, manifest: Manifest) -> str:
         """Commit checkpoint ``name``, whose other files are uploaded: its manifest goes up create-only, then
-        ``latest`` moves; returns its URL. A driver whose lease was taken over is refused, before and after."""
+        ``latest`` lists it, conditionally; returns its URL. A driver whose lease was taken over is refused,
+        by the lease before and by ``latest`` at the commit; what it uploaded stays unlisted, invisible, until
+        the next start removes it (not deleted here: the new holder may since have taken the name)."""
         if self.fence is not None:
             self.fence.check(self.lease_slot())
             manifest.lease_generation = self.fence.generation
-        body = manifest.to_json().encode()
         try:
-            if self.fence is not None:
-                self.fence.check(self.lease_slot())
-            self.fs.pipe(self._key(name, MANIFEST_NAME), body, mode="create")
+            self.fs.pipe(self._key(name, MANIFEST_NAME), manifest.to_json().encode(), mode="create")
         except FileExistsError as exc:
             raise CheckpointWriteError(
                 f"{self.url}/{name}: another writer committed this name meanwhile ({exc}); nothing was overwritten"
             ) from None
-        self.fs.pipe(self._key(LATEST), (name + "\n").encode())
+        self.pointer.advance(self.fence, name, self._manifest_names)
         return f"{self.url}/{name}"
+
+    def claim(self, fence: Fence) -> None:
+        """Called by the driver once it holds the lease behind ``fence``, before restoring: ``latest`` becomes
+        this driver's, and no commit of an earlier holder can become visible any more."""
+        self.pointer.claim(fence, self.lease_slot(), self._manifest_names)
 
     def discard(self, name: str) -> None:
         """Delete the uploaded objects of checkpoint ``name``, which was never published."""
@@ -281,13 +288,18 @@ class ObjectStore:
                 out.add(parts[0])
         return out
 
-    def _committed_names(self) -> list[str]:
+    def _manifest_names(self) -> list[str]:
+        """Names of the checkpoints whose manifest is up, oldest first (committed or not: see ``latest``)."""
         names = set()
         for key in self._listing():
             parts = key[len(self.base) + 1 :].split("/")
             if len(parts) == 2 and parts[1] == MANIFEST_NAME and NAME.match(parts[0]):
                 names.add(parts[0])
         return sorted(names, key=sort_key)
+
+    def _committed_names(self) -> list[str]:
+        """The checkpoints ``latest`` lists whose manifest is up, oldest first."""
+        return sorted(self.pointer.listed(self.pointer.read()[0], self._manifest_names()), key=sort_key)
 
     def committed(self) -> list[str]:
         """URLs of the committed checkpoints, oldest first."""
@@ -296,12 +308,15 @@ class ObjectStore:
     def latest_pointer(self) -> str | None:
         """Where ``latest`` points, or None (absent, unreadable or dangling — with a warning)."""
         try:
-            name = self.fs.cat_file(self._key(LATEST)).decode().strip()
-        except FileNotFoundError:
-            return None
-        except (OSError, UnicodeDecodeError) as exc:
+            pointer, etag = self.pointer.read()
+        except OSError as exc:
             log.warning("%s/%s is unreadable (%s); scanning instead", self.url, LATEST, exc)
             return None
+        if pointer is None and etag is not None:
+            log.warning("%s/%s is not a pointer; scanning instead", self.url, LATEST)
+        if pointer is None or pointer.latest is None:
+            return None
+        name = pointer.latest
         if not NAME.match(name) or name not in self._committed_names():
             log.warning(
                 "%s/%s points to %r, not a committed checkpoint; scanning instead", self.url, LATEST, name
