@@ -60,6 +60,8 @@ def test_sharded_run_moves_from_four_npu_ranks_to_two_cuda_ranks(
 
     reference = make_config("device=sim_cuda", f"train.steps={STEPS}", "checkpoint.interval_steps=0")
     assert run(reference, run_dir=tmp_path / "reference") == ExitCode.FINISHED
-    [ref] = [e for e in Journal(tmp_path / "reference" / "journal.jsonl").read() if e["event"] == "run_finished"]
+    [ref] = [
+        e for e in Journal(tmp_path / "reference" / "journal.jsonl").read() if e["event"] == "run_finished"
+    ]
     # FSDP's reduce-scatter and 4 then 2 ranks sum in other orders than one process: not bitwise.
     assert finished["eval_loss"] == pytest.approx(ref["eval_loss"], rel=2e-2)
