@@ -10,9 +10,13 @@ part-way between two of them (at interval x 1.3, 1.5, 1.7, … steps, the same p
   default disposition of SIGTERM; sent as SIGKILL here, since this driver installs a handler) and the
   run resumes from its last periodic checkpoint. Lost = the newest completed step - that checkpoint's step.
 
+``--to group`` sends the toolkit's SIGTERM to the driver's whole process group (``kill -TERM -<pgid>``)
+instead of the driver alone; with ``--mode ray`` that group also started the local Ray's processes.
+
 Prints one JSON object: per-repeat samples, medians, and ``steps_lost`` of both.
 
     .venv/bin/python scripts/bench/preempt.py [--mode single|ray] [--interval 100] [--repeats 3]
+        [--to driver|group]
 """
 
 from __future__ import annotations
@@ -52,7 +56,9 @@ def _events(run_dir: Path, name: str) -> list[dict[str, Any]]:
     return [r for r in rows if r.get("event") == name]
 
 
-def one(mode: str, interval: int, at_step: int, handled: bool, work: Path) -> dict[str, Any]:
+def one(
+    mode: str, interval: int, at_step: int, handled: bool, work: Path, to: str = "driver"
+) -> dict[str, Any]:
     run_dir = work / f"{mode}-{at_step}-{'toolkit' if handled else 'plain'}"
     extra = RAY if mode == "ray" else ("device=cpu",)
     command = [sys.executable, "-m", "trainer", *SMALL, *extra, f"checkpoint.interval_steps={interval}"]
@@ -76,7 +82,9 @@ def one(mode: str, interval: int, at_step: int, handled: bool, work: Path) -> di
             driver.kill()
             raise RuntimeError(f"{mode}: the run never reached step {at_step}")
     signalled = time.monotonic()
-    if handled:
+    if handled and to == "group":
+        os.killpg(driver.pid, signal.SIGTERM)
+    elif handled:
         driver.send_signal(signal.SIGTERM)
     else:
         os.killpg(
@@ -106,12 +114,13 @@ def main() -> None:
     parser.add_argument("--mode", default="single", choices=["single", "ray"])
     parser.add_argument("--interval", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--to", default="driver", choices=["driver", "group"], help="whom SIGTERM is sent to")
     args = parser.parse_args()
     samples: dict[str, list[dict[str, Any]]] = {"toolkit": [], "without_handling": []}
     with tempfile.TemporaryDirectory(prefix="bench-preempt-") as tmp:
         for i in range(args.repeats):
             at_step = int(args.interval * (1.3 + 0.2 * i))
-            samples["toolkit"].append(one(args.mode, args.interval, at_step, True, Path(tmp)))
+            samples["toolkit"].append(one(args.mode, args.interval, at_step, True, Path(tmp), args.to))
             samples["without_handling"].append(one(args.mode, args.interval, at_step, False, Path(tmp)))
 
     def median(side: str, key: str) -> float:
@@ -120,6 +129,7 @@ def main() -> None:
     result = {
         "benchmark": "preempt",
         "mode": args.mode,
+        "sigterm_to": args.to,
         "checkpoint_interval_steps": args.interval,
         "repeats": args.repeats,
         "samples": samples,

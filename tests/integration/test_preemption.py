@@ -9,6 +9,7 @@ sized so that they would not end by themselves within the test: only the signal 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -116,11 +117,22 @@ def test_sigterm_to_the_process_group_of_a_single_process_run_saves_the_step_in_
 
 
 @pytest.mark.usefixtures("local_ray")
-def test_sigterm_to_a_ray_driver_stops_every_rank_at_the_step_in_flight_and_saves_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "workers_too",
+    [False, pytest.param(True, marks=pytest.mark.slow, id="and-every-worker")],
+    ids=lambda v: "and-every-worker" if v else "driver-group",
+)
+def test_sigterm_to_a_ray_driver_stops_every_rank_at_the_step_in_flight_and_saves_it(
+    workers_too: bool, tmp_path: Path
+) -> None:
     """The driver starts a Ray of its own (``cluster=ray_local``) and SIGTERM goes to its whole process group,
-    as ``kill -TERM -<pgid>``, a batch system or job control sends it. Ray's processes and its workers run in
-    process groups of their own, so the driver alone gets it, as when it is signalled alone. Chunks of 100000
-    steps: the ranks stop inside a chunk, at a step the controller set for all."""
+    as ``kill -TERM -<pgid>`` or job control sends it. Ray's processes and its workers run in process groups
+    of their own, so the driver alone gets it, as when it is signalled alone. Chunks of 100000 steps: the
+    ranks stop inside a chunk, at a step the controller set for all.
+
+    ``workers_too``: every worker process gets SIGTERM as well, just after the driver (an eviction of all
+    the run's pods at once). Each worker's notice asks to leave, but the driver's own stop comes first: the
+    ranks still working through their grace period save the step in flight, and nothing is replaced."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     ray_run = (
@@ -131,14 +143,21 @@ def test_sigterm_to_a_ray_driver_stops_every_rank_at_the_step_in_flight_and_save
         "probes.preflight=false",
     )
     driver = _driver(run_dir, *ray_run, "cluster.chunk_steps=100000")
-    _wait_for(driver, "worker group up")
+    [started] = [line for line in _wait_for(driver, "worker group up") if "worker actors up" in line]
     time.sleep(3.0)  # a few dozen steps into the first chunk
     os.killpg(driver.pid, signal.SIGTERM)
+    if workers_too:
+        pids = [int(pid) for pid in re.findall(r"'pid': (\d+)", started)]
+        assert len(pids) >= 3, started
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)
     out = _finish(driver)
     assert driver.returncode == ExitCode.PREEMPTED, out[-3000:]
     saved = _assert_saved(run_dir, at_least=1)
     assert not events(run_dir, "failure"), "stopping the ranks is not a failure"
-    assert not events(run_dir, "worker_preempted"), "the workers were not signalled"
+    assert not events(run_dir, "recovered"), "no rank was replaced"
+    if not workers_too:
+        assert not events(run_dir, "worker_preempted"), "the workers were not signalled"
     assert f"outcome: preempted at step {saved} (saved)" in out
 
     # The same run resumed on the tests' Ray, in this process: what is checked is what the signal left.
