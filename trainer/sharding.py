@@ -17,9 +17,11 @@ How the sharded state survives, in this version:
   more (the lost rank held a slice of it), so its members hold nothing to hand over: recovery comes from
   the newest checkpoint, never from a peer's snapshot.
 
-Not yet: a copy of a buddy rank's shards for recovery without the checkpoint, and the progress marks,
-compute times and injected link faults that DDP's communication hook gives (under FSDP a step is one
-phase, "compute").
+- **Survival signals**: FSDP's gathers and reduce-scatters run through :mod:`trainer.sharding_comms`,
+  which gives hang detection, straggler detection and the injected link faults what DDP's communication
+  hook gives them (a rank waiting in a collective is marked so, compute time excludes that wait).
+
+Not yet: a copy of a buddy rank's shards for recovery without the checkpoint.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from trainer.api import Task
+from trainer.sharding_comms import StepCollectives, watch
 
 #: The module whose functions run torch.distributed's collectives (the frames a communication error passes).
 _C10D = os.path.join("torch", "distributed", "distributed_c10d.py")
@@ -49,10 +52,16 @@ def is_sharded(module: nn.Module) -> bool:
 
 
 def shard(
-    module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any | None, task: Task, dtype: torch.dtype
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any | None,
+    task: Task,
+    dtype: torch.dtype,
+    collectives: StepCollectives,
 ) -> tuple[torch.optim.Optimizer, Any | None]:
     """Shard the unsharded ``module`` over the current default group (in place) and return an optimizer and
-    scheduler over its sharded parameters that carry on from ``optimizer`` and ``scheduler``."""
+    scheduler over its sharded parameters that carry on from ``optimizer`` and ``scheduler``. The units'
+    collectives report to ``collectives`` (progress marks, compute time, injected link faults)."""
     state = get_optimizer_state_dict(module, optimizer)  # unsharded: the full state, FQN-keyed
     schedule = scheduler.state_dict() if scheduler is not None else None
     # Parameters gathered in the run's precision, gradients reduced in fp32 (the optimizer's precision).
@@ -60,6 +69,7 @@ def shard(
     for unit in task.fsdp_units(module):
         fully_shard(unit, mp_policy=policy)
     fully_shard(module, mp_policy=policy)
+    watch(module, collectives)
     optimizer = task.build_optimizer(module)
     # Each rank keeps its slice of every full tensor: no communication.
     set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))

@@ -30,6 +30,7 @@ from trainer.errors import ConfigError, UserCodeError
 from trainer.faults import NO_FAULTS, WorkerFaults
 from trainer.metrics import checked_metrics
 from trainer.nonfinite import NonFiniteSteps, grad_norm, skips_on_device
+from trainer.sharding_comms import StepCollectives
 from trainer.tasks import build_task
 from trainer.worker_state import WorkerState
 
@@ -43,7 +44,8 @@ class StepResult:
     loss: torch.Tensor
     step_time_s: float
     samples: int
-    #: Seconds from the start of the step to its first gradient collective (the whole step without one).
+    #: Seconds of the step not spent in collectives: DDP, from the start of the step to its first gradient
+    #: collective; FSDP, the step less its time blocked in the sharded model's collectives; else the step.
     compute_s: float
 
 
@@ -70,6 +72,8 @@ class Worker(WorkerState):
         self._step_started = 0.0
         #: The faults this worker injects, installed from outside by its group (see trainer.faults).
         self.faults: WorkerFaults = NO_FAULTS
+        #: FSDP's collectives mark progress, count their time and inject link faults through this.
+        self.collectives = StepCollectives(self)
         self.attached = False
         self.staging = None
 
@@ -187,6 +191,7 @@ class Worker(WorkerState):
         start = self._step_started = time.perf_counter()
         self.compute_s = float("nan")
         self.mark("compute")
+        self.collectives.begin_step()
         self.model.train()
         self.faults.before_step(self)  # injected kill, hang or slow device, if the group installed any
         micro = self._micro_indices(self.step)
@@ -210,7 +215,8 @@ class Worker(WorkerState):
         self.samples_seen += self.config.train.global_batch_size
         elapsed = time.perf_counter() - start
         self.mark("idle")
-        compute = elapsed if self.compute_s != self.compute_s else self.compute_s  # NaN: no collective
+        # NaN: no DDP collective; then FSDP's time in collectives is left out (none without FSDP).
+        compute = self.collectives.compute_s(elapsed) if self.compute_s != self.compute_s else self.compute_s
         return StepResult(self.step, loss.detach(), elapsed, self.sampler.local_batch_size, compute)
 
     def _micro_indices(self, step: int) -> list[list[int]]:

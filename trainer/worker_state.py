@@ -26,6 +26,7 @@ from trainer.config import Config, to_container
 from trainer.devices import DeviceAdapter
 from trainer.errors import ConfigError
 from trainer.nonfinite import NonFiniteSteps
+from trainer.sharding_comms import StepCollectives
 
 
 class WorkerState:
@@ -51,6 +52,8 @@ class WorkerState:
     attached: bool
     #: The staging buffers of the last background save, whose copies may still be in flight (CUDA).
     staging: StagingBuffers | None
+    #: FSDP: the step's time blocked in the sharded model's collectives (see trainer.sharding_comms).
+    collectives: StepCollectives
 
     # --- checkpoints ---------------------------------------------------------------------------------
     def _progress(self, metrics: dict[str, float] | None) -> TrainingProgress:
@@ -110,7 +113,7 @@ class WorkerState:
             and not sharding.is_sharded(self.module)
         ):
             self.optimizer, self.scheduler = sharding.shard(
-                self.module, self.optimizer, self.scheduler, self.task, self.dtype
+                self.module, self.optimizer, self.scheduler, self.task, self.dtype, self.collectives
             )
 
     def save(self, manager: CheckpointManager, metrics: dict[str, float] | None = None) -> Path | str:

@@ -1,0 +1,116 @@
+"""The survival signals of an FSDP step in two real processes joined by gloo (``trainer.sharding_comms``): a
+rank waiting in FSDP's collectives for a slow peer is marked "collective" and its wait is not counted as its
+compute time; the family's link faults act inside those collectives during a train step, and not outside one.
+
+Both ranks run one scenario (the processes cost more than the steps): a first step without faults (FSDP's
+lazy set-up), then the faults are installed — rank 1 a straggler, every collective failing from step 3 —
+a step with the straggler, an evaluation, and a step whose collectives fail.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from trainer.errors import UserCodeError
+from trainer.faults import InjectedCollectiveError, WorkerFaults
+from trainer.testing.configs import make_config
+from trainer.testing.s3 import free_port
+from trainer.worker import Worker
+
+#: How long the straggler's device takes longer per step.
+DELAY_S = 1.0
+OVERRIDES = (
+    "device=cpu",
+    "model.n_layer=2",
+    "model.n_embd=16",
+    "model.seq_len=8",
+    "train.global_batch_size=4",
+    "train.parallelism=fsdp",
+    "monitoring=off",
+    f"+faults.families={{cpu: {{straggler_rank: 1, straggler_delay_s: {DELAY_S}, "
+    "collective_error_rate: 1.0, degrade_from_step: 3}}",
+)
+
+
+def _observed_step(worker: Worker) -> dict[str, Any]:
+    """One train step, with the phases the hang check would have read of this rank while it ran."""
+    phases: list[str] = []
+    stepping = threading.Event()
+
+    def sample() -> None:
+        while stepping.is_set():
+            phases.append(worker.progress["phase"])
+            time.sleep(0.005)
+
+    stepping.set()
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        result = worker.train_step()
+    finally:
+        stepping.clear()
+        sampler.join()
+    return {
+        "phases": sorted(set(phases)),
+        "after": worker.progress["phase"],
+        "step_s": result.step_time_s,
+        "compute_s": result.compute_s,
+    }
+
+
+def _rank(rank: int, port: int, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    config = make_config(*OVERRIDES)
+    worker = Worker(config)
+    worker.setup()
+    worker.attach(rank, 2)
+    worker.train_step()
+    worker.faults = WorkerFaults(config, "cpu", rank, worker.step, armed=True)
+    dist.barrier()
+    record: dict[str, Any] = {"straggled": _observed_step(worker)}
+    record["evaluated"] = worker.evaluate()
+    record["phase_after_evaluation"] = worker.progress["phase"]
+    try:
+        worker.train_step()
+        record["raised"] = None
+    except (InjectedCollectiveError, UserCodeError) as exc:
+        record["raised"] = type(exc).__name__
+    record["collective_failed"], record["step"] = worker.collective_failed, worker.step
+    Path(out, f"{rank}.json").write_text(json.dumps(record))
+    dist.destroy_process_group()  # every rank failed before the same collective: none is left waiting
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    out = tmp_path_factory.mktemp("ranks")
+    mp.spawn(_rank, args=(free_port(), str(out)), nprocs=2)
+    return [json.loads((out / f"{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_a_rank_waiting_for_a_straggler_is_in_a_collective_and_its_wait_is_not_compute(
+    ranks: list[dict[str, Any]],
+) -> None:
+    peer, slow = ranks[0]["straggled"], ranks[1]["straggled"]
+    # Rank 0 reached the forward's first all-gather and waited there for rank 1's slow device.
+    assert "collective" in peer["phases"] and peer["after"] == slow["after"] == "idle"
+    assert peer["step_s"] - peer["compute_s"] > DELAY_S / 2  # that wait, counted as time blocked
+    # The delay is the straggler's compute time, not its peer's: straggler detection names rank 1.
+    assert slow["compute_s"] >= DELAY_S
+    assert peer["compute_s"] < slow["compute_s"]
+
+
+def test_injected_link_faults_fail_fsdp_collectives_in_a_step_only(ranks: list[dict[str, Any]]) -> None:
+    for record in ranks:
+        # The held-out evaluation gathers outside a train step: no fault there, the phase untouched.
+        assert record["evaluated"] == record["evaluated"] and record["phase_after_evaluation"] == "idle"
+        # In step 3 the first all-gather fails on every rank, as the framework's failure, not the task's.
+        assert record["raised"] == "InjectedCollectiveError"
+        assert record["collective_failed"] is True and record["step"] == 2
