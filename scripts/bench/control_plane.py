@@ -1,7 +1,7 @@
 """The controller's own cost against the number of members: 10, 100 and 1,000, on one local Ray.
 
 What is measured is the driver's side of a group run, with the real code: the chunk watcher
-(``trainer.cluster.watch.run_chunk``: one ``train`` call per member, waits, collection of the replies), the
+(``trainer.cluster.watch.run_chunk``: the ``train`` calls, waits, collection of the replies), the
 heartbeat built from the replies (``trainer.cluster.heartbeat.Heartbeat``), the straggler bookkeeping
 (``trainer.cluster.health_watch.HealthWatch``) and the policy's decision (``trainer.policy.decide``).
 
@@ -13,16 +13,22 @@ calls and object references, one per member and call, as with real workers. A si
 benchmark makes its ``train`` call fail with Ray's ``ActorDiedError`` (what a dead worker's call raises), and
 its peers' calls return a collective error at once (the release cascade of a real gloo group).
 
-Per N it reports, medians over ``--repeats`` chunks:
+Each N is measured both ways, interleaved (A B A B): every member called directly, as on a node that
+hosts few, and each simulated node's members (``--per-node``, 8) through its relay
+(``trainer.cluster.relay.Relay``, the real code; the relays of all simulated nodes live in one actor,
+``RelayHost``, whose calls to the members are real Ray calls). Per N and route it reports, medians over
+``--repeats`` chunks:
 
+* ``driver_calls_per_chunk``: the Ray calls the driver makes for one chunk;
 * ``controller_cpu_ms_per_chunk``: the driver process's CPU time for one healthy chunk (watch + heartbeat +
   straggler check), and ``..._per_member_us``;
 * ``wall_overhead_ms``: the chunk's wall time beyond the simulated steps;
-* ``detect_s``: from the kill of one member to the watcher's return naming it lost;
+* ``detect_s``: from the kill of one member to the watcher's return naming it lost (every survivor
+  released);
 * ``decide_ms``: the policy's decision for that loss.
 
-Ray's own detection of a dead process is not part of this (it is measured with real workers by
-``scripts/bench/recovery.py``). Run from the repository root::
+Ray's own detection of a dead process is not part of this (``scripts/bench/ray_detection.py`` measures it
+with real actors). Run from the repository root::
 
     .venv/bin/python scripts/bench/control_plane.py [--members 10 100 1000] [--repeats 5] [--steps 5]
 
