@@ -16,6 +16,7 @@ import ray
 
 from trainer.cluster import watch
 from trainer.cluster.group import WorkerGroup
+from trainer.cluster.relay import Relays
 from trainer.cluster.watch import run_chunk
 from trainer.devices import get_adapter
 from trainer.testing.configs import make_config
@@ -94,13 +95,35 @@ def _late_for_all_but_rank_0(group: WorkerGroup, monkeypatch: pytest.MonkeyPatch
 
 
 @pytest.mark.parametrize(
-    "late", [_late_for_every_rank, _late_for_all_but_rank_0], ids=["every rank", "two ranks"]
+    ("late", "relayed"),
+    [
+        pytest.param(_late_for_every_rank, False, id="every rank"),
+        pytest.param(_late_for_all_but_rank_0, False, id="two ranks"),
+        # About 20-40 s more (a group's start); the relay's contract itself is in test_relay.py.
+        pytest.param(_late_for_all_but_rank_0, True, id="two ranks, through a relay", marks=pytest.mark.slow),
+    ],
 )
 def test_a_stop_request_that_arrives_late_still_stops_every_rank_at_one_step(
-    late: Any, group: WorkerGroup, monkeypatch: pytest.MonkeyPatch
+    late: Any, relayed: bool, group: WorkerGroup, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Through a relay, rank 0's early reply must reach the driver while the node's other ranks still wait
+    for it in a collective (the relay passes replies on without waiting for the slowest)."""
     stop = late(group, monkeypatch)
-    outcome = run_chunk(group.members, UNTIL, hang_after_s=60.0, deadline_s=120.0, release_s=10.0, stop=stop)
+    relays = Relays(relay_from=1) if relayed else None
+    try:
+        outcome = run_chunk(
+            group.members,
+            UNTIL,
+            hang_after_s=60.0,
+            deadline_s=120.0,
+            release_s=10.0,
+            stop=stop,
+            relays=relays,
+        )
+        assert relays is None or relays.assigned  # the chunk went through the relay
+    finally:
+        if relays is not None:
+            relays.shutdown()
 
     assert not outcome.failed(), outcome.results
     assert outcome.stop_step is not None and 3 <= outcome.stop_step < UNTIL
