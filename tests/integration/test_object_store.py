@@ -79,6 +79,39 @@ def test_saved_on_s3_restores_bit_for_bit_and_latest_names_the_newest(
     } - {"manifest.json"}
 
 
+OPEN_AND_TELL = """
+import sys
+from trainer.checkpoint import CheckpointManager
+url, ref, endpoint, key, secret = sys.argv[1:6]
+store = CheckpointManager(url, storage_options={"endpoint_url": endpoint, "key": key, "secret": secret}).store
+with store.opened(ref) as local:
+    store.verify(local)
+    print(local, (local / "manifest.json").stat().st_ino)
+"""
+
+
+def test_the_processes_of_one_host_opening_a_checkpoint_at_once_download_it_once(
+    s3_run: S3Run, s3_endpoint: str
+) -> None:
+    """As the ranks of a group restoring: while one process holds the checkpoint open, another process of
+    the host gets the same local copy (the same files), not a download of its own; the copy is removed when
+    the last one leaves."""
+    url, options, _ = s3_run
+    ref = str(_trained(1).save(CheckpointManager(url, storage_options=options)))
+    store = CheckpointManager(url, storage_options=options).store
+    with store.opened(ref) as local:
+        other = subprocess.run(
+            [sys.executable, "-c", OPEN_AND_TELL, url, ref, s3_endpoint, options["key"], options["secret"]],
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        assert other.returncode == 0, other.stderr[-2000:]
+        assert other.stdout.split() == [str(local), str((local / "manifest.json").stat().st_ino)]
+        assert store.verify(local).step == 1, "still whole after the other process left"
+    assert not local.exists()
+
+
 def test_credentials_never_reach_the_bucket(s3_run: S3Run, s3_endpoint: str) -> None:
     url, options, bucket = s3_run
     worker = _worker(*_options_overrides(url, options))

@@ -37,6 +37,7 @@ from typing import Any
 
 from trainer.checkpoint.lease import Fence, ObjectSlot, pid_alive
 from trainer.checkpoint.manifest import MANIFEST_NAME, Manifest
+from trainer.checkpoint.node_copy import shared_copy
 from trainer.checkpoint.pointer import LatestObject
 from trainer.checkpoint.store import LATEST, NAME, best_first, sort_key, verify_dir
 from trainer.errors import CheckpointCorruptError, CheckpointWriteError, ConfigError
@@ -330,18 +331,18 @@ class ObjectStore:
 
     @contextlib.contextmanager
     def opened(self, ref: str | Path) -> Iterator[Path]:
-        """A local copy of checkpoint ``ref`` (downloaded into the spool, removed afterwards)."""
+        """A local copy of checkpoint ``ref``: downloaded into the host's spool once for all the processes
+        of this host that hold it open at the same time (a group's ranks restoring), removed after the last."""
         name = self.name_of(ref)
-        local = self.spool / f"fetch-{uuid.uuid4().hex[:8]}" / name
-        local.mkdir(parents=True)
-        try:
+
+        def download(local: Path) -> None:
             prefix = self._key(name)
             keys = [str(k) for k in self.fs.find(prefix)]
             if keys:
                 self.fs.get(keys, [str(local / k[len(prefix) + 1 :]) for k in keys])
+
+        with shared_copy(_spool_root(), f"{self.url}/{name}", name, download) as local:
             yield local
-        finally:
-            shutil.rmtree(local.parent, ignore_errors=True)
 
     def verify(self, path: Path) -> Manifest:
         """The manifest of a downloaded checkpoint after checking it and every file it lists (errors name
