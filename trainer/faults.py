@@ -1,8 +1,9 @@
 """Fault injection for tests and demos, driven by the ``faults`` config group. Off by default.
 
 Injected faults act on the real mechanisms: a killed worker is a SIGKILLed process, a flaky interconnect
-is the worker's DDP communication hook (and the probes) delaying or failing real collectives, a hang is a
-process that stops making progress, a wrong-computing device corrupts a real matmul result.
+is the worker's DDP communication hook or FSDP's collectives (``trainer.sharding_comms``), and the probes,
+delaying or failing real collectives, a hang is a process that stops making progress, a wrong-computing
+device corrupts a real matmul result.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ class WorkerFaults:
     """The faults one worker injects, installed on it from outside the training code (the worker group sets
     :attr:`Worker.faults` when a worker joins; a worker alone has :data:`NO_FAULTS`). The worker calls two
     seams: :meth:`before_step` once its step has begun (a kill, a hang, a slow device) and
-    :meth:`in_collective` on entering its gradient collective (a hang there, a slow or flaky link).
+    :meth:`in_collective` on entering each collective of its step (a hang there, a slow or flaky link): each
+    gradient bucket's all-reduce under DDP, each all-gather and reduce-scatter under FSDP.
 
     ``armed``: the kill, hang and straggler faults may fire — the run's first incarnation only, so that a
     replacement is healthy. A family's interconnect faults act on every incarnation alike.
@@ -124,7 +126,8 @@ class WorkerFaults:
             time.sleep(self.straggler_s)  # this device computes slowly
 
     def in_collective(self, worker: Worker) -> None:
-        """On entering ``worker``'s gradient collective of its current step."""
+        """On entering one of the framework's collectives in ``worker``'s current step (called for each: the
+        family's delay and error rate apply per collective call)."""
         if self.hang_in_collective_at == worker.step + 1:
             while True:  # stuck inside the collective: the peers wait in it too
                 time.sleep(1.0)
