@@ -6,8 +6,8 @@ processes, so one run's memory does not carry into the next); every rank builds 
 and reports its peak resident set (``ru_maxrss``: building the model whole on every rank, before it is
 sharded, is part of it), its resident set after training once freed memory is returned to the system
 (``malloc_trim``: what the rank holds to go on training), both over its resident set before the model was
-built. A save's
-gather (FSDP: the whole state on every rank) is measured separately with ``--with-capture``.
+built. What a save holds — its capture and a copy of the tensors, which under FSDP are each rank's own
+shards (no gather) — is measured separately with ``--with-capture``.
 
     .venv/bin/python scripts/bench/memory.py [--ranks 2] [--megabytes 400] [--steps 3] [--with-capture]
 
@@ -59,9 +59,10 @@ def _rank(
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed memory back to the system: what the run holds now
     resident = _rss_mib()
-    if capture:
-        state = worker.capture()
-        del state
+    if capture:  # what a save holds: FSDP, each rank's own shards (no gather); DDP, the whole state
+        state = worker.capture(gather=False)
+        staged = {k: getattr(t, "to_local", lambda t=t: t)().detach().clone() for k, t in state.tensors.items()}
+        del state, staged
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     Path(out, f"{rank}.json").write_text(
         json.dumps(
