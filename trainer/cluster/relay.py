@@ -7,13 +7,13 @@ worker's threads) — not the watcher's handling of the replies, so batching the
 not help; making fewer calls does. A :class:`Relay` runs in one small actor per node (no CPU reserved),
 makes the node's calls and returns their replies together: the driver makes one call per node.
 
-Nothing a relayed member does is seen later than a directly called one's, because the relay returns at
-once on any failure:
+A relayed member's reply, failure or loss reaches the driver at most one poll later than a directly
+called one's, and the first failure of a node at once:
 
 - ``train(until, settle_s)`` returns when every member of the node has replied, as soon as one has failed
   (a collective error) or died (its call raised ``RayActorError``: the relay reports it as lost, with
   Ray's ``preempted`` flag), or ``settle_s`` (the watcher's poll) after the first reply; the driver then
-  asks ``more(wait_s)`` for the rest, which returns likewise, or after ``wait_s`` with what it has. So a
+  asks ``more(wait_s)`` for the rest, which returns when all are in or after ``wait_s`` with what it has. So a
   reply reaches the driver at most one poll later than a direct one would (ranks in lockstep reply within
   milliseconds of each other: in a healthy chunk, one call per node), and the release window, which ranks
   were still blocked when it ran out, and the ranks that stopped early in a stop request are judged as
@@ -66,8 +66,9 @@ class Relay:
         return await self._gather(settle_s, from_first=True)
 
     async def more(self, wait_s: float) -> dict[int, dict[str, Any]]:
-        """Replies still due from the last ``train``: when all are in, at the next failure, or after
-        ``wait_s`` with those that came (possibly none)."""
+        """Replies still due from the last ``train``: when all are in, or after ``wait_s`` with those that
+        came (possibly none). Once one has failed, the release window runs: the others are only needed
+        before it ends, so they come in one batch rather than one call per failure."""
         return await self._gather(wait_s, from_first=False)
 
     async def progress(self, ranks: list[int], timeout_s: float) -> dict[int, dict[str, Any]]:
@@ -86,8 +87,8 @@ class Relay:
         }
 
     async def _gather(self, wait_s: float, from_first: bool) -> dict[int, dict[str, Any]]:
-        """Replies as they come, until all are in or one failed, or ``wait_s`` has passed (counted from the
-        first reply when ``from_first``, else from now)."""
+        """Replies as they come, until all are in or ``wait_s`` has passed: counted from the first reply
+        when ``from_first`` (``train``), which also returns as soon as one failed; else from now."""
         loop = asyncio.get_running_loop()
         give_up_at = None if from_first else loop.time() + wait_s
         replies: dict[int, dict[str, Any]] = {}
@@ -100,7 +101,7 @@ class Relay:
                 break
             for rank in [r for r, future in self.inflight.items() if future.done()]:
                 replies[rank] = _reply(self.inflight.pop(rank))
-            if any(not reply["ok"] for reply in replies.values()):
+            if from_first and any(not reply["ok"] for reply in replies.values()):
                 break  # the driver hears of a failure as soon as it would without a relay
             if give_up_at is None:
                 give_up_at = loop.time() + wait_s
