@@ -62,7 +62,12 @@ def shard(
     """Shard the unsharded ``module`` over the current default group (in place) and return an optimizer and
     scheduler over its sharded parameters that carry on from ``optimizer`` and ``scheduler``. The units'
     collectives report to ``collectives`` (progress marks, compute time, injected link faults)."""
-    state = get_optimizer_state_dict(module, optimizer)  # unsharded: the full state, FQN-keyed
+    # Unsharded: the full state, FQN-keyed. An optimizer without state (a fresh model, or one about to be
+    # loaded) passes its groups' settings only: torch's state-dict helpers would first initialise the state
+    # with a zero-gradient step, which builds the whole state on every rank and counts a step (AdamW's first
+    # real step would then correct its moments as a second one).
+    state = get_optimizer_state_dict(module, optimizer) if optimizer.state else None
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     schedule = scheduler.state_dict() if scheduler is not None else None
     # Parameters gathered in the run's precision, gradients reduced in fp32 (the optimizer's precision).
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
@@ -71,8 +76,11 @@ def shard(
     fully_shard(module, mp_policy=policy)
     watch(module, collectives)
     optimizer = task.build_optimizer(module)
-    # Each rank keeps its slice of every full tensor: no communication.
-    set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    if state is not None:  # each rank keeps its slice of every full tensor: no communication
+        set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        for group, settings in zip(optimizer.param_groups, groups, strict=True):
+            group.update(settings)
     scheduler = task.build_scheduler(optimizer)
     if scheduler is not None and schedule is not None:
         scheduler.load_state_dict(schedule)
