@@ -314,15 +314,23 @@ def test_one_driver_per_run_on_s3_with_conditional_writes(s3_run: S3Run) -> None
     assert not store.lease_slot().exists()
 
 
-@pytest.mark.parametrize("pause", ["after its manifest went up", "after it read latest"])
+@pytest.mark.parametrize(
+    ("pause", "refused_by"),
+    [
+        ("before its upload", "uploaded under this name meanwhile"),
+        ("after its manifest went up", "lease generation 2"),
+        ("after it read latest", "lease generation 2"),
+    ],
+)
 def test_a_driver_paused_through_a_take_over_cannot_commit_on_s3(
-    pause: str, s3_run: S3Run, s3_endpoint: str
+    pause: str, refused_by: str, s3_run: S3Run, s3_endpoint: str
 ) -> None:
     """Driver A holds the lease, has committed step 1 and is saving step 2 when it is paused past its lease
-    check: with the manifest of step 2 uploaded, or inside the commit, having read ``latest``. Its lease goes
-    stale, B takes it over and claims ``latest`` as a driver does at its start. Until A comes back, nothing
-    of its step 2 is visible (B restores step 1); when it does, its commit is refused and still nothing of
-    it is listed or restored; B's own commits go on under generation 2."""
+    check: before uploading, with the manifest of step 2 up, or inside the commit, having read ``latest``.
+    Its lease goes stale, B takes it over and claims ``latest`` as a driver does at its start, restores
+    step 1 (nothing of A's step 2 is visible) and commits a step 2 of its own. When A comes back its save is
+    refused — by the create-only upload (B took the same name), or by ``latest`` — and nothing of it is
+    listed or restored; B's checkpoint is intact, under generation 2."""
     url, options, bucket = s3_run
     slot = CheckpointManager(url, storage_options=options).store.lease_slot()
     a_lease = Lease(slot, stale_after_s=30, renew_s=600).acquire()
@@ -340,8 +348,11 @@ def test_a_driver_paused_through_a_take_over_cannot_commit_on_s3(
             paused.set()
             assert resume.wait(120)
 
-    pointer = a.store.pointer
-    if pause == "after its manifest went up":
+    store, pointer = a.store, a.store.pointer
+    if pause == "before its upload":
+        upload = store.upload
+        store.upload = lambda *args: (hold(), upload(*args))[1]  # type: ignore[method-assign]
+    elif pause == "after its manifest went up":
         advance = pointer.advance
         pointer.advance = lambda *args: (hold(), advance(*args))[1]  # type: ignore[method-assign]
     else:
@@ -352,8 +363,6 @@ def test_a_driver_paused_through_a_take_over_cannot_commit_on_s3(
     saving.start()
     try:
         assert paused.wait(120), "A never reached the pause"
-        assert "run/step_000000002/manifest.json" in _objects(s3_endpoint, bucket)
-
         time.sleep(0.2)  # A has stopped renewing: its lease is stale for B
         b_lease = Lease(slot, stale_after_s=0.1, renew_s=600).acquire()
         assert b_lease.generation == 2
@@ -363,21 +372,21 @@ def test_a_driver_paused_through_a_take_over_cannot_commit_on_s3(
         assert b.store.committed() == [f"{url}/step_000000001"], "a manifest not in latest is not committed"
         restored = _worker().restore(b, clean=False)
         assert restored is not None and restored.manifest.step == 1
+        b_saved = _trained(2).save(b)
     finally:
         resume.set()
         saving.join(timeout=120)
     [refused] = outcome
-    assert isinstance(refused, CheckpointWriteError) and "lease generation 2" in str(refused), refused
+    assert isinstance(refused, CheckpointWriteError) and refused_by in str(refused), refused
 
-    assert b.store.committed() == [f"{url}/step_000000001"]
-    assert b.store.latest_pointer() == f"{url}/step_000000001"
-    restored = _worker().restore(b)  # B's start: the leftover of A's save is removed
-    assert restored is not None and restored.manifest.step == 1
-    assert not [k for k in _objects(s3_endpoint, bucket) if k.startswith("run/step_000000002")]
-    successor = _trained(2)
-    assert successor.save(b) == f"{url}/step_000000002"
-    with b.store.opened(f"{url}/step_000000002") as local:
+    assert b.store.committed() == [f"{url}/step_000000001", b_saved]
+    assert b.store.latest_pointer() == b_saved
+    restored = _worker().restore(b)  # B's next start: the leftovers of A's save are removed
+    assert restored is not None and restored.path == b_saved and restored.skipped == []
+    with b.store.opened(b_saved) as local:
         assert b.store.verify(local).lease_generation == 2
+    names = {k.split("/")[1] for k in _objects(s3_endpoint, bucket) if k.count("/") > 1}
+    assert names == {"step_000000001", b.store.name_of(b_saved)}
     b_lease.release()
     a_lease.release()  # no longer A's: left in place until B's release above removed it
 

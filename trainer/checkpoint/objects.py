@@ -3,18 +3,16 @@
 Layout under the URL::
 
     <url>/latest                          the newest and every committed checkpoint, its owner (pointer.py)
-    <url>/step_000000040/manifest.json    uploaded last: its presence is what makes the checkpoint committed
+    <url>/step_000000040/manifest.json    uploaded last, then the checkpoint is listed in latest
     <url>/step_000000040/...              DCP files and rng/, uploaded first
     <url>/.driver-lease.json              the driver's lease (trainer.checkpoint.lease), conditional writes
 
 Object storage has no rename: a checkpoint is written into a local spool directory exactly as on disk
-(DCP, RNG, digests), its data objects are uploaded under a name no object uses yet, the manifest goes up
-last with a create-only PUT (``If-None-Match: *``), so no object of a committed checkpoint is ever
-overwritten, and the commit is listing it in ``latest`` with a conditional PUT (``If-Match``) that a
-driver whose lease was taken over cannot make (:mod:`trainer.checkpoint.pointer`). An upload killed
-mid-way leaves objects that ``latest`` does not list: invisible to readers and removed on the next start. Retention deletes the manifest first, so a
-half-deleted checkpoint never looks committed. A checkpoint is loaded by downloading it into the spool and
-verifying every file against the manifest's digests before a tensor is read.
+(DCP, RNG, digests); every object is uploaded create-only (``If-None-Match: *``) under a name no object
+uses yet, the manifest last, so nothing is ever overwritten; the commit is listing it in ``latest`` with a
+conditional PUT (``If-Match``), which a driver whose lease was taken over cannot make (see pointer.py). An
+upload killed mid-way is not listed: invisible, removed on the next start. Retention deletes the manifest
+first. A checkpoint is loaded from a local copy (node_copy.py), every file verified against the manifest.
 
 Credentials come from ``checkpoint.storage_options`` (passed to s3fs: ``endpoint_url``, ``key``,
 ``secret``, ``token``…) or from the usual AWS environment and instance metadata; the manifests keep the
@@ -38,7 +36,7 @@ from typing import Any
 from trainer.checkpoint.lease import Fence, ObjectSlot, pid_alive
 from trainer.checkpoint.manifest import MANIFEST_NAME, Manifest
 from trainer.checkpoint.node_copy import shared_copy
-from trainer.checkpoint.pointer import LatestObject
+from trainer.checkpoint.pointer import LatestObject, precondition_failed
 from trainer.checkpoint.store import LATEST, NAME, best_first, sort_key, verify_dir
 from trainer.errors import CheckpointCorruptError, CheckpointWriteError, ConfigError
 
@@ -189,9 +187,19 @@ class ObjectStore:
 
     def upload(self, local: Path, name: str, files: list[str]) -> None:
         """Upload ``files`` (paths relative to ``local``) under checkpoint ``name``: invisible to readers
-        until :meth:`publish` puts its manifest up."""
-        if files:
-            self.fs.put([str(local / f) for f in files], [self._key(name, f) for f in files])
+        until :meth:`publish` commits it. Create-only: an object already there (a driver paused past a
+        take-over, writing into a name the new holder has used since) is never overwritten."""
+        sources, targets = [str(local / f) for f in files], [self._key(name, f) for f in files]
+        try:
+            if files:
+                self.fs.put(sources, targets, mode="create")
+        except OSError as exc:
+            if not precondition_failed(exc):
+                raise
+            raise CheckpointWriteError(
+                f"{self.url}/{name}: another writer uploaded under this name meanwhile ({exc}); nothing was "
+                "overwritten"
+            ) from None
 
     def uploaded(self, name: str) -> dict[str, int]:
         """``{path relative to the checkpoint: size}`` of every object under checkpoint ``name``."""

@@ -70,11 +70,10 @@ class Pointer:
         return pointer
 
 
-def _refused(exc: OSError) -> bool:
-    """Whether an S3 error is a failed precondition (412; s3fs words it as EINVAL)."""
-    return isinstance(exc, FileExistsError | FileNotFoundError) or bool(
-        re.search(r"pre-?condition|412", str(exc), re.IGNORECASE)
-    )
+def precondition_failed(exc: OSError) -> bool:
+    """Whether an S3 error is a failed condition of a write (412: s3fs raises FileExistsError for
+    ``If-None-Match``, and words ``If-Match`` as EINVAL)."""
+    return isinstance(exc, FileExistsError) or bool(re.search(r"pre-?condition|412", str(exc), re.IGNORECASE))
 
 
 class LatestObject:
@@ -104,7 +103,7 @@ class LatestObject:
             else:
                 self.fs.pipe(self.key, pointer.encode(), IfMatch=etag)
         except OSError as exc:
-            if _refused(exc):
+            if precondition_failed(exc) or isinstance(exc, FileNotFoundError):  # moved, or gone meanwhile
                 return False
             raise
         return True
