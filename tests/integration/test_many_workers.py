@@ -129,3 +129,29 @@ def test_rank_hung_in_compute_out_of_four_is_the_only_one_replaced(
     assert recovered["replaced_ranks"] == [2] and recovered["step"] == 6
     assert recovered["state_from"].startswith("peer snapshot from rank ")
     _finished_like(hung, tmp_path, uninterrupted)
+
+
+@pytest.mark.slow  # two 8-worker runs on 2 cores: about 3-6 min here
+def test_one_rank_killed_out_of_eight_is_the_only_one_replaced(tmp_path: Path) -> None:
+    """Eight workers of the CPU family (a fifth of a CPU each, one warm spare), so that they fit the session's
+    Ray; they live on one node, so the driver reaches them through that node's relay."""
+    mine = ("device", "cluster.workers", "cluster.cpus_per_worker", "train.global_batch_size", "cluster=")
+    eight = (
+        *(o for o in FOUR if not o.startswith(mine)),
+        "device=cpu",
+        "cluster.workers=8",
+        "cluster.spares=1",
+        "cluster.cpus_per_worker=0.2",
+        "train.global_batch_size=16",
+    )
+    clean = make_config("cluster=ray_local", *eight)
+    assert run(clean, run_dir=tmp_path / "clean") == ExitCode.FINISHED
+    killed = make_config("cluster=ray_local", *eight, "faults.kill_rank=5", "faults.kill_at_step=7")
+    assert run(killed, run_dir=tmp_path / "killed") == ExitCode.FINISHED
+    [failure] = events(tmp_path / "killed", "failure")
+    assert failure["kind"] == "worker_lost" and failure["ranks"] == [5]
+    _released(tmp_path / "killed")
+    [recovered] = events(tmp_path / "killed", "recovered")
+    assert recovered["replaced_ranks"] == [5] and recovered["loaded_ranks"] == [5]
+    uninterrupted = restored_state(clean, tmp_path / "clean" / "checkpoints")
+    _finished_like(killed, tmp_path / "killed", uninterrupted)

@@ -92,14 +92,18 @@ class HandOver:
     def _save_sharded(self) -> tuple[int, float] | None:
         """FSDP: the old group's state at its step, with its held-out loss (every member evaluates), written as
         a checkpoint and committed before the group stops — the state the new group loads, at any world size.
-        Returns (step, held-out loss): the parity check's reference if that state is the one loaded. A group
-        that lost a member cannot (None): the newest committed checkpoint is handed over."""
+        Returns (step, held-out loss): the parity check's reference if that state is the one loaded. Only
+        between chunks, with every member at the run's step; otherwise (None) the newest committed checkpoint
+        is handed over."""
         ctl = self.ctl
-        if not (ctl.group and ctl.group.members) or (
-            self.outcome and (self.outcome.lost or self.outcome.hung)
-        ):
-            return None  # no live group (its family could not start one), or one that lost a member
+        if not (ctl.group and ctl.group.members) or self.outcome is not None:
+            # No live group (its family could not start one), or a chunk that failed: its members may have
+            # left their group and hold the states of later steps than the run's (its last heartbeat).
+            return None
         step = ctl.step
+        steps = ctl.group.live_steps()
+        if len(steps) != ctl.group.size or set(steps.values()) != {step}:
+            return None  # a member lost, or at another step: no whole state of the run's step
         try:
             loss = ctl.evaluate()
             if ctl.saves.last_saved != step:  # a checkpoint of this step is never written twice
