@@ -61,7 +61,9 @@ def _rank(
     resident = _rss_mib()
     if capture:  # what a save holds: FSDP, each rank's own shards (no gather); DDP, the whole state
         state = worker.capture(gather=False)
-        staged = {k: getattr(t, "to_local", lambda t=t: t)().detach().clone() for k, t in state.tensors.items()}
+        staged = {
+            k: getattr(t, "to_local", lambda t=t: t)().detach().clone() for k, t in state.tensors.items()
+        }
         del state, staged
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     Path(out, f"{rank}.json").write_text(

@@ -128,15 +128,23 @@ def test_min_workers_must_lie_between_one_and_the_workers(value: str) -> None:
     ("override", "message"),
     [
         ("+cluster.family_workers.nope=2", r"cluster\.family_workers='nope' .*allowed: families among"),
-        ("+cluster.family_workers.sim_cuda=0", r"cluster\.family_workers\.sim_cuda=0 .*allowed: an integer >= 1"),
+        (
+            "+cluster.family_workers.sim_cuda=0",
+            r"cluster\.family_workers\.sim_cuda=0 .*allowed: an integer >= 1",
+        ),
         ("+cluster.family_workers.sim_npu=2", r"names the family the run starts on"),
-        ("+cluster.family_workers.sim_cuda=9", r"is more than train\.global_batch_size=8; allowed: at most 8"),
+        (
+            "+cluster.family_workers.sim_cuda=9",
+            r"is more than train\.global_batch_size=8; allowed: at most 8",
+        ),
     ],
 )
 def test_family_workers_are_checked(override: str, message: str) -> None:
     base = ["cluster=ray_local", "device=sim_npu", "cluster.workers=4", "train.global_batch_size=8"]
     with pytest.raises(ConfigError, match=message):
         validate(compose_config([*base, override]))
-    cluster = validate(compose_config([*base, "+cluster.family_workers.sim_cuda=2", "cluster.min_workers=3"])).cluster
+    cluster = validate(
+        compose_config([*base, "+cluster.family_workers.sim_cuda=2", "cluster.min_workers=3"])
+    ).cluster
     assert (cluster.workers_on("sim_cuda"), cluster.workers_on("sim_npu")) == (2, 4)
     assert (cluster.least_workers_on("sim_cuda"), cluster.least_workers_on("sim_npu")) == (2, 3)
