@@ -116,17 +116,25 @@ def _waited(work: dist.Work | None) -> dist.Work | None:
     return work
 
 
-class WatchedAllGather(AllGather):
-    """FSDP's default all-gather, run inside :meth:`StepCollectives.blocked`."""
+class _Watched:
+    """What both wrappers share: the step's collectives they report to, and FSDP's default collective they
+    hand each call to (its buffers allocated as FSDP's own)."""
 
-    def __init__(self, collectives: StepCollectives) -> None:
+    def __init__(self, collectives: StepCollectives, default: Any) -> None:
         self.collectives = collectives
-        self.default = DefaultAllGather()
+        self.default = default
 
     def allocate(
         self, size: Sequence[int | torch.SymInt], *, dtype: torch.dtype, device: torch.device
     ) -> torch.Tensor:
         return self.default.allocate(size, dtype=dtype, device=device)
+
+
+class WatchedAllGather(_Watched, AllGather):
+    """FSDP's default all-gather, run inside :meth:`StepCollectives.blocked`."""
+
+    def __init__(self, collectives: StepCollectives) -> None:
+        super().__init__(collectives, DefaultAllGather())
 
     def __call__(
         self,
@@ -139,17 +147,11 @@ class WatchedAllGather(AllGather):
             return _waited(self.default(output_tensor, input_tensor, group, async_op))
 
 
-class WatchedReduceScatter(ReduceScatter):
+class WatchedReduceScatter(_Watched, ReduceScatter):
     """FSDP's default reduce-scatter, run inside :meth:`StepCollectives.blocked`."""
 
     def __init__(self, collectives: StepCollectives) -> None:
-        self.collectives = collectives
-        self.default = DefaultReduceScatter()
-
-    def allocate(
-        self, size: Sequence[int | torch.SymInt], *, dtype: torch.dtype, device: torch.device
-    ) -> torch.Tensor:
-        return self.default.allocate(size, dtype=dtype, device=device)
+        super().__init__(collectives, DefaultReduceScatter())
 
     def __call__(
         self,

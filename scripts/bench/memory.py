@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
 
 from trainer.testing.configs import make_config
 from trainer.testing.s3 import free_port
@@ -62,7 +63,8 @@ def _rank(
     if capture:  # what a save holds: FSDP, each rank's own shards (no gather); DDP, the whole state
         state = worker.capture(gather=False)
         staged = {
-            k: getattr(t, "to_local", lambda t=t: t)().detach().clone() for k, t in state.tensors.items()
+            k: (t.to_local() if isinstance(t, DTensor) else t).detach().clone()
+            for k, t in state.tensors.items()
         }
         del state, staged
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

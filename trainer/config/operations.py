@@ -29,6 +29,13 @@ class PrometheusConfig:
 CLUSTER_MODES = ("process", "ray")
 
 
+def _concrete_families() -> list[str]:
+    """The device families a run can be placed on by name (every registered one but ``auto``)."""
+    from trainer.devices import family_names
+
+    return [f for f in family_names() if f != "auto"]
+
+
 @dataclass
 class ClusterConfig:
     #: ``process``: one worker in the driver process; ``ray``: a worker group of Ray actors.
@@ -73,10 +80,8 @@ class ClusterConfig:
         _require("cluster.mode", self.mode, self.mode in CLUSTER_MODES, ", ".join(CLUSTER_MODES))
         _require("cluster.workers", self.workers, self.workers >= 1, "an integer >= 1")
         _require("cluster.spares", self.spares, self.spares >= 0, "an integer >= 0")
-        from trainer.devices import family_names
-
+        names = _concrete_families()
         for family, size in self.family_workers.items():
-            names = [f for f in family_names() if f != "auto"]
             _require("cluster.family_workers", family, family in names, f"families among {', '.join(names)}")
             _require(f"cluster.family_workers.{family}", size, size >= 1, "an integer >= 1")
         if self.min_workers is not None:
@@ -265,9 +270,7 @@ class FaultToleranceConfig:
     parity_rtol: dict[str, float] = field(default_factory=lambda: {"fp32": 1e-4, "bf16": 2e-2, "fp16": 1e-2})
 
     def __post_init__(self) -> None:
-        from trainer.devices import family_names
-
-        allowed = [f for f in family_names() if f != "auto"]
+        allowed = _concrete_families()
         for i, family in enumerate(self.fallback_chain):
             _require(f"fault_tolerance.fallback_chain[{i}]", family, family in allowed, ", ".join(allowed))
         for key in ("max_failures_per_family", "max_degraded_probes", "straggler_strikes"):
