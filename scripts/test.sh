@@ -75,4 +75,5 @@ echo "== mypy"
 echo "== prometheus"
 ensure_prometheus
 echo "== pytest"
-"$PY/pytest" "${marker[@]}" "${args[@]}"
+# The slowest tests are listed at the end: what to move under --slow when the suite grows.
+"$PY/pytest" --durations=25 "${marker[@]}" "${args[@]}"

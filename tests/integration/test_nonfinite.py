@@ -83,7 +83,14 @@ def test_nonfinite_steps_in_a_row_stop_the_run_as_a_user_error_across_a_resume(
     assert newest.name == "step_000000009"
 
 
-@FUSED
+# The host-decided path is exercised by the single-process tests above; across ranks it runs under --slow.
+@pytest.mark.parametrize(
+    "fused",
+    [
+        pytest.param("false", marks=pytest.mark.slow, id="host_decides"),
+        pytest.param("true", id="device_skips"),
+    ],
+)
 @pytest.mark.usefixtures("local_ray")
 def test_a_nan_on_one_rank_of_three_is_skipped_by_all(tmp_path: Path, fused: str) -> None:
     """Had one rank stepped with the NaN gradients, its weights would be NaN from then on and every later
