@@ -61,7 +61,10 @@ def run(cfg: DictConfig | Config, run_dir: str | Path | None = None) -> ExitCode
     home.mkdir(parents=True, exist_ok=True)
     journal = Journal(home / "journal.jsonl")
     manager = CheckpointManager(
-        checkpoint_dir(config, home), config.checkpoint.keep_last, config.checkpoint.storage_options
+        checkpoint_dir(config, home),
+        config.checkpoint.keep_last,
+        config.checkpoint.storage_options,
+        writer_priority=config.checkpoint.writer_priority,
     )
     if isinstance(manager.store, ObjectStore):
         manager.store.check()  # a missing bucket, bad credentials, an unreachable endpoint: refused now

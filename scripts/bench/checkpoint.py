@@ -16,6 +16,9 @@ Compares, interleaved (A B C … A B C …) because disk speed drifts up to 3x b
   an async save started before the first of them, run until the save (write, commit, deletion of the old
   checkpoint) is finished. ``lost_s`` = the wall time of the window with the save minus the same number of
   steps at the median step time without: what training loses to a save, blocking included.
+* **T+I — the same with the writer at idle priority** (``--idle-writer``: ``checkpoint.writer_priority=idle``,
+  Linux): the write fills the gaps training leaves and takes many steps; ``lost_idle_s`` = that window minus
+  as many steps without a save run right after it (``steps_with_idle_save``: how many steps the save took).
 
 Prints one JSON object: medians and ratios —
 ``write_throughput_ratio`` = C's time ÷ A's write time (goal ≥ 0.9),
@@ -45,7 +48,7 @@ and the comparison is per rank, interleaved as above:
 ``blocking_ratio`` = the slowest rank's blocking ÷ the slowest rank's B; ``write_throughput_ratio`` = C's
 time (slowest rank) ÷ A's write time.
 
-    .venv/bin/python scripts/bench/checkpoint.py [--megabytes 600] [--repeats 3] [--device cpu|cuda]
+    .venv/bin/python scripts/bench/checkpoint.py [--megabytes 600] [--repeats 3] [--device cpu|cuda] [--idle-writer]
     .venv/bin/python scripts/bench/checkpoint.py --dir s3://bench/ckpt --s3-test-server --megabytes 200
     .venv/bin/python scripts/bench/checkpoint.py --fsdp 3 --megabytes 300
 """
@@ -270,6 +273,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="steps per window without a save")
     parser.add_argument("--threads", type=int, default=0, help="training threads (default: one per core)")
     parser.add_argument("--direct-io", action="store_true", help="the toolkit writes with O_DIRECT")
+    parser.add_argument(
+        "--idle-writer",
+        action="store_true",
+        help="also measure the save with checkpoint.writer_priority=idle (Linux; long windows)",
+    )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument(
         "--dir",
@@ -319,6 +327,13 @@ def main_on(args: argparse.Namespace, options: dict[str, str]) -> None:
         url or work / "ckpt", keep_last=1, storage_options=options, direct_io=args.direct_io
     )
     checkpointer = AsyncCheckpointer(manager)
+    # The same save with the writer at idle priority (checkpoint.writer_priority=idle), its own staging.
+    idle = None
+    if args.idle_writer:
+        idle_manager = CheckpointManager(
+            url or work / "ckpt-idle", 1, options, direct_io=args.direct_io, writer_priority="idle"
+        )
+        idle = AsyncCheckpointer(idle_manager)
     fs, base = filesystem(url, options) if url else (None, "")
     names = ["async_blocking_s", "async_write_s", "torch_save_s", "raw_write_s", "raw_write_streamed_s"]
     names += [
@@ -330,10 +345,14 @@ def main_on(args: argparse.Namespace, options: dict[str, str]) -> None:
         "steps_with_save",
         "lost_s",
         "lost_in_order_s",
+        "lost_idle_s",
+        "steps_with_idle_save",
     ]
     samples: dict[str, list[float]] = {name: [] for name in names}
     try:
         run_async(checkpointer, model, optimizer, 0)  # warm-up: allocates the staging buffers once
+        if idle is not None:
+            run_async(idle, model, optimizer, 0)
         run_steps(model, optimizer, tokens, 2)
         for i in range(args.repeats):
             blocking, write, write_cpu = run_async(checkpointer, model, optimizer, 2 * i + 1)
@@ -364,8 +383,14 @@ def main_on(args: argparse.Namespace, options: dict[str, str]) -> None:
                     checkpointer, model, optimizer, tokens, 2 * i + 3, overlap=False
                 )
                 samples["lost_in_order_s"].append(window - steps * step_s)
+            if idle is not None:  # a long window: compared with as many steps without a save, run next
+                window, steps = run_steps_with_save(idle, model, optimizer, tokens, 2 * i + 2)
+                samples["lost_idle_s"].append(window - sum(run_steps(model, optimizer, tokens, steps)))
+                samples["steps_with_idle_save"].append(steps)
     finally:
         checkpointer.close()
+        if idle is not None:
+            idle.close()
         shutil.rmtree(work, ignore_errors=True)
         if fs is not None:
             fs.rm(base, recursive=True)
@@ -396,6 +421,7 @@ def main_on(args: argparse.Namespace, options: dict[str, str]) -> None:
         "lost_vs_memcpy": med["lost_s"] / floor,
         "lost_vs_torch_save": med["lost_s"] / med["torch_save_s"],
         "lost_in_order_vs_memcpy": med["lost_in_order_s"] / floor if "lost_in_order_s" in med else None,
+        "lost_idle_vs_memcpy": med["lost_idle_s"] / floor if "lost_idle_s" in med else None,
         "blocking_vs_memcpy": med["async_blocking_s"] / floor,
         "blocking_ratio": med["async_blocking_s"] / med["torch_save_s"],
         # On a GPU the copy overlaps with training: what is lost must stay under a quarter of the copy.

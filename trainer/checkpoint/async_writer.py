@@ -13,6 +13,7 @@ for all of them.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import threading
 import time
@@ -33,10 +34,27 @@ from trainer.errors import CheckpointWriteError
 log = logging.getLogger(__name__)
 
 
+def set_thread_priority(priority: str) -> None:
+    """Run the calling thread, and the threads it starts (the file writers, the uploads), at ``priority``.
+
+    ``idle`` (Linux ``SCHED_IDLE``): the writer gets only CPU time no other thread of the host wants. Where
+    training keeps every core busy, a write at normal priority takes its CPU time from the training threads
+    (and an intra-op thread held up stalls the others at their next barrier); at idle priority it fills the
+    gaps of the step instead, and takes longer. A save the run waits for (the next save, the final one, a
+    preemption's) gets the cores training leaves while it waits."""
+    if priority == "idle":
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
+
 class AsyncCheckpointer:
     def __init__(self, manager: CheckpointManager) -> None:
         self.manager = manager
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        self._pool = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="checkpoint-writer",
+            initializer=set_thread_priority,
+            initargs=(manager.writer_priority,),
+        )
         #: The pending write: a whole checkpoint's (its path) or one rank's part of a sharded one.
         self._pending: Future[Any] | None = None
         self._retaining: Future[None] | None = None
@@ -168,6 +186,10 @@ class AsyncCheckpointer:
         staged = self._stage(tensors)
         self.staging.wait_copied()
         return staged
+
+    def writer_policy(self) -> int:
+        """The scheduling policy the writer's thread runs under (``os.SCHED_OTHER``, ``os.SCHED_IDLE``)."""
+        return int(self._pool.submit(os.sched_getscheduler, 0).result())
 
     @property
     def busy(self) -> bool:

@@ -82,6 +82,7 @@ class CheckpointManager:
         storage_options: dict[str, Any] | None = None,
         *,
         direct_io: bool = False,
+        writer_priority: str = "normal",
     ) -> None:
         self.store = open_store(root, keep_last, storage_options)
         #: Bytes of the files of the most recent checkpoint this manager committed.
@@ -90,6 +91,8 @@ class CheckpointManager:
         #: writes take a fifth of the CPU of buffered ones); off by default, since on a disk with a volatile
         #: write cache (a VM's virtio disk here) its one-block-at-a-time writes take longer.
         self.direct_io = direct_io
+        #: The CPU priority of the background writer's threads (``checkpoint.writer_priority``).
+        self.writer_priority = writer_priority
 
     @property
     def root(self) -> str:

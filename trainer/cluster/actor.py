@@ -254,7 +254,10 @@ class WorkerActor:
         return os.path.exists(path)
 
     def _manager(self, root: str, keep_last: int) -> CheckpointManager:
-        return CheckpointManager(root, keep_last, self.config.checkpoint.storage_options)
+        options = self.config.checkpoint
+        return CheckpointManager(
+            root, keep_last, options.storage_options, writer_priority=options.writer_priority
+        )
 
     @_fault_point
     def save(

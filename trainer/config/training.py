@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +12,8 @@ from trainer.config.checks import require as _require
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 RESUME_MODES = ("latest", "none")
+#: Values of ``checkpoint.writer_priority``.
+WRITER_PRIORITIES = ("normal", "idle")
 
 
 @dataclass
@@ -123,6 +126,9 @@ class CheckpointConfig:
     #: s3fs: ``endpoint_url``, ``key``, ``secret``, ``token``, ``client_kwargs``… Credentials are redacted
     #: from every manifest; without them s3fs reads the usual AWS environment variables and profiles.
     storage_options: dict[str, Any] = field(default_factory=dict)
+    #: CPU priority of the background writer (``normal``, or ``idle``: Linux ``SCHED_IDLE``, only the CPU
+    #: time training leaves over; a save then costs training less and takes longer to commit).
+    writer_priority: str = "normal"
 
     def __post_init__(self) -> None:
         _require("checkpoint.dir", self.dir, bool(self.dir), "a non-empty path or s3://bucket/prefix")
@@ -136,6 +142,13 @@ class CheckpointConfig:
         _require("checkpoint.resume", self.resume, self.resume in RESUME_MODES, ", ".join(RESUME_MODES))
         _require("checkpoint.preempt_grace_s", self.preempt_grace_s, self.preempt_grace_s > 0, "seconds > 0")
         _require("checkpoint.lease_stale_s", self.lease_stale_s, self.lease_stale_s >= 1, "seconds >= 1")
+        priorities = WRITER_PRIORITIES if hasattr(os, "SCHED_IDLE") else ("normal",)
+        _require(
+            "checkpoint.writer_priority",
+            self.writer_priority,
+            self.writer_priority in priorities,
+            ", ".join(priorities) + ("" if hasattr(os, "SCHED_IDLE") else " (idle needs Linux's SCHED_IDLE)"),
+        )
 
 
 #: Values of ``train.parallelism``.
