@@ -14,14 +14,16 @@ How the sharded state survives, in this version:
 - **Loads** go into a fresh model (``WorkerState.before_load``): a peer's snapshot into the unsharded model,
   which the next join shards; a checkpoint likewise, except in a formed group (a run's start), where the
   fresh model is sharded first and each rank reads only its slices (``WorkerState.restore``). A group that lost a rank cannot gather its state any
-  more (the lost rank held a slice of it), so its members hold nothing to hand over: recovery comes from
-  the newest checkpoint, never from a peer's snapshot.
+  more (the lost rank held a slice of it), so its members hold nothing whole to hand over: recovery comes
+  from every rank's copy of its own shards, which the driver holds (:mod:`trainer.shard_copy`,
+  :mod:`trainer.cluster.shard_copies`), else from the newest checkpoint — never from a peer's snapshot.
 
 - **Survival signals**: FSDP's gathers and reduce-scatters run through :mod:`trainer.sharding_comms`,
   which gives hang detection, straggler detection and the injected link faults what DDP's communication
   hook gives them (a rank waiting in a collective is marked so, compute time excludes that wait).
 
-Not yet: a copy of a buddy rank's shards for recovery without the checkpoint.
+Not yet: a buddy copy of a rank's shards on another node (a lost node takes its ranks' copies along, and
+the recovery then reads the checkpoint).
 """
 
 from __future__ import annotations

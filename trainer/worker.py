@@ -76,6 +76,7 @@ class Worker(WorkerState):
         self.collectives = StepCollectives(self)
         self.attached = False
         self.staging = None
+        self.pending_copy = None
 
     # --- set-up --------------------------------------------------------------------------------------
     def setup(self, adapter: DeviceAdapter | None = None) -> None:
@@ -118,6 +119,7 @@ class Worker(WorkerState):
         self.before_load()  # FSDP: shards of a group that is gone hold nothing; a load follows the join
         if world_size == 1:
             self.model = self.module
+            self.after_load()  # a shard copy loaded before the join goes in now
             return
         if self.config.train.sharded:
             self.after_load()

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from trainer import sharding
+from trainer import shard_copy, sharding
 from trainer.api import Task
 from trainer.checkpoint import CheckpointManager, Restored, TrainingProgress
 from trainer.checkpoint import state as portable
@@ -54,6 +54,8 @@ class WorkerState:
     staging: StagingBuffers | None
     #: FSDP: the step's time blocked in the sharded model's collectives (see trainer.sharding_comms).
     collectives: StepCollectives
+    #: FSDP: a shard copy loaded before the group formed, applied once the model is sharded in it.
+    pending_copy: dict[str, Any] | None
 
     # --- checkpoints ---------------------------------------------------------------------------------
     def _progress(self, metrics: dict[str, float] | None) -> TrainingProgress:
@@ -105,7 +107,8 @@ class WorkerState:
             self.build_initial()
 
     def after_load(self) -> None:
-        """FSDP in a live group: shard the model loaded whole (a no-op once it is sharded)."""
+        """FSDP in a live group: shard the model loaded whole (a no-op once it is sharded), then put in the
+        shard copy loaded meanwhile, if any."""
         if (
             self.config.train.sharded
             and self.attached
@@ -115,6 +118,9 @@ class WorkerState:
             self.optimizer, self.scheduler = sharding.shard(
                 self.module, self.optimizer, self.scheduler, self.task, self.dtype, self.collectives
             )
+        if self.attached and self.pending_copy is not None:
+            self._apply_copy(self.pending_copy)
+            self.pending_copy = None
 
     def save(self, manager: CheckpointManager, metrics: dict[str, float] | None = None) -> Path | str:
         """Write and commit a checkpoint now (blocks for the whole write)."""
@@ -175,6 +181,7 @@ class WorkerState:
         leftovers of interrupted saves first — not while a save of the group may be in flight). FSDP in a
         live group: the fresh model is sharded first, so each rank reads only its slices of the checkpoint
         (DCP picks them out of whatever world size wrote it)."""
+        self.pending_copy = None
         self.before_load()
         self.after_load()
         try:
@@ -229,7 +236,12 @@ class WorkerState:
         }
 
     def load_snapshot(self, snap: dict[str, Any]) -> None:
-        """Adopt a peer's :meth:`snapshot`; RNG is re-derived from (seed, step, rank)."""
+        """Adopt a peer's :meth:`snapshot` (RNG re-derived from (seed, step, rank)), or this rank's own
+        :meth:`shard_copy` (see :meth:`_adopt_copy`)."""
+        if snap.get("kind") == shard_copy.KIND:
+            self._adopt_copy(snap)
+            return
+        self.pending_copy = None
         self.before_load()
         extra = portable.apply(
             snap["tensors"],
@@ -246,3 +258,59 @@ class WorkerState:
         self.history, self.last_loss = list(snap["history"]), float(snap["last_loss"])
         self.adapter.seed(derive_seed(self.config.train.seed, self.step, self.rank), self.device)
         self.after_load()
+
+    # --- shard copies (FSDP recovery without the disk, see trainer.shard_copy) ------------------------
+    def shard_copy(self) -> dict[str, Any]:
+        """A CPU copy of the state this rank holds itself — its local shards, the replicated tensors and the
+        non-tensor state — and its RNG state: what this rank needs to go on from this step in a group of the
+        same world size. No collective; taken now, training may continue while it is shipped."""
+        state = self.capture(gather=False)
+        return {
+            "kind": shard_copy.KIND,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "tensors": shard_copy.take(state.tensors),
+            "optimizer": state.optimizer,
+            "scaler": state.scaler,
+            "task_state": state.task_state,
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "history": list(self.history),
+            "last_loss": self.last_loss,
+            "rng": (self.adapter.rng_key(), self.adapter.get_rng_state(self.device)),
+        }
+
+    def _adopt_copy(self, copy: dict[str, Any]) -> None:
+        """Take a :meth:`shard_copy` of this rank (same rank, same world size) as this rank's state: the
+        step and data position now, the tensors once the model is sharded in the group (:meth:`after_load`;
+        at once when it already is). The RNG is the copy's own (the rank's stream goes on as if never
+        interrupted); from another family, re-derived from (seed, step, rank)."""
+        self.before_load()
+        self.step, self.samples_seen = int(copy["step"]), int(copy["samples_seen"])
+        self.history, self.last_loss = list(copy["history"]), float(copy["last_loss"])
+        self.pending_copy = copy
+        self.after_load()
+
+    def _apply_copy(self, copy: dict[str, Any]) -> None:
+        if (copy["rank"], copy["world_size"]) != (self.rank, self.world_size):
+            raise ConfigError(
+                f"the shard copy of rank {copy['rank']} of {copy['world_size']} cannot be loaded as rank "
+                f"{self.rank} of {self.world_size}; allowed: a copy of the same rank and world size"
+            )
+        like = portable.template(self.module, self.optimizer, self.task.extra_state())
+        extra = portable.apply(
+            shard_copy.rebuild(copy["tensors"], like),
+            copy["optimizer"],
+            copy["scaler"],
+            self.module,
+            self.optimizer,
+            self.scaler,
+            copy["task_state"],
+            self.scheduler,
+        )
+        self.task.load_extra_state(self.nonfinite.take_state(extra))
+        key, rng = copy["rng"]
+        if key == self.adapter.rng_key():
+            self.adapter.set_rng_state(rng, self.device)
+        else:
+            self.adapter.seed(derive_seed(self.config.train.seed, self.step, self.rank), self.device)

@@ -63,17 +63,20 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.T
 def test_a_killed_fsdp_worker_is_replaced_and_the_run_matches_an_uninterrupted_one(
     tmp_path: Path, uninterrupted: dict[str, torch.Tensor]
 ) -> None:
-    """Rank 1 of 3 SIGKILLed before step 7: its shards are gone with it, so the group resumes from the
-    checkpoint of step 4 (no member holds the state whole), repeats steps 5-6, and ends bit for bit where
-    the uninterrupted run ends (same world size, same order of every reduction)."""
+    """Rank 1 of 3 SIGKILLed before step 7, with no shard copies kept: its shards are gone with it, so the
+    group resumes from the checkpoint of step 4 (no member holds the state whole), repeats steps 5-6, and
+    ends bit for bit where the uninterrupted run ends (same world size, same order of every reduction)."""
     clean = make_config(*_group(3))
-    killed = make_config(*_group(3, "faults.kill_rank=1", "faults.kill_at_step=7"))
+    no_copies = "fault_tolerance.shard_copy_interval_steps=0"
+    killed = make_config(*_group(3, no_copies, "faults.kill_rank=1", "faults.kill_at_step=7"))
     assert run(killed, run_dir=tmp_path / "killed") == ExitCode.FINISHED
 
     [failure] = events(tmp_path / "killed", "failure")
     assert failure["kind"] == "worker_lost" and failure["ranks"] == [1]
     [recovered] = events(tmp_path / "killed", "recovered")
     assert recovered["state_from"] == "disk checkpoint" and recovered["step"] == 4
+    assert "no shard copies are kept" in recovered["state_reason"]
+    assert events(tmp_path / "killed", "shard_copies") == []
     b = restored_state(clean, tmp_path / "killed" / "checkpoints")
     assert int(uninterrupted["step"]) == int(b["step"]) == 16
     assert mismatched(uninterrupted, b) == []
@@ -82,6 +85,32 @@ def test_a_killed_fsdp_worker_is_replaced_and_the_run_matches_an_uninterrupted_o
     manifest = store.verify(store.committed()[-1])
     assert {n.split("_")[2] for n in manifest.files if n.endswith(".distcp")} == {"0", "1", "2"}
     assert {n for n in manifest.files if n.startswith("rng/")} == {f"rng/rank_0000{r}.json" for r in range(3)}
+
+
+def test_a_killed_fsdp_worker_goes_on_from_the_shard_copies_without_the_disk(
+    tmp_path: Path, uninterrupted: dict[str, torch.Tensor]
+) -> None:
+    """Chunks of 2 steps, every rank's copy of its shards refreshed at each chunk end: rank 1 of 3 SIGKILLed
+    before step 7 is replaced, every rank loads its own copy of step 6 — two steps after the newest
+    checkpoint (step 4), so not from the disk — and the run ends bit for bit where the uninterrupted run
+    ends. (A copy loaded into the wrong rank, or missing any part of a rank's state, breaks the equality.)"""
+    clean = make_config(*_group(3))
+    killed = make_config(*_group(3, "cluster.chunk_steps=2", "faults.kill_rank=1", "faults.kill_at_step=7"))
+    assert killed.fault_tolerance.shard_copy_interval_steps == 1  # on by default under FSDP
+    assert run(killed, run_dir=tmp_path / "killed") == ExitCode.FINISHED
+
+    [failure] = events(tmp_path / "killed", "failure")
+    assert failure["kind"] == "worker_lost" and failure["ranks"] == [1]
+    copies = [e for e in events(tmp_path / "killed", "shard_copies") if e["step"] < 7]
+    assert [e["step"] for e in copies] == [2, 4, 6] and all(e["bytes"] > 0 for e in copies)
+    [recovered] = events(tmp_path / "killed", "recovered")
+    assert recovered["state_from"] == "shard copies at step 6" and recovered["step"] == 6
+    assert recovered["loaded_ranks"] == [0, 1, 2] and recovered["replaced_ranks"] == [1]
+    saved = {e["step"] for e in events(tmp_path / "killed", "checkpoint_saved")}
+    assert 4 in saved and 6 not in saved  # no checkpoint holds step 6: the disk could not have given it
+    b = restored_state(clean, tmp_path / "killed" / "checkpoints")
+    assert int(b["step"]) == 16
+    assert mismatched(uninterrupted, b) == []
 
 
 def test_a_save_that_loses_a_rank_before_its_commit_is_abandoned(

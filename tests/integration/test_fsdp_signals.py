@@ -44,9 +44,10 @@ def test_an_fsdp_rank_hung_in_compute_is_the_only_one_replaced(tmp_path: Path) -
     assert detected["ranks"] == [1]  # ranks 0 and 2 waited for it in the forward's all-gather
     assert events(tmp_path, "ranks_not_released") == []
     [recovered] = events(tmp_path, "recovered")
-    # No member holds the sharded state whole: the group resumes from the newest checkpoint.
+    # No member holds the sharded state whole: every rank loads its own copy of its shards from the chunk end
+    # before (step 4), the hung rank's replacement too.
     assert recovered["replaced_ranks"] == [1]
-    assert recovered["state_from"] == "disk checkpoint" and recovered["step"] == 4
+    assert recovered["state_from"] == "shard copies at step 4" and recovered["step"] == 4
     assert events(tmp_path, "run_finished")[-1]["step"] == 16
 
 

@@ -223,6 +223,14 @@ class WorkerActor:
         return self.worker.snapshot()
 
     @_fault_point
+    def shard_copy(self) -> tuple[dict[str, Any], dict[str, int]]:
+        """This rank's :meth:`~trainer.worker_state.WorkerState.shard_copy` and a small receipt (rank, step, bytes)
+        the driver reads without fetching the copy; called with ``num_returns=2`` (both owned by the caller)."""
+        copy = self.worker.shard_copy()
+        size = sum(t.nbytes for t in copy["tensors"].values())
+        return copy, {"rank": self.worker.rank, "step": self.worker.step, "bytes": size}
+
+    @_fault_point
     def load_snapshot(self, snap: dict[str, Any], rank: int) -> int:
         with self.loading:
             self.worker.rank = rank

@@ -27,6 +27,7 @@ from trainer.cluster.recovery import RunRecovery
 from trainer.cluster.relay import Relays
 from trainer.cluster.run_control import BADPUT_STATES, State
 from trainer.cluster.saves import Saves, check_shared
+from trainer.cluster.shard_copies import shard_copies_for
 from trainer.cluster.watch import ChunkOutcome, run_chunk
 from trainer.config import Config
 from trainer.devices import get_adapter
@@ -92,6 +93,7 @@ class Controller(RunRecovery):
         self.pending: tuple[Decision, ChunkOutcome] | None = None
         #: The newest state taken from a live member while its group is being replaced (see newest_state).
         self.held: HeldState | None = None
+        self.shard_copies = shard_copies_for(config, journal)
         self.last_loss = float("nan")
         self.failure_time: float | None = None
         self.recoveries: list[dict[str, Any]] = []
@@ -229,6 +231,8 @@ class Controller(RunRecovery):
             if self.group is not None and self.group.refill_spares():
                 self.journal.record("spare_replaced", family=self.family, step=self.step)
             grow = self.room_to_grow()  # a shrunk group (cluster.min_workers) grows back between two chunks
+        if self.step < total:  # every member idle at self.step: refresh the shard copies if due (FSDP)
+            self.shard_copies.after_chunk(self.members, self.step, self.family)
         interval = self.config.checkpoint.interval_steps
         if interval and self.step % interval == 0 and self.step < total:
             self.saves.save(self.saves.writers(self.members), self.step)

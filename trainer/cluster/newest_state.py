@@ -40,6 +40,9 @@ class HeldState:
     #: The held-out loss of this state on the family it came from (a hand-over's parity reference); NaN
     #: when it was not asked for.
     reference_loss: float = math.nan
+    #: Sharded state: rank → the object holding that rank's own copy of its shards (``ref`` is None), see
+    #: :mod:`trainer.cluster.shard_copies`; every rank of a group of this size loads its own.
+    refs: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,8 @@ class Loaded:
     """What :func:`load` put into the members."""
 
     step: int
-    #: "peer snapshot from rank N", "disk checkpoint" or "initial state (no checkpoint yet)".
+    #: "peer snapshot from rank N", "shard copies at step S", "disk checkpoint" or "initial state (no
+    #: checkpoint yet)".
     origin: str
     #: Why that source: the newest state a live member held, or why there was none.
     reason: str
@@ -95,16 +99,34 @@ def load(
     ``holding``: ranks whose members already hold the state of ``held.step`` (survivors of a repair, which
     held it when ``held`` was taken from one of them): they keep their own, as an uninterrupted run would
     (their RNG streams too), and only the others load the snapshot. Ignored when the state is not ``held``.
+    Shard copies (``held.refs``) go to every rank, each its own; when they cannot (another world size, a
+    copy lost with its node) the checkpoint is loaded instead, and ``Loaded.reason`` says why.
     """
-    if held is not None:
+    why = "no live member held the state"
+    if held is not None and held.refs:
+        loaded = _load_copies(members, held)
+        if isinstance(loaded, Loaded):
+            return loaded
+        why = loaded
+    elif held is not None:
         into = [rank for rank in range(len(members)) if rank not in holding]
         ray.get([members[rank].load_snapshot.remote(held.ref, rank) for rank in into])
         return Loaded(held.step, held.origin, f"a live member held step {held.step}", into=into)
     restored = ray.get([m.restore.remote(checkpoint_root, keep_last) for m in members])
     if restored[0] is not None:
-        return Loaded(
-            int(restored[0]["step"]), "disk checkpoint", "no live member held the state", restored[0]
-        )
-    return Loaded(
-        0, "initial state (no checkpoint yet)", "no live member held the state and no checkpoint exists"
-    )
+        return Loaded(int(restored[0]["step"]), "disk checkpoint", why, restored[0])
+    return Loaded(0, "initial state (no checkpoint yet)", f"{why} and no checkpoint exists")
+
+
+def _load_copies(members: list[Any], held: HeldState) -> Loaded | str:
+    """Every rank loads its own shard copy of ``held``; what was loaded, or why the copies could not be."""
+    if len(held.refs) != len(members):
+        return f"the shard copies are of {len(held.refs)} ranks, the group has {len(members)}"
+    into = list(range(len(members)))
+    try:
+        ray.get([members[rank].load_snapshot.remote(held.refs[rank], rank) for rank in into])
+    except ray.exceptions.ObjectLostError as exc:  # a copy gone with its node (members lost raise otherwise)
+        log.warning("a shard copy was lost: %s", str(exc).splitlines()[0])
+        return f"a shard copy was lost ({type(exc).__name__}): with its node?"
+    reason = f"every rank's copy of its own shards at step {held.step} is held by the driver"
+    return Loaded(held.step, held.origin, reason, into=into)

@@ -8,6 +8,7 @@ the controller's.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 import ray
@@ -18,6 +19,7 @@ from trainer.cluster.handover import HandOver
 from trainer.cluster.leaving import forget
 from trainer.cluster.newest_state import HeldState, Loaded, hold_newest, load
 from trainer.cluster.run_control import State
+from trainer.cluster.shard_copies import ShardCopies
 from trainer.cluster.watch import ChunkOutcome
 from trainer.config import Config
 from trainer.devices import get_adapter
@@ -34,6 +36,8 @@ class RunRecovery(RunEndings):
     sink: MetricsSink
     handover: HandOver
     held: HeldState | None
+    #: Sharded state: every rank's copy of its own shards, the way back for a lost rank (shard_copies).
+    shard_copies: ShardCopies
     pending: tuple[Decision, ChunkOutcome] | None
     checkpoint_root: str
 
@@ -102,6 +106,8 @@ class RunRecovery(RunEndings):
         try:
             self.launch(self.family, workers=self.launchable_size(), form=False)
         except DeviceUnavailableError as exc:
+            if self.held is not None and self.held.refs:
+                self.held = None  # shard copies are no state to hand over (a hand-over reads a checkpoint)
             return self.on_event(FailureKind.FAMILY_UNAVAILABLE, (), str(exc))
         loaded = self.load_newest()
         assert self.group is not None
@@ -167,6 +173,8 @@ class RunRecovery(RunEndings):
         gone = set(outcome.gone()) | set(decision.ranks)
         alive = {rank: r.get("step") for rank, r in outcome.results.items() if rank not in gone}
         self.group.leave_all([self.members[r] for r in alive])
+        if self.held is None and self.config.train.sharded:  # no member holds it whole: the shard copies
+            self.held = self.shard_copies.held(len(self.members), self.family, self.saves.last_saved)
         if self.held is None:
             self.held = self.hold_newest(alive)  # before replace(): a rebuild would need it too
             if self.held is None and alive:  # each died handing its state over?
@@ -198,7 +206,11 @@ class RunRecovery(RunEndings):
         keep = self.config.checkpoint.keep_last
         self.saves.settle()  # a sharded save every rank wrote commits first, and is the one restored
         loaded = load(self.members, self.held, str(self.checkpoint_root), keep, holding or ())
-        self.held = None
+        held, self.held = self.held, None
+        if held is not None and held.refs and loaded.origin != held.origin:
+            self.shard_copies.drop(loaded.reason)  # unusable (another world size, a copy lost)
+        elif held is None and self.config.train.sharded and loaded.origin == "disk checkpoint":
+            loaded = replace(loaded, reason=f"{loaded.reason}; {self.shard_copies.why_not}")
         self.step = loaded.step
         return loaded
 

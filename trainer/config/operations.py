@@ -268,6 +268,12 @@ class FaultToleranceConfig:
     straggler_strikes: int = 3
     #: Relative tolerance of the parity check (held-out loss before vs after a hand-over), per precision.
     parity_rtol: dict[str, float] = field(default_factory=lambda: {"fp32": 1e-4, "bf16": 2e-2, "fp16": 1e-2})
+    #: Sharded state (``train.parallelism=fsdp``): every rank hands the driver a host copy of its own shards at
+    #: the first chunk end at least this many steps after the previous copy, so that a lost rank's group
+    #: goes on from that step without reading the newest checkpoint (trainer.cluster.shard_copies). Costs
+    #: one copy of each rank's shards in Ray's object store. 0: no copies (a lost rank's group restores
+    #: from the newest checkpoint). Ignored with ``ddp`` (a live peer's snapshot restores any rank).
+    shard_copy_interval_steps: int = 1
 
     def __post_init__(self) -> None:
         allowed = _concrete_families()
@@ -277,6 +283,12 @@ class FaultToleranceConfig:
             value = getattr(self, key)
             _require(f"fault_tolerance.{key}", value, value >= 1, "an integer >= 1")
         _require("fault_tolerance.window_s", self.window_s, self.window_s > 0, "a float > 0")
+        _require(
+            "fault_tolerance.shard_copy_interval_steps",
+            self.shard_copy_interval_steps,
+            self.shard_copy_interval_steps >= 0,
+            "an integer >= 0 (0: no shard copies)",
+        )
         _require("fault_tolerance.hang_factor", self.hang_factor, self.hang_factor >= 1, "a float >= 1")
         _require("fault_tolerance.hang_floor_s", self.hang_floor_s, self.hang_floor_s > 0, "a float > 0")
         _require(
