@@ -1,7 +1,8 @@
 """``run(cfg)``: the whole job, callable from Hydra's entry point or directly from tests.
 
-Single-process for now: one worker in this process trains, checkpoints every ``checkpoint.interval_steps``
-and at the end, and resumes from the newest good checkpoint when the run directory already has one.
+Validates the configuration, takes the run's lease, and runs it on one process (:mod:`trainer.local`) or
+on a Ray worker group (:mod:`trainer.cluster.controller`); both follow one lifecycle
+(:mod:`trainer.lifecycle`) and end with the run's summary read back from its journal.
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ from trainer.checkpoint.lease import Lease
 from trainer.checkpoint.objects import ObjectStore, local_path, scheme
 from trainer.checkpoint.store import CheckpointStore
 from trainer.config import Config, validate
+from trainer.devices import get_adapter
 from trainer.errors import ClusterUnreachableError, ConfigError, ExitCode
 from trainer.faults import corrupt_newest_checkpoint
 from trainer.goodput import Goodput
 from trainer.journal import Journal
+from trainer.lifecycle import print_summary, record_started
 from trainer.local import run_in_process
 from trainer.metrics import MetricsSink
 from trainer.preemption import Preemption
-from trainer.summary import format_summary, summarize
 from trainer.tasks import check_task
 
 log = logging.getLogger("trainer")
@@ -108,9 +110,11 @@ def _run_leased(
     sink = make_sink(config)
     try:
         with Preemption(config.checkpoint.preempt_grace_s).installed() as preemption:
-            return run_in_process(config, home, journal, manager, sink, preemption, lease)
+            code = run_in_process(config, home, journal, manager, sink, preemption, lease)
     finally:
         sink.close()
+    print_summary(journal, home, manager.root)
+    return code
 
 
 def _check_reachable(address: str, timeout_s: float) -> None:
@@ -134,7 +138,6 @@ def _check_reachable(address: str, timeout_s: float) -> None:
 def _check_capacity(config: Config) -> None:
     """Refuse a world size the cluster can never hold, before anything is launched."""
     from trainer.cluster.group import bundle_for, capacity
-    from trainer.devices import get_adapter
 
     adapter = get_adapter(config.device.family)
     most = capacity(adapter, config.cluster.cpus_per_worker)
@@ -182,17 +185,9 @@ def _run_on_ray(
     driver_host = "127.0.0.1" if config.cluster.address is None else ray.util.get_node_ip_address()
     goodput = Goodput()
     goodput.resume_from(journal.read())  # a re-launched driver continues the previous account
-    journal.record(
-        "run_started",
-        run_dir=str(home),
-        family=config.device.family,
-        world_size=config.cluster.workers,
-        name=config.name,
-        mode="ray",
-    )
-    print(f"run directory: {home}")
-    print(
-        f"device family: {config.device.family} x{config.cluster.workers} on Ray, checkpoints: {manager.root}"
+    family, workers = get_adapter(config.device.family).name, config.cluster.workers  # as the controller's
+    record_started(
+        journal, home, family, workers, config.name, "ray", f"{family} x{workers} on Ray", manager.root
     )
     try:
         sink = make_sink(config)
@@ -211,6 +206,5 @@ def _run_on_ray(
         sink.close()
         if started_here:
             ray.shutdown()
-    print("\n== summary\n" + format_summary(summarize(journal.read())))
-    print(f"the run lives in {home} (journal.jsonl; checkpoints: {manager.root})")
+    print_summary(journal, home, manager.root)
     return code

@@ -1,12 +1,16 @@
 """The single-process path (``cluster.mode=process``): one worker in the driver, no Ray.
 
 Trains to ``train.steps``, checkpoints every ``checkpoint.interval_steps`` (asynchronously) and at the end,
-and resumes from the newest good checkpoint when the run directory already has one.
+and resumes from the newest good checkpoint when the run directory already has one. What it decides and
+records over the run's life — cadence, restore report, saves, the end — is the Ray group's too
+(:mod:`trainer.lifecycle`); only how the one member is reached (a direct call) is this module's own.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
 import statistics
 import time
 from concurrent.futures import Future
@@ -21,6 +25,21 @@ from trainer.config import Config
 from trainer.errors import CheckpointWriteError, ExitCode, UserCodeError
 from trainer.goodput import Goodput
 from trainer.journal import Journal
+from trainer.lifecycle import (
+    RestoreReport,
+    checkpoint_due,
+    record_committed,
+    record_failed,
+    record_finished,
+    record_goodput,
+    record_group,
+    record_lease_lost,
+    record_save_failed,
+    record_staged,
+    record_started,
+    record_user_error,
+    report_restore,
+)
 from trainer.metrics import MetricsSink
 from trainer.preemption import Preemption, record_preempted
 from trainer.progress import Progress
@@ -38,25 +57,25 @@ def run_in_process(
 ) -> ExitCode:
     preemption = preemption or Preemption(config.checkpoint.preempt_grace_s)
     goodput = Goodput()
-    goodput.resume_from(journal.read())
+    goodput.resume_from(journal.read())  # a re-launched driver continues the previous account
     worker = Worker(config)
     worker.setup()
-    journal.record(
-        "run_started", run_dir=str(home), family=worker.adapter.name, world_size=1, name=config.name
-    )
-    print(f"run directory: {home}")
-    print(f"device family: {worker.adapter.name} ({worker.device}), checkpoints: {manager.root}")
-    sink.run_info(config.name, worker.adapter.name, 1, config.train.steps)
+    family = worker.adapter.name
+    where = f"{family} ({worker.device})"
+    record_started(journal, home, family, 1, config.name, "process", where, manager.root)
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    record_group(journal, sink, config.name, config.train.steps, family, worker.step, [me], [])
     restored = worker.restore(manager) if config.checkpoint.resume == "latest" else None
     if restored is not None:
-        _report_restore(restored, worker, journal)
+        report_restore(journal, _report(restored), family)
     goodput.bad("startup", time.time() - goodput.session_start)
 
     steps, interval = config.train.steps, config.checkpoint.interval_steps
     last_saved = worker.step if restored is not None else -1
     checkpointer = AsyncCheckpointer(manager)
     progress = Progress(steps, config.train.log_interval)
-    pending = _Pending(worker, progress)
+    pending = _Pending(worker, progress, goodput)
+    save = _Saver(worker, checkpointer, journal, sink, goodput)
     try:
         while worker.step < steps:
             result = worker.train_step()
@@ -66,54 +85,42 @@ def run_in_process(
             logged = result.step % config.train.log_interval == 0 or result.step == steps
             if logged or preemption.requested or lease_lost:
                 pending.report(journal, sink)
-            if interval and result.step % interval == 0 and result.step < steps:
-                _checkpoint(worker, checkpointer, journal, sink, goodput, config.checkpoint.async_save)
+            if checkpoint_due(result.step, interval, steps):
+                save.background()
                 last_saved = result.step
             if lease_lost:
-                journal.record(
-                    "lease_lost", step=worker.step, reason="another driver took this run's lease over"
-                )
-                print("stopping: another driver took this run's lease over")
+                record_lease_lost(journal, worker.step)
                 return ExitCode.ABORTED
             if preemption.requested and worker.step < steps:
                 progress.close()
-                saved = worker.step
-                if last_saved != worker.step:  # the step just done, written now (a save in flight commits)
-                    _checkpoint(worker, checkpointer, journal, sink, goodput, False)
-                record_preempted(journal, preemption, worker.step, saved, "")
+                failed = save.now() if last_saved != worker.step else save.settle()
+                why = "" if failed is None else f"the save did not complete: {failed}"
+                record_preempted(journal, preemption, worker.step, None if failed else worker.step, why)
                 return ExitCode.PREEMPTED
         progress.close()
         eval_loss = worker.evaluate()
-        sink.eval_loss(eval_loss)
         if last_saved != worker.step:
-            _checkpoint(worker, checkpointer, journal, sink, goodput, False, {"eval_loss": eval_loss})
-    except CheckpointWriteError:
-        journal.record("run_failed", step=worker.step, reason="the final checkpoint could not be written")
-        return ExitCode.FAILED
+            failed = save.now({"eval_loss": eval_loss})
+            if failed is not None:
+                return record_failed(journal, worker.step, failed)
     except UserCodeError as exc:  # not retried: it would raise again; the newest checkpoint stays
-        journal.record("user_error", step=worker.step, family=worker.adapter.name, error=str(exc))
-        journal.record("run_aborted", step=worker.step, reason="the task's code raised")
-        print(f"error in the task's code, the run stops (exit code {int(ExitCode.USER_ERROR)}):\n{exc}")
-        return ExitCode.USER_ERROR
+        return record_user_error(journal, worker.step, family, str(exc), settle=save.settle)
     finally:
         with contextlib.suppress(CheckpointWriteError):  # journalled by its callback
             checkpointer.close()
-    totals = goodput.snapshot()
-    journal.record("goodput", **totals)
-    sink.goodput(totals["ratio"], totals["badput_s"])
-    journal.record(
-        "run_finished",
-        step=worker.step,
-        loss=worker.last_loss,
-        eval_loss=eval_loss,
-        family=worker.adapter.name,
-        families=[worker.adapter.name],
-        goodput=totals["ratio"],
+    totals = record_goodput(journal, sink, goodput)
+    return record_finished(journal, sink, worker.step, worker.last_loss, eval_loss, [family], 0, totals)
+
+
+def _report(restored: Restored) -> RestoreReport:
+    return RestoreReport(
+        path=str(restored.path),
+        step=restored.manifest.step,
+        saved_on=restored.manifest.family,
+        rng_restored=restored.rng_restored,
+        metrics=dict(restored.manifest.metrics),
+        skipped=[(str(p), why) for p, why in restored.skipped],
     )
-    print(f"finished at step {worker.step}: loss {worker.last_loss:.4f}, held-out loss {eval_loss:.4f}")
-    print(f"goodput: {totals['ratio']:.1%} of {totals['wall_s']:.1f} s")
-    print(f"the run lives in {home} (journal.jsonl; checkpoints: {manager.root})")
-    return ExitCode.FINISHED
 
 
 @dataclass
@@ -124,6 +131,7 @@ class _Pending:
 
     worker: Worker
     progress: Progress
+    goodput: Goodput
     results: list[StepResult] = field(default_factory=list)
 
     def report(self, journal: Journal, sink: MetricsSink) -> None:
@@ -144,6 +152,8 @@ class _Pending:
         )
         tokens = int(getattr(worker.data.dataset, "seq_len", 0))
         beat.record(journal, sink, worker.config, worker.adapter.name, losses[-1], tokens_per_sample=tokens)
+        totals = self.goodput.snapshot()
+        sink.goodput(totals["ratio"], totals["badput_s"])
         samples = worker.config.train.global_batch_size
         for result, loss in zip(self.results, losses, strict=True):
             rate = samples / max(result.step_time_s, 1e-9)
@@ -151,64 +161,58 @@ class _Pending:
         self.results.clear()
 
 
-def _report_restore(restored: Restored, worker: Worker, journal: Journal) -> None:
-    for path, why in restored.skipped:
-        journal.record("checkpoint_skipped", path=str(path), reason=why)
-        print(f"warning: skipped damaged checkpoint {path}: {why}")
-    journal.record(
-        "resumed",
-        path=str(restored.path),
-        step=worker.step,
-        from_family=restored.manifest.family,
-        family=worker.adapter.name,
-        rng_restored=restored.rng_restored,
-    )
-    rng = "restored" if restored.rng_restored else "re-derived from (seed, step, rank)"
-    print(
-        f"resumed from {restored.path} at step {worker.step} (saved on {restored.manifest.family}; RNG {rng})"
-    )
+@dataclass
+class _Saver:
+    """The one member's saves, made by direct calls; recorded as a group's are (:mod:`trainer.lifecycle`)."""
 
+    worker: Worker
+    checkpointer: AsyncCheckpointer
+    journal: Journal
+    sink: MetricsSink
+    goodput: Goodput
 
-def _checkpoint(
-    worker: Worker,
-    checkpointer: AsyncCheckpointer,
-    journal: Journal,
-    sink: MetricsSink,
-    goodput: Goodput,
-    background: bool,
-    metrics: dict[str, float] | None = None,
-) -> None:
-    """Save in the background (blocking only for the copy), or now; the journal records the commit."""
-    step, loss = worker.step, worker.last_loss
-    started = time.monotonic()
+    def background(self, metrics: dict[str, float] | None = None) -> None:
+        """Stage a checkpoint of the step just done (blocking only for the copy); it commits in the
+        background, and its commit (or failure) is journalled when it lands."""
+        step, started = self.worker.step, time.monotonic()
+        future = self.worker.save_async(self.checkpointer, metrics)
+        blocking = self.checkpointer.last_blocking_s
+        record_staged(
+            self.journal, self.sink, self.goodput, step, blocking, blocking, self.checkpointer.staged_bytes
+        )
 
-    def committed(path: Path | str, blocking_s: float) -> None:
-        journal.record("checkpoint_saved", step=step, path=str(path), loss=loss, blocking_s=blocking_s)
-        sink.checkpoint("commit", time.monotonic() - started, checkpointer.staged_bytes, step)
-
-    if background:
-        future = worker.save_async(checkpointer, metrics)
-        blocking = checkpointer.last_blocking_s
-
-        def on_done(f: Future[Path | str]) -> None:
-            if f.exception() is None:
-                committed(f.result(), blocking)
+        def landed(f: Future[Path | str]) -> None:
+            error = f.exception()
+            if error is None:
+                nbytes = self.checkpointer.manager.last_commit_bytes
+                record_committed(
+                    self.journal, self.sink, str(f.result()), step, nbytes, time.monotonic() - started
+                )
             else:  # training goes on; the previous checkpoint is intact
-                journal.record("checkpoint_failed", step=step, error=str(f.exception()))
-                print(f"error: {f.exception()}")
+                record_save_failed(self.journal, step, str(error))
 
-        future.add_done_callback(on_done)
-    else:
-        with contextlib.suppress(CheckpointWriteError):  # journalled by its callback already
-            checkpointer.wait()
+        future.add_done_callback(landed)
+
+    def now(self, metrics: dict[str, float] | None = None) -> str | None:
+        """Save the step just done and commit it before returning (a save in flight lands first); returns
+        None, or why it was not committed."""
+        self.settle()  # the previous save lands first
+        step, started = self.worker.step, time.monotonic()
         try:
-            committed(worker.save(checkpointer.manager, metrics), time.monotonic() - started)
+            path = self.worker.save(self.checkpointer.manager, metrics)
         except CheckpointWriteError as exc:
-            journal.record("checkpoint_failed", step=step, error=str(exc))
-            print(f"error: {exc}")
-            raise
-    elapsed = time.monotonic() - started
-    goodput.bad("checkpoint", elapsed if not background else checkpointer.last_blocking_s)
-    sink.checkpoint(
-        "save", checkpointer.last_blocking_s if background else elapsed, checkpointer.staged_bytes, step
-    )
+            record_save_failed(self.journal, step, str(exc))
+            return str(exc)
+        held, nbytes = time.monotonic() - started, self.checkpointer.manager.last_commit_bytes
+        record_staged(self.journal, self.sink, self.goodput, step, held, held, nbytes)
+        record_committed(self.journal, self.sink, str(path), step, nbytes, held)
+        return None
+
+    def settle(self) -> str | None:
+        """Let the background save in flight commit; returns None, or why it failed (journalled by its
+        callback)."""
+        try:
+            self.checkpointer.wait()
+        except CheckpointWriteError as exc:
+            return str(exc)
+        return None

@@ -34,6 +34,7 @@ from trainer.devices import get_adapter
 from trainer.errors import DeviceUnavailableError, ExitCode, UserCodeError
 from trainer.goodput import Goodput
 from trainer.journal import Journal
+from trainer.lifecycle import checkpoint_due
 from trainer.metrics import MetricsSink, NullSink
 from trainer.policy import Action, Decision, FailureEvent, FailureKind, PolicyConfig, decide
 from trainer.preemption import Preemption
@@ -130,11 +131,7 @@ class Controller(RunRecovery):
             if self.group is not None:
                 self.group.shutdown()
             self.relays.shutdown()
-        if self.user_error is not None:
-            return ExitCode.USER_ERROR
-        if self.state is State.PREEMPTED:
-            return ExitCode.PREEMPTED
-        return ExitCode.FINISHED if self.state is State.FINISHED else ExitCode.ABORTED
+        return self.exit_code()
 
     # --- states --------------------------------------------------------------------------------------
     def _start(self) -> State:
@@ -142,7 +139,7 @@ class Controller(RunRecovery):
             self.launch(self.family)
         except DeviceUnavailableError as exc:
             return self.on_event(FailureKind.FAMILY_UNAVAILABLE, (), str(exc))
-        self.step = self.saves.restore(self.members)
+        self.step = self.saves.restore(self.members, self.family)
         return self.preflight()
 
     def launch(self, family: str, workers: int | None = None, form: bool = True) -> None:
@@ -233,8 +230,7 @@ class Controller(RunRecovery):
             grow = self.room_to_grow()  # a shrunk group (cluster.min_workers) grows back between two chunks
         if self.step < total:  # every member idle at self.step: refresh the shard copies if due (FSDP)
             self.shard_copies.after_chunk(self.members, self.step, self.family)
-        interval = self.config.checkpoint.interval_steps
-        if interval and self.step % interval == 0 and self.step < total:
+        if checkpoint_due(self.step, self.config.checkpoint.interval_steps, total):
             self.saves.save(self.saves.writers(self.members), self.step)
         return self.grow() if grow else State.RUNNING
 

@@ -19,12 +19,15 @@ from trainer.cluster.saves import Saves
 from trainer.cluster.watch import ChunkOutcome
 from trainer.errors import ExitCode, UserCodeError
 from trainer.journal import Journal
+from trainer.lifecycle import record_failed, record_finished, record_lease_lost, record_user_error
+from trainer.metrics import MetricsSink
 from trainer.preemption import Preemption, record_preempted
 from trainer.progress import Progress
 
 
 class RunEndings:
     journal: Journal
+    sink: MetricsSink
     saves: Saves
     progress: Progress
     preemption: Preemption
@@ -38,27 +41,41 @@ class RunEndings:
     last_loss: float
     abort_reason: str
     user_error: str | None
+    #: The run trained to its end but its final checkpoint could not be written: ExitCode.FAILED.
+    final_failed: str | None = None
 
     @property
     def members(self) -> list[Any]:
         assert self.group is not None
         return self.group.members
 
+    def exit_code(self) -> ExitCode:
+        """How the run ended, once its state is terminal."""
+        if self.user_error is not None:
+            return ExitCode.USER_ERROR
+        if self.state is State.PREEMPTED:
+            return ExitCode.PREEMPTED
+        if self.state is State.FINISHED:
+            return ExitCode.FINISHED
+        return ExitCode.FAILED if self.final_failed is not None else ExitCode.ABORTED
+
     def _finish(self) -> State:
         self.progress.close()
-        eval_loss, totals = self.saves.finish(self.saves.writers(self.members), self.step)
-        self.journal.record(
-            "run_finished",
-            step=self.step,
-            loss=self.last_loss,
-            eval_loss=eval_loss,
-            family=self.family,
-            families=self.families_used,
-            recoveries=len(self.recoveries),
-            goodput=totals["ratio"],
-        )
-        print(
-            f"finished at step {self.step} on {self.family}: loss {self.last_loss:.4f}, held-out {eval_loss:.4f}"
+        eval_loss, totals, failed = self.saves.finish(self.saves.writers(self.members), self.step)
+        if failed is not None:
+            self.final_failed = failed
+            record_failed(self.journal, self.step, failed)
+            return State.ABORTED
+        recoveries = len(self.recoveries)
+        record_finished(
+            self.journal,
+            self.sink,
+            self.step,
+            self.last_loss,
+            eval_loss,
+            self.families_used,
+            recoveries,
+            totals,
         )
         return State.FINISHED
 
@@ -81,9 +98,7 @@ class RunEndings:
     def _lease_lost(self) -> State:
         """Another driver took the run over (this one was paused past the lease's staleness): stop; its
         saves are refused by the fence anyway."""
-        self.abort_reason = "another driver took this run's lease over"
-        self.journal.record("lease_lost", step=self.step, reason=self.abort_reason)
-        print(f"stopping: {self.abort_reason}")
+        self.abort_reason = record_lease_lost(self.journal, self.step)
         return State.ABORTED
 
     def _on_user_error(self, exc: UserCodeError) -> State:
@@ -91,10 +106,11 @@ class RunEndings:
         family would raise it again — and the newest checkpoint stays as it is (a save in flight commits)."""
         message = str(getattr(exc, "cause", exc))  # Ray's wrapper holds the worker's error as its cause
         self.user_error = message
-        self.journal.record("user_error", step=self.step, family=self.family, error=message)
-        with contextlib.suppress(ray.exceptions.RayError):
-            if self.group is not None:
-                self.saves.flush(self.members[0], self.step, timeout_s=60)
-        self.journal.record("run_aborted", step=self.step, reason="the task's code raised")
-        print(f"error in the task's code, the run stops (exit code {int(ExitCode.USER_ERROR)}):\n{message}")
+
+        def settle() -> None:
+            with contextlib.suppress(ray.exceptions.RayError):
+                if self.group is not None:
+                    self.saves.flush(self.members[0], self.step, timeout_s=60)
+
+        record_user_error(self.journal, self.step, self.family, message, settle)
         return State.ABORTED

@@ -26,9 +26,18 @@ from trainer.checkpoint.objects import ObjectStore, scheme
 from trainer.checkpoint.sharded import commit_parts, commit_uploaded
 from trainer.checkpoint.store import CheckpointStore
 from trainer.config import Config
+from trainer.devices import get_adapter
 from trainer.errors import CheckpointWriteError, ConfigError
 from trainer.goodput import Goodput
 from trainer.journal import Journal
+from trainer.lifecycle import (
+    RestoreReport,
+    record_committed,
+    record_goodput,
+    record_save_failed,
+    record_staged,
+    report_restore,
+)
 from trainer.metrics import MetricsSink
 from trainer.progress import Progress
 
@@ -68,9 +77,9 @@ class Saves:
         store.fence = self.fence
         return store
 
-    def restore(self, members: list[Any]) -> int:
-        """Every member restores the newest good checkpoint (damaged newer ones are skipped and reported);
-        returns its step, 0 without one."""
+    def restore(self, members: list[Any], family: str | None = None) -> int:
+        """Every member (on ``family``, default the configured one) restores the newest good checkpoint
+        (damaged newer ones are skipped and reported); returns its step, 0 without one."""
         keep = self.config.checkpoint.keep_last
         if self.per_rank:  # the members leave leftovers of interrupted saves to the driver
             for path in self._store().remove_partial():
@@ -78,12 +87,17 @@ class Saves:
         restored = ray.get([m.restore.remote(str(self.checkpoint_root), keep) for m in members])
         if restored[0] is None:
             return 0
-        self.last_saved = int(restored[0]["step"])
-        for path, why in restored[0]["skipped"]:
-            self.journal.record("checkpoint_skipped", path=path, reason=why)
-            print(f"warning: skipped damaged checkpoint {path}: {why}")
-        self.journal.record("resumed", **{k: v for k, v in restored[0].items() if k != "skipped"})
-        print(f"resumed from {restored[0]['path']} at step {self.last_saved}")
+        found = restored[0]
+        self.last_saved = int(found["step"])
+        report = RestoreReport(
+            path=found["path"],
+            step=self.last_saved,
+            saved_on=found["family"],
+            rng_restored=found["rng_restored"],
+            metrics=found["metrics"],
+            skipped=[(str(p), why) for p, why in found["skipped"]],
+        )
+        report_restore(self.journal, report, family or get_adapter(self.config.device.family).name)
         return self.last_saved
 
     def writers(self, members: list[Any], rank: int = 0) -> list[Any]:
@@ -100,12 +114,10 @@ class Saves:
         started = time.monotonic()
         refs = [m.save.remote(str(self.checkpoint_root), keep, metrics, self.fence) for m in writers]
         reply = ray.get(refs)[0]
-        self.goodput.bad("checkpoint", time.monotonic() - started)
-        self.sink.checkpoint("save", reply["blocking_s"], reply["bytes"], step)
-        self.committed(reply, step)
+        held = time.monotonic() - started
+        self.committed(reply, self.last_saved)  # the outcome of the previous save (of that step)
         self.last_saved = step
-        self.journal.record("checkpoint_started", step=step, blocking_s=reply["blocking_s"])
-        self.record_goodput()
+        record_staged(self.journal, self.sink, self.goodput, step, held, reply["blocking_s"], reply["bytes"])
 
     def _save_shards(self, writers: list[Any], step: int, metrics: dict[str, float] | None) -> None:
         """Every rank stages its shards of ``step`` (the call returns after the copies) and writes them into
@@ -134,35 +146,36 @@ class Saves:
         self._pending_step = step
         # A rank's error reaches the caller as before (a lost worker: the policy decides).
         replies = ray.get(calls)
-        blocking = max(r["blocking_s"] for r in replies)
-        self.goodput.bad("checkpoint", time.monotonic() - started)
-        self.sink.checkpoint("save", blocking, sum(int(r["bytes"]) for r in replies), step)
+        held = time.monotonic() - started
         self.last_saved = step
-        self.journal.record(
-            "checkpoint_started",
-            step=step,
-            blocking_s=blocking,
+        record_staged(
+            self.journal,
+            self.sink,
+            self.goodput,
+            step,
+            held,
+            max(r["blocking_s"] for r in replies),
+            sum(int(r["bytes"]) for r in replies),
             blocking_s_per_rank=[r["blocking_s"] for r in replies],
         )
-        self.record_goodput()
 
-    def settle(self, timeout_s: float | None = None) -> None:
+    def settle(self, timeout_s: float | None = None) -> str | None:
         """Wait (at most ``timeout_s``) for the sharded save in flight to be committed or abandoned, and book
         its outcome; nothing to do without one. Call before the group restores from the checkpoints, so that a
-        save all ranks wrote is the one restored."""
+        save all ranks wrote is the one restored. Returns None, or why the save was not committed."""
         pending, self._pending = self._pending, None
-        if pending is not None:
-            self.committed(pending.result(timeout=timeout_s), self._pending_step)
+        if pending is None:
+            return None
+        return self.committed(pending.result(timeout=timeout_s), self._pending_step)
 
-    def finish(self, writers: list[Any], step: int) -> tuple[float, dict[str, Any]]:
+    def finish(self, writers: list[Any], step: int) -> tuple[float, dict[str, Any], str | None]:
         """The run's end: the held-out loss, the final checkpoint (unless ``step`` is saved already), committed;
-        returns the loss and the goodput account."""
+        returns the loss, the goodput account, and None or why the final checkpoint was not committed."""
         eval_loss = self.evaluate(writers)
         if self.last_saved != step:
             self.save(writers, step, {"eval_loss": eval_loss})
-        self.flush(writers[0], step)
-        self.sink.eval_loss(eval_loss)
-        return eval_loss, self.record_goodput()
+        failed = self.flush(writers[0], step)
+        return eval_loss, record_goodput(self.journal, self.sink, self.goodput), failed
 
     @staticmethod
     def evaluate(writers: list[Any]) -> float:
@@ -175,36 +188,29 @@ class Saves:
         try:
             if self.last_saved != step:
                 self.save(writers, step)
-            self.flush(writers[0], step, timeout_s=max(timeout_s, 1.0))
+            failed = self.flush(writers[0], step, timeout_s=max(timeout_s, 1.0))
         except (ray.exceptions.RayError, TimeoutError) as exc:
             return None, f"the save did not complete: {type(exc).__name__}: {str(exc).splitlines()[0]}"
-        return step, ""
+        return (step, "") if failed is None else (None, f"the save did not complete: {failed}")
 
-    def flush(self, member: Any, step: int, timeout_s: float | None = None) -> None:
+    def flush(self, member: Any, step: int, timeout_s: float | None = None) -> str | None:
         """Wait for ``member``'s background save (with sharded state: the driver's commit) and book its
-        outcome."""
+        outcome: None, or why it was not committed."""
         if self.per_rank:
-            self.settle(timeout_s)
-            return
-        self.committed(ray.get(member.flush.remote(), timeout=timeout_s), step)
+            return self.settle(timeout_s)
+        return self.committed(ray.get(member.flush.remote(), timeout=timeout_s), step)
 
-    def committed(self, reply: dict[str, Any], step: int) -> None:
-        """Journal the outcome of the previous background save (committed, or failed to write)."""
-        if reply.get("failed"):
-            self.journal.record("checkpoint_failed", error=reply["failed"], step=step)
-            self.progress.message(f"error: {reply['failed']}")
+    def committed(self, reply: dict[str, Any], step: int) -> str | None:
+        """Journal the outcome of the previous background save (committed, or failed to write); returns None,
+        or why it failed."""
+        failed = reply.get("failed")
+        if failed:
+            record_save_failed(self.journal, step, failed, say=self.progress.message)
         path = reply.get("committed")
         if path is not None:
             saved = int(PurePosixPath(path).name[5:14])
-            self.journal.record("checkpoint_saved", path=path, step=saved)
-            self.sink.checkpoint("commit", 0.0, int(reply.get("committed_bytes") or 0), saved)
-
-    def record_goodput(self) -> dict[str, Any]:
-        """Journal and export the goodput account so far (a re-launched driver continues from it)."""
-        totals = self.goodput.snapshot()
-        self.journal.record("goodput", **totals)
-        self.sink.goodput(totals["ratio"], totals["badput_s"])
-        return totals
+            record_committed(self.journal, self.sink, path, saved, int(reply.get("committed_bytes") or 0))
+        return str(failed) if failed else None
 
 
 def _in_background(fn: Callable[..., dict[str, Any]], *args: Any) -> Future[dict[str, Any]]:

@@ -1,0 +1,124 @@
+"""One run lifecycle: the same short run on one process (``cluster=local``) and on a Ray group of one
+member journals the same story — the same events with the same fields, at the same steps — through a
+start, periodic checkpoints, the end, and a resume; and both end the same way when the final checkpoint
+cannot be written."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from trainer.checkpoint import CheckpointStore
+from trainer.config import Config
+from trainer.errors import ExitCode
+from trainer.job import run
+from trainer.journal import Journal
+
+pytestmark = pytest.mark.usefixtures("local_ray")
+
+SMALL = (
+    "device=sim_npu",
+    "model.n_layer=1",
+    "model.n_embd=32",
+    "model.seq_len=16",
+    "train.global_batch_size=8",
+    "train.log_interval=5",
+    "monitoring=off",
+)
+PATHS = {
+    "process": ("cluster=local",),
+    "group": ("cluster=ray_local", "cluster.workers=1", "cluster.chunk_steps=5", "probes.preflight=false"),
+}
+#: The driver's lifecycle records (the group's own — probes, backend timeouts, relays — are not compared).
+LIFECYCLE = (
+    "run_started",
+    "group_started",
+    "checkpoint_skipped",
+    "resumed",
+    "checkpoint_started",
+    "checkpoint_saved",
+    "checkpoint_failed",
+    "heartbeat",
+    "goodput",
+    "run_finished",
+    "run_failed",
+    "run_aborted",
+)
+
+
+def _story(run_dir: Path) -> dict[str, Any]:
+    """Per lifecycle event: how often, its fields, and the values that must agree (which step, which family;
+    not who, where or how long)."""
+    entries = [e for e in Journal(run_dir / "journal.jsonl").read() if e["event"] in LIFECYCLE]
+    story: dict[str, Any] = {}
+    for name in LIFECYCLE:
+        of = [e for e in entries if e["event"] == name]
+        if of:
+            fields = sorted({k for e in of for k in e} - {"time"})
+            same = [{k: e[k] for k in ("step", "family", "from_family", "world_size") if k in e} for e in of]
+            story[name] = {"count": len(of), "fields": fields, "values": same}
+    return story
+
+
+def test_one_process_and_a_group_of_one_journal_the_same_run(
+    make_config: Callable[..., Config], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stories, summaries = {}, {}
+    for path, overrides in PATHS.items():
+        first = make_config(*SMALL, *overrides, "train.steps=12", "checkpoint.interval_steps=5")
+        assert run(first, run_dir=tmp_path / path) == ExitCode.FINISHED
+        again = make_config(*SMALL, *overrides, "train.steps=16", "checkpoint.interval_steps=5")
+        assert run(again, run_dir=tmp_path / path) == ExitCode.FINISHED  # resumes at 12
+        stories[path] = _story(tmp_path / path)
+        out = capsys.readouterr().out
+        summaries[path] = [line for line in out.splitlines() if line.startswith(("outcome:", "failures:"))]
+
+    story = stories["process"]
+    assert story == stories["group"]
+    assert story["resumed"]["values"] == [{"step": 12, "from_family": "sim_npu", "family": "sim_npu"}]
+    assert [v["step"] for v in story["checkpoint_saved"]["values"]] == [5, 10, 12, 15, 16]
+    assert "recoveries" in story["run_finished"]["fields"]
+    assert summaries["process"] == summaries["group"]
+    assert summaries["process"][-2:] == [
+        "outcome: finished; families: sim_npu",
+        "failures: none; recoveries: 0; degraded probes: 0",
+    ]
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 600 KiB tmpfs: room for one small checkpoint, not two."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_final_checkpoint_that_cannot_be_written_fails_the_run(
+    make_config: Callable[..., Config], tmp_path: Path, small_disk: Path, path: str
+) -> None:
+    config = make_config(
+        *SMALL, *PATHS[path], "train.steps=30", "checkpoint.interval_steps=10", f"checkpoint.dir={small_disk}"
+    )
+    assert run(config, run_dir=tmp_path / "run") == ExitCode.FAILED
+
+    events = Journal(tmp_path / "run" / "journal.jsonl").read()
+    failed = [e for e in events if e["event"] == "checkpoint_failed"]
+    assert failed and "No space left on device" in failed[0]["error"]
+    assert [e["step"] for e in failed] == [20, 30]
+    [ended] = [e for e in events if e["event"] in ("run_failed", "run_finished", "run_aborted")]
+    assert ended["event"] == "run_failed" and ended["step"] == 30
+    store = CheckpointStore(small_disk)
+    assert [p.name for p in store.committed()] == ["step_000000010"]
