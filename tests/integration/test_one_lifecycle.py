@@ -5,7 +5,10 @@ cannot be written."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -120,5 +123,41 @@ def test_a_final_checkpoint_that_cannot_be_written_fails_the_run(
     assert [e["step"] for e in failed] == [20, 30]
     [ended] = [e for e in events if e["event"] in ("run_failed", "run_finished", "run_aborted")]
     assert ended["event"] == "run_failed" and ended["step"] == 30
+    store = CheckpointStore(small_disk)
+    assert [p.name for p in store.committed()] == ["step_000000010"]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_preemption_whose_save_cannot_be_written_says_nothing_was_saved(
+    tmp_path: Path, small_disk: Path, path: str
+) -> None:
+    """SIGTERM to the driver once the disk is full (step 10 fills it, step 20's save fails): the run stops
+    as preempted (exit 5), journals that nothing was saved, and the step-10 checkpoint stays."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    overrides = [*SMALL, *PATHS[path], "train.steps=100000", "checkpoint.interval_steps=10"]
+    command = [sys.executable, "-m", "trainer", *overrides, f"checkpoint.dir={small_disk}"]
+    driver = subprocess.Popen(
+        [*command, f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert driver.stdout is not None
+        for line in driver.stdout:  # the run cannot end by itself: only the signal stops it
+            if line.startswith("step 25/"):
+                break
+        os.killpg(driver.pid, signal.SIGTERM)
+        out, _ = driver.communicate(timeout=180)
+    finally:
+        driver.kill()
+    assert driver.returncode == ExitCode.PREEMPTED, out[-3000:]
+    [preempted] = [e for e in Journal(run_dir / "journal.jsonl").read() if e["event"] == "preempted"]
+    assert preempted["saved_step"] is None and preempted["step"] >= 25
+    assert "No space left on device" in preempted["reason"]
+    assert "nothing saved" in out
     store = CheckpointStore(small_disk)
     assert [p.name for p in store.committed()] == ["step_000000010"]
