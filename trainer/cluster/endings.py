@@ -1,5 +1,7 @@
-"""How a group run ends, other than by a decision of the policy: finished, stopped by a signal
-(preemption), stopped because another driver took the run over, or stopped by a bug in the user's code.
+"""How a group run ends, other than by a decision of the policy: finished, failed (its final checkpoint
+could not be written), stopped by a signal (preemption), stopped because another driver took the run over,
+or stopped by a bug in the user's code — each recorded as a single process's run records it
+(:mod:`trainer.lifecycle`).
 
 A part of :class:`~trainer.cluster.controller.Controller` kept in a file of its own; the attributes below are
 the controller's.
