@@ -136,7 +136,13 @@ def the_kill(kills: list[tuple[float, int]]) -> float:
 
 
 # --- (a) the toolkit ----------------------------------------------------------------------------------
-def run_toolkit(config: Config, base: Path, kill_log: Path) -> dict[str, Any]:
+def run_toolkit(
+    config: Config,
+    base: Path,
+    kill_log: Path,
+    more: Callable[[list[dict[str, Any]], float], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """One toolkit run: its :func:`toolkit_figures`, and ``more(journal events, kill time)`` if given."""
     from trainer.job import run
     from trainer.journal import Journal
 
@@ -148,7 +154,8 @@ def run_toolkit(config: Config, base: Path, kill_log: Path) -> dict[str, Any]:
         events = Journal(run_dir / "journal.jsonl").read()
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
-    return toolkit_figures(events, the_kill(take_kills(kill_log)), int(code))
+    kill_t = the_kill(take_kills(kill_log))
+    return {**toolkit_figures(events, kill_t, int(code)), **(more(events, kill_t) if more else {})}
 
 
 def toolkit_figures(events: list[dict[str, Any]], kill_t: float, code: int) -> dict[str, Any]:

@@ -10,13 +10,16 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import ray
 import torch
 
 from trainer.checkpoint.store import CheckpointStore
+from trainer.cluster.shard_copies import KeptShardCopies
 from trainer.errors import ExitCode
 from trainer.export import main as export_main
 from trainer.job import run
@@ -110,6 +113,42 @@ def test_a_killed_fsdp_worker_goes_on_from_the_shard_copies_without_the_disk(
     assert 4 in saved and 6 not in saved  # no checkpoint holds step 6: the disk could not have given it
     b = restored_state(clean, tmp_path / "killed" / "checkpoints")
     assert int(b["step"]) == 16
+    assert mismatched(uninterrupted, b) == []
+
+
+@ray.remote(num_cpus=0)
+class _Holder:
+    """Owns an object, then dies: what a copy whose node is lost looks like to whoever resolves it."""
+
+    def hold(self) -> list[Any]:
+        return [ray.put(torch.zeros(1 << 16))]  # nested: owned by this actor, not by its caller
+
+
+@pytest.mark.slow  # about 40-60 s; the copies' own path runs in the default suite above
+def test_a_lost_shard_copy_falls_back_to_the_disk_and_the_run_still_matches(
+    tmp_path: Path, uninterrupted: dict[str, torch.Tensor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, but rank 2's copy is lost when the repair needs it (its owner gone, as a copy goes with its
+    node): the members' loads fail on it, the group is restored from the checkpoint of step 4 instead, the
+    journal says why, and the run still ends bit for bit where the uninterrupted run ends."""
+    holder = _Holder.remote()  # type: ignore[attr-defined]
+    [lost] = ray.get(holder.hold.remote())
+    ray.kill(holder)
+    held = KeptShardCopies.held
+
+    def losing(self: KeptShardCopies, *args: Any) -> Any:
+        found = held(self, *args)
+        return None if found is None else replace(found, refs=(*found.refs[:2], lost, *found.refs[3:]))
+
+    monkeypatch.setattr(KeptShardCopies, "held", losing)
+    clean = make_config(*_group(3))
+    killed = make_config(*_group(3, "cluster.chunk_steps=2", "faults.kill_rank=1", "faults.kill_at_step=7"))
+    assert run(killed, run_dir=tmp_path / "killed") == ExitCode.FINISHED
+
+    [recovered] = events(tmp_path / "killed", "recovered")
+    assert recovered["state_from"] == "disk checkpoint" and recovered["step"] == 4
+    assert "a shard copy was lost" in recovered["state_reason"]
+    b = restored_state(clean, tmp_path / "killed" / "checkpoints")
     assert mismatched(uninterrupted, b) == []
 
 

@@ -123,10 +123,13 @@ def _load_copies(members: list[Any], held: HeldState) -> Loaded | str:
     if len(held.refs) != len(members):
         return f"the shard copies are of {len(held.refs)} ranks, the group has {len(members)}"
     into = list(range(len(members)))
+    loads = [members[rank].load_snapshot.remote(held.refs[rank], rank) for rank in into]
     try:
-        ray.get([members[rank].load_snapshot.remote(held.refs[rank], rank) for rank in into])
+        ray.get(loads)
     except ray.exceptions.ObjectLostError as exc:  # a copy gone with its node (members lost raise otherwise)
         log.warning("a shard copy was lost: %s", str(exc).splitlines()[0])
+        # The other members' loads end before the checkpoint's restore is asked of them.
+        ray.wait(loads, num_returns=len(loads), timeout=_TIMEOUT_S, fetch_local=False)
         return f"a shard copy was lost ({type(exc).__name__}): with its node?"
     reason = f"every rank's copy of its own shards at step {held.step} is held by the driver"
     return Loaded(held.step, held.origin, reason, into=into)
