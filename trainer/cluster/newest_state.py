@@ -4,7 +4,9 @@ The newest state of a run is in the memory of its live members; a committed chec
 initial state older still. Before the old members go, :func:`hold_newest` snapshots the most advanced live
 member into Ray's object store (the driver owns the object, so it outlives the member and its group); once
 the new members are up, :func:`load` gives them that snapshot, else the newest good checkpoint, else
-nothing (the initial state). Both say where the state came from and why, for the journal.
+nothing (the initial state). Both say where the state came from and why, for the journal. Sharded state
+(FSDP) has no whole snapshot: there the held state is every rank's copy of its own shards
+(:mod:`trainer.cluster.shard_copies`), which :func:`load` gives each rank its own of.
 """
 
 from __future__ import annotations
