@@ -88,13 +88,13 @@ def _f(value: float | None) -> str:
 
 
 def _outcome(events: list[dict[str, Any]]) -> str:
-    """How the newest session of the run ended: finished, aborted, preempted (and the step it saved), or
-    unfinished (still running, or its driver was killed)."""
-    ends = [e for e in events if e["event"] in ("run_finished", "run_aborted", "preempted")]
+    """How the newest session of the run ended: finished, failed, aborted, preempted (and the step it saved),
+    or unfinished (still running, or its driver was killed)."""
+    ends = [e for e in events if e["event"] in ("run_finished", "run_failed", "run_aborted", "preempted")]
     if not ends:
         return "unfinished"
     last = ends[-1]
     if last["event"] == "preempted":
         saved = last.get("saved_step")
         return f"preempted at step {last['step']} ({'saved' if saved is not None else 'nothing saved'})"
-    return "finished" if last["event"] == "run_finished" else "aborted"
+    return {"run_finished": "finished", "run_failed": "failed"}.get(last["event"], "aborted")

@@ -20,6 +20,7 @@ from trainer.config import Config
 from trainer.errors import ExitCode
 from trainer.job import run
 from trainer.journal import Journal
+from trainer.summary import summarize
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 
@@ -123,6 +124,7 @@ def test_a_final_checkpoint_that_cannot_be_written_fails_the_run(
     assert [e["step"] for e in failed] == [20, 30]
     [ended] = [e for e in events if e["event"] in ("run_failed", "run_finished", "run_aborted")]
     assert ended["event"] == "run_failed" and ended["step"] == 30
+    assert summarize(events)["outcome"] == "failed"
     store = CheckpointStore(small_disk)
     assert [p.name for p in store.committed()] == ["step_000000010"]
 
