@@ -224,8 +224,12 @@ class WorkerState:
         snapshot restores any rank. The copy is taken now; training may continue while it is shipped.
         """
         state = self.capture()
+        return self._held(state, {k: t.detach().to("cpu", copy=True) for k, t in state.tensors.items()})
+
+    def _held(self, state: portable.PortableState, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """What a snapshot or a shard copy hands over: ``tensors`` (host copies) and the state beside them."""
         return {
-            "tensors": {k: t.detach().to("cpu", copy=True) for k, t in state.tensors.items()},
+            "tensors": tensors,
             "optimizer": state.optimizer,
             "scaler": state.scaler,
             "task_state": state.task_state,
@@ -266,17 +270,10 @@ class WorkerState:
         same world size. No collective; taken now, training may continue while it is shipped."""
         state = self.capture(gather=False)
         return {
+            **self._held(state, shard_copy.take(state.tensors)),
             "kind": shard_copy.KIND,
             "rank": self.rank,
             "world_size": self.world_size,
-            "tensors": shard_copy.take(state.tensors),
-            "optimizer": state.optimizer,
-            "scaler": state.scaler,
-            "task_state": state.task_state,
-            "step": self.step,
-            "samples_seen": self.samples_seen,
-            "history": list(self.history),
-            "last_loss": self.last_loss,
             "rng": (self.adapter.rng_key(), self.adapter.get_rng_state(self.device)),
         }
 

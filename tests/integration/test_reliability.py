@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,22 +74,6 @@ def test_corrupted_newest_checkpoint_is_skipped_in_a_run(
     assert run(reference, run_dir=tmp_path / "reference") == ExitCode.FINISHED
     expected = restored_state(reference, tmp_path / "reference" / "checkpoints")
     assert mismatched(expected, restored_state(reference, tmp_path / "run" / "checkpoints")) == []
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 600 KiB tmpfs: room for one small checkpoint, not two."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mount)], capture_output=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.decode().strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_disk_full_during_save(make_config: Callable[..., Config], tmp_path: Path, small_disk: Path) -> None:
