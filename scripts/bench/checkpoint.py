@@ -16,9 +16,13 @@ Compares, interleaved (A B C … A B C …) because disk speed drifts up to 3x b
   an async save started before the first of them, run until the save (write, commit, deletion of the old
   checkpoint) is finished. ``lost_s`` = the wall time of the window with the save minus the same number of
   steps at the median step time without: what training loses to a save, blocking included.
-* **T+I — the same with the writer at idle priority** (``--idle-writer``: ``checkpoint.writer_priority=idle``,
-  Linux): the write fills the gaps training leaves and takes many steps; ``lost_idle_s`` = that window minus
-  as many steps without a save run right after it (``steps_with_idle_save``: how many steps the save took).
+* **W — fixed windows** (``--idle-writer``): ``--window-steps`` steps with a save started at their first
+  one, then the save's rest finished with training stopped (not timed), against the same steps without a
+  save, in pairs; once with the writer at normal priority, once at idle priority
+  (``checkpoint.writer_priority=idle``, Linux), whose write fills the gaps training leaves and takes many
+  steps. ``lost_window_s`` / ``lost_window_idle_s`` = the window with the save minus the one without:
+  what the save took from training within the window; ``steps_with_idle_save``: steps the idle save took
+  (0: it outlasted the window).
 
 Prints one JSON object: medians and ratios —
 ``write_throughput_ratio`` = C's time ÷ A's write time (goal ≥ 0.9),
@@ -188,6 +192,30 @@ def run_steps_with_save(
     return elapsed, steps
 
 
+def run_window(
+    checkpointer: AsyncCheckpointer | None,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    tokens: torch.Tensor,
+    step: int,
+    count: int,
+) -> tuple[float, int | None]:
+    """(Wall seconds of ``count`` training steps, the steps the save took or None if it outlasted them),
+    with a save started before the first step when ``checkpointer`` is given; the save's rest is then
+    finished with training stopped, outside the timing."""
+    started, done_after = time.perf_counter(), None
+    if checkpointer is not None:
+        save_async(checkpointer, model, optimizer, step)
+    for k in range(count):
+        train_step(model, optimizer, tokens)
+        if checkpointer is not None and done_after is None and not checkpointer.busy:
+            done_after = k + 1
+    elapsed = time.perf_counter() - started
+    if checkpointer is not None:
+        checkpointer.wait()
+    return elapsed, done_after
+
+
 def run_memcpy(src: torch.Tensor, dst: torch.Tensor) -> float:
     """Seconds of one memcpy of the state's bytes between two existing flat buffers: the floor of any
     save that copies the state once."""
@@ -276,8 +304,9 @@ def main() -> None:
     parser.add_argument(
         "--idle-writer",
         action="store_true",
-        help="also measure the save with checkpoint.writer_priority=idle (Linux; long windows)",
+        help="also measure fixed windows with a save at normal and at idle priority (Linux)",
     )
+    parser.add_argument("--window-steps", type=int, default=20, help="steps per window of --idle-writer")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument(
         "--dir",
@@ -345,7 +374,8 @@ def main_on(args: argparse.Namespace, options: dict[str, str]) -> None:
         "steps_with_save",
         "lost_s",
         "lost_in_order_s",
-        "lost_idle_s",
+        "lost_window_s",
+        "lost_window_idle_s",
         "steps_with_idle_save",
     ]
     samples: dict[str, list[float]] = {name: [] for name in names}
@@ -383,10 +413,13 @@ def main_on(args: argparse.Namespace, options: dict[str, str]) -> None:
                     checkpointer, model, optimizer, tokens, 2 * i + 3, overlap=False
                 )
                 samples["lost_in_order_s"].append(window - steps * step_s)
-            if idle is not None:  # a long window: compared with as many steps without a save, run next
-                window, steps = run_steps_with_save(idle, model, optimizer, tokens, 2 * i + 2)
-                samples["lost_idle_s"].append(window - sum(run_steps(model, optimizer, tokens, steps)))
-                samples["steps_with_idle_save"].append(steps)
+            if idle is not None:
+                for name, saver in (("lost_window_s", checkpointer), ("lost_window_idle_s", idle)):
+                    bare, _ = run_window(None, model, optimizer, tokens, 0, args.window_steps)
+                    window, took = run_window(saver, model, optimizer, tokens, 2 * i + 2, args.window_steps)
+                    samples[name].append(window - bare)
+                # Steps the idle save took (0: more than the window).
+                samples["steps_with_idle_save"].append(took or 0)
     finally:
         checkpointer.close()
         if idle is not None:
@@ -421,7 +454,8 @@ def main_on(args: argparse.Namespace, options: dict[str, str]) -> None:
         "lost_vs_memcpy": med["lost_s"] / floor,
         "lost_vs_torch_save": med["lost_s"] / med["torch_save_s"],
         "lost_in_order_vs_memcpy": med["lost_in_order_s"] / floor if "lost_in_order_s" in med else None,
-        "lost_idle_vs_memcpy": med["lost_idle_s"] / floor if "lost_idle_s" in med else None,
+        "lost_window_vs_memcpy": med["lost_window_s"] / floor if "lost_window_s" in med else None,
+        "lost_window_idle_vs_memcpy": med["lost_window_idle_s"] / floor if "lost_window_s" in med else None,
         "blocking_vs_memcpy": med["async_blocking_s"] / floor,
         "blocking_ratio": med["async_blocking_s"] / med["torch_save_s"],
         # On a GPU the copy overlaps with training: what is lost must stay under a quarter of the copy.
