@@ -170,7 +170,12 @@ def test_sigterm_to_a_ray_driver_stops_every_rank_at_the_step_in_flight_and_save
 @pytest.mark.parametrize(
     ("when", "timing"),
     [
-        ("between chunks", ("cluster.chunk_steps=6", "checkpoint.interval_steps=12")),
+        # Suite time: the notice between chunks runs under --slow; the harder case, inside a chunk, by default.
+        pytest.param(
+            "between chunks",
+            ("cluster.chunk_steps=6", "checkpoint.interval_steps=12"),
+            marks=pytest.mark.slow,
+        ),
         # Steps slowed by a delay in every collective, so the notice is seen while the chunk runs.
         (
             "inside a chunk",

@@ -70,6 +70,7 @@ def test_killed_worker_is_replaced_and_the_run_matches_an_uninterrupted_one(
     assert mismatched(a, b) == []
 
 
+@pytest.mark.slow  # about 35 s; a change of world size stays in the default suite (test_handover_world_size)
 def test_a_three_worker_checkpoint_resumes_on_one_worker_and_back(
     make_config: Callable[..., Config], tmp_path: Path
 ) -> None:
