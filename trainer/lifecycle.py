@@ -80,6 +80,18 @@ class RestoreReport:
     metrics: dict[str, float]
     skipped: list[tuple[str, str]]
 
+    @classmethod
+    def of(cls, reply: dict[str, Any]) -> RestoreReport:
+        """From a restore's plain data (``trainer.checkpoint.Restored.reply``)."""
+        return cls(
+            path=reply["path"],
+            step=int(reply["step"]),
+            saved_on=reply["family"],
+            rng_restored=reply["rng_restored"],
+            metrics=reply["metrics"],
+            skipped=[(str(p), why) for p, why in reply["skipped"]],
+        )
+
 
 def report_restore(journal: Journal, report: RestoreReport, family: str) -> None:
     """Journal and say what a restore on ``family`` found (nothing when there was no checkpoint)."""

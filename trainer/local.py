@@ -17,7 +17,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.checkpoint import CheckpointManager, Restored
+from trainer.checkpoint import CheckpointManager
 from trainer.checkpoint.async_writer import AsyncCheckpointer
 from trainer.checkpoint.lease import Lease
 from trainer.cluster.heartbeat import Heartbeat
@@ -67,7 +67,7 @@ def run_in_process(
     record_group(journal, sink, config.name, config.train.steps, family, worker.step, [me], [])
     restored = worker.restore(manager) if config.checkpoint.resume == "latest" else None
     if restored is not None:
-        report_restore(journal, _report(restored), family)
+        report_restore(journal, RestoreReport.of(restored.reply()), family)
     goodput.bad("startup", time.time() - goodput.session_start)
 
     steps, interval = config.train.steps, config.checkpoint.interval_steps
@@ -110,17 +110,6 @@ def run_in_process(
             checkpointer.close()
     totals = record_goodput(journal, sink, goodput)
     return record_finished(journal, sink, worker.step, worker.last_loss, eval_loss, [family], 0, totals)
-
-
-def _report(restored: Restored) -> RestoreReport:
-    return RestoreReport(
-        path=str(restored.path),
-        step=restored.manifest.step,
-        saved_on=restored.manifest.family,
-        rng_restored=restored.rng_restored,
-        metrics=dict(restored.manifest.metrics),
-        skipped=[(str(p), why) for p, why in restored.skipped],
-    )
 
 
 @dataclass

@@ -64,6 +64,17 @@ class Restored:
     #: The task's extra state (tensors and JSON values), for ``Task.load_extra_state``.
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def reply(self) -> dict[str, Any]:
+        """What was restored, as plain data (a member's answer to its driver; the restore report's source)."""
+        return {
+            "path": str(self.path),
+            "step": self.manifest.step,
+            "family": self.manifest.family,
+            "rng_restored": self.rng_restored,
+            "metrics": dict(self.manifest.metrics),
+            "skipped": [(str(p), why) for p, why in self.skipped],
+        }
+
 
 def open_store(
     where: str | Path, keep_last: int = 3, storage_options: dict[str, Any] | None = None

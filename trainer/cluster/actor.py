@@ -246,16 +246,7 @@ class WorkerActor:
         with self.loading:
             restored = self.worker.restore(self._manager(root, keep_last), clean=clean)
             self.holds_state = True  # the checkpoint's state, or the initial state when there is none
-        if restored is None:
-            return None
-        return {
-            "path": str(restored.path),
-            "step": restored.manifest.step,
-            "family": restored.manifest.family,
-            "rng_restored": restored.rng_restored,
-            "metrics": dict(restored.manifest.metrics),
-            "skipped": [(str(p), why) for p, why in restored.skipped],
-        }
+        return None if restored is None else restored.reply()
 
     def sees(self, path: str) -> bool:
         """Whether ``path`` exists on this worker's node (is a checkpoint directory shared with the driver's)."""

@@ -87,16 +87,8 @@ class Saves:
         restored = ray.get([m.restore.remote(str(self.checkpoint_root), keep) for m in members])
         if restored[0] is None:
             return 0
-        found = restored[0]
-        self.last_saved = int(found["step"])
-        report = RestoreReport(
-            path=found["path"],
-            step=self.last_saved,
-            saved_on=found["family"],
-            rng_restored=found["rng_restored"],
-            metrics=found["metrics"],
-            skipped=[(str(p), why) for p, why in found["skipped"]],
-        )
+        report = RestoreReport.of(restored[0])
+        self.last_saved = report.step
         report_restore(self.journal, report, family or get_adapter(self.config.device.family).name)
         return self.last_saved
 
