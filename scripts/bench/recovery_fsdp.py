@@ -6,8 +6,9 @@ The job is ``recovery.py``'s (``trainer.job.run`` on one local Ray of 2 CPUs, ``
 device=sim_npu cluster.chunk_steps=1``, rank 1 SIGKILLing itself just before step K, the kill time
 logged inside the victim by the same ``sitecustomize`` probe) with ``train.parallelism=fsdp``, N ranks
 (default 4), a checkpoint every ``--checkpoint-every`` steps, the model's width and depth set here and
-two warm spares (a survivor that is not released from its collective in time is replaced too, and with one
-spare its replacement would start cold, a cost both modes share that would hide their difference).
+one warm spare (the lost rank's replacement; the survivors are released from their collective and keep
+their processes — before the ranks still training shut their connections down on a peer's failure, a
+survivor that did not neighbour the lost rank was killed and replaced too, and the benchmark needed two).
 Per run:
 
 - ``mttr_s``: the SIGKILL to the next completed step (the journal's ``first_step_after_recovery``), as in
@@ -21,7 +22,7 @@ Per run:
 Run from the repository root::
 
     .venv/bin/python scripts/bench/recovery_fsdp.py [--workers 4] [--repeats 3] [--steps 24] [--kill-at 19]
-        [--checkpoint-every 10] [--n-embd 128] [--n-layer 2] [--spares 2]
+        [--checkpoint-every 10] [--n-embd 128] [--n-layer 2] [--spares 1]
 
 It prints one JSON object to stdout (both modes' figures, their medians and the ratios copies / disk);
 everything else goes to stderr.
@@ -170,9 +171,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--spares",
         type=int,
-        default=2,
-        help="cluster.spares (2: a second rank lost with the first, as a rank not released in time is, "
-        "is replaced warm too)",
+        default=1,
+        help="cluster.spares (warm spares; a second lost rank would otherwise start cold)",
     )
     args = parser.parse_args(argv)
     if args.repeats < 1 or not 1 < args.kill_at <= args.steps or args.workers < 2:

@@ -81,6 +81,23 @@ def test_one_rank_killed_out_of_four_is_the_only_one_replaced(
     _finished_like(killed, tmp_path, uninterrupted)
 
 
+def test_one_fsdp_rank_killed_out_of_four_is_the_only_one_replaced(tmp_path: Path) -> None:
+    """Sharded (FSDP): torch holds a dropped group, so a survivor's connections stay open, and rank 3 — which
+    waits on rank 2, not on the lost rank 1 — is released only because the ranks still training are asked to
+    shut theirs down (``WorkerActor.release``); without it, it was killed when the release window ran out
+    and replaced as well. Every rank goes on from its own copy of its shards of step 5 (the chunk end
+    before the kill)."""
+    killed = _config("train.parallelism=fsdp", "faults.kill_rank=1", "faults.kill_at_step=7")
+    assert run(killed, run_dir=tmp_path) == ExitCode.FINISHED
+    [failure] = events(tmp_path, "failure")
+    assert failure["kind"] == "worker_lost" and failure["ranks"] == [1]
+    _released(tmp_path)
+    [recovered] = events(tmp_path, "recovered")
+    assert recovered["replaced_ranks"] == [1] and recovered["step"] == 5
+    assert recovered["state_from"] == "shard copies at step 5" and recovered["loaded_ranks"] == [0, 1, 2, 3]
+    assert events(tmp_path, "run_finished")[-1]["step"] == 15
+
+
 @pytest.mark.slow  # 60-95 s here: cold starts of 4-worker groups on 2 cores
 def test_two_ranks_killed_at_once_are_both_replaced_from_a_peer_snapshot(
     uninterrupted: dict[str, Any], tmp_path: Path

@@ -32,6 +32,7 @@ from trainer.checkpoint.sharded import RankPart
 from trainer.cluster.leaving import watch_terminate
 from trainer.cluster.saves import shards_per_rank
 from trainer.config import from_container
+from trainer.devices.group_sockets import GroupSockets
 from trainer.devices.join import join_group
 from trainer.devices.sim import SIM_VISIBLE_DEVICES_ENV
 from trainer.errors import CheckpointWriteError, UserCodeError
@@ -110,6 +111,8 @@ class WorkerActor:
             gc.collect()
             gc.freeze()
         self.armed = False
+        #: The connections of the group this worker is in (none before its first join).
+        self.sockets = GroupSockets()
         self.die_in = die_in
         #: Whether this worker holds the run's state (restored or loaded); a fresh spare does not.
         self.holds_state = False
@@ -149,7 +152,12 @@ class WorkerActor:
         self.stop_step = None  # a stop asked of the previous incarnation (a rank that left) is done
         store = dist.TCPStore(host, port, world_size, is_master=False, timeout=timedelta(seconds=timeout_s))
         # The backend's own timeouts and error handling follow timeout_s too (HCCL_EXEC_TIMEOUT, NCCL's).
-        join_group(self.worker.adapter, timeout_s, store=store, rank=rank, world_size=world_size)
+        _, self.sockets = GroupSockets.joining(
+            lambda: join_group(self.worker.adapter, timeout_s, store=store, rank=rank, world_size=world_size),
+            store,
+            rank,
+            world_size,
+        )
         self.worker.attach(rank, world_size)
         self.armed = arm_faults
         # Device faults belong to the devices of the first incarnation: a replacement is healthy.
@@ -167,6 +175,16 @@ class WorkerActor:
         if dist.is_initialized():
             dist.destroy_process_group()
             gc.collect()  # the last references to the group go: its connections close now
+        # ... unless something still holds the group (under FSDP, torch does): close them regardless.
+        self.sockets.shutdown()
+        self.sockets = GroupSockets()
+
+    def release(self) -> int:
+        """Shut down this rank's connections of its group (see :mod:`trainer.devices.group_sockets`): a
+        collective in flight here fails at once, and so do the peers' waiting on this rank. Asked of every
+        rank still training once a peer failed (:func:`trainer.cluster.watch.run_chunk`); answered while
+        :meth:`train` runs (the actor is threaded). Returns how many sockets it shut down."""
+        return self.sockets.shutdown()
 
     # --- training ------------------------------------------------------------------------------------
     def train(self, until_step: int) -> dict[str, Any]:

@@ -9,7 +9,7 @@ at the collective timeout.
 Once a rank is lost, killed as hung, or reports a collective error, the others are *released*, not killed:
 each rank that sees a collective error drops its process group at once (``WorkerActor.train``), its
 sockets close, and the peers still waiting on it fail in cascade and return with their process, model and
-state intact. They get ``release_s`` to do so; the ones still pending after that are blocked behind a live
+state intact; the ones still training are asked to close their connections too (:func:`release`). They get ``release_s`` to do so; the ones still pending after that are blocked behind a live
 peer that is itself stuck, and are killed and replaced with the lost and hung ones.
 
 With ``relays`` (:mod:`trainer.cluster.relay`), the members of a node that hosts several are reached
@@ -17,10 +17,13 @@ through that node's relay — one call per node and chunk, and one per node for 
 member's reply, loss or error is still taken in one by one, at most one poll later than directly.
 
 Release paths, by backend:
-- gloo (the only one exercised here, CPU and simulated families): dropping the group closes its TCP
-  connections, and a peer blocked in ``recv`` fails with "Connection closed by peer". gloo's
-  ``ProcessGroup.abort()`` returns without releasing a rank blocked in a collective, and gloo has no
-  ``shrink_group``; so the cascade is the release path.
+- gloo (the only one exercised here, CPU and simulated families): a closed connection fails a peer blocked
+  in ``recv`` with "Connection closed by peer". Dropping the group closes its connections — unless
+  something still holds the group, as torch does under FSDP: so the ranks still training are also asked
+  to shut down their own connections (:func:`release`, :mod:`trainer.devices.group_sockets`), which
+  releases a rank whichever peer it waits on (at 4 FSDP ranks, one lost, the rank that did not neighbour
+  it was otherwise never released, and was killed and replaced). gloo's ``ProcessGroup.abort()`` returns
+  without releasing a rank blocked in a collective, and gloo has no ``shrink_group``.
 - NCCL (CUDA) and HCCL (Ascend) — would run only on hardware this project is not tested on, and are not
   implemented: a rank blocked in a collective is released by aborting its communicator
   (``TORCH_NCCL_ASYNC_ERROR_HANDLING=2``, CleanUpOnly: abort the communicator, keep the process; the
@@ -131,6 +134,7 @@ def run_chunk(
         now = time.monotonic()
         if release_by is None and outcome.failed():
             release_by = now + release_s  # a peer failed: the others should be on their way out
+            release(members, pending)
         if release_by is not None:
             if now < release_by:
                 continue
@@ -155,7 +159,15 @@ def run_chunk(
                 waiting[ref] = (relay, [r for r in ranks if r not in hung])
             waiting = {ref: entry for ref, entry in waiting.items() if entry[1]}
             release_by = time.monotonic() + release_s
+            release(members, sorted(r for _, ranks in waiting.values() for r in ranks))
     return outcome
+
+
+def release(members: list[Any], ranks: list[int]) -> None:
+    """Ask ``ranks`` (still training, a peer failed) to shut down their connections of the group, so that
+    each leaves its collective now whichever peer it waits on (``WorkerActor.release``); not awaited."""
+    for rank in ranks:
+        members[rank].release.remote()
 
 
 def _collect(
