@@ -70,6 +70,8 @@ class Saves:
         #: The sharded save being written and committed: its outcome (as a member's ``flush`` reports it).
         self._pending: Future[dict[str, Any]] | None = None
         self._pending_step = -1
+        #: Whether the pending save is committed or given up on, whichever is decided first.
+        self._gate = _Gate()
 
     def _store(self) -> CheckpointStore | ObjectStore:
         checkpoint = self.config.checkpoint
@@ -134,7 +136,8 @@ class Saves:
         written = [m.written.remote(str(directory)) for m in writers]
         answers = [_value(c) for c in calls]
         header = answers[0]["header"] if answers[0] is not None else None
-        self._pending = _in_background(_commit, store, directory, written, header, len(writers))
+        self._gate = _Gate()
+        self._pending = _in_background(_commit, store, directory, written, header, len(writers), self._gate)
         self._pending_step = step
         # A rank's error reaches the caller as before (a lost worker: the policy decides).
         replies = ray.get(calls)
@@ -152,13 +155,26 @@ class Saves:
         )
 
     def settle(self, timeout_s: float | None = None) -> str | None:
-        """Wait (at most ``timeout_s``) for the sharded save in flight to be committed or abandoned, and book
-        its outcome; nothing to do without one. Call before the group restores from the checkpoints, so that a
-        save all ranks wrote is the one restored. Returns None, or why the save was not committed."""
+        """Wait (at most ``timeout_s``, default ``checkpoint.commit_wait_s``) for the sharded save in flight to
+        be committed or abandoned, and book its outcome; nothing to do without one. Call before the group
+        restores from the checkpoints, so that a save all ranks wrote is the one restored. A save still not
+        committed then is abandoned: its commit thread removes it once the ranks are done with it, and never
+        commits it. Returns None, or why the save was not committed."""
         pending, self._pending = self._pending, None
         if pending is None:
             return None
-        return self.committed(pending.result(timeout=timeout_s), self._pending_step)
+        wait = self.config.checkpoint.commit_wait_s if timeout_s is None else timeout_s
+        try:
+            outcome = pending.result(timeout=wait)
+        except TimeoutError:
+            if not self._gate.claim("abandon"):  # its commit had begun: it ends soon, either way
+                return self.committed(pending.result(), self._pending_step)
+            outcome = {
+                "committed": None,
+                "failed": f"the sharded checkpoint of step {self._pending_step} was not committed within "
+                f"{wait:g} s (a rank still writing its shards) and is abandoned, nothing committed",
+            }
+        return self.committed(outcome, self._pending_step)
 
     def finish(self, writers: list[Any], step: int) -> tuple[float, dict[str, Any], str | None]:
         """The run's end: the held-out loss, the final checkpoint (unless ``step`` is saved already), committed;
@@ -228,17 +244,35 @@ def _value(ref: Any) -> dict[str, Any] | None:
         return None
 
 
+class _Gate:
+    """What becomes of a pending sharded save, decided once: its commit thread commits it, or the driver,
+    tired of waiting, abandons it — whichever claims it first."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._decided: str | None = None
+
+    def claim(self, decision: str) -> bool:
+        """Decide ``decision`` unless the other one was decided first; whether ``decision`` stands."""
+        with self._lock:
+            if self._decided is None:
+                self._decided = decision
+            return self._decided == decision
+
+
 def _commit(
     store: CheckpointStore | ObjectStore,
     directory: Path | str,
     written: list[Any],
     header: dict[str, Any] | None,
     world_size: int,
+    gate: _Gate,
 ) -> dict[str, Any]:
     """On the driver's commit thread: wait for every rank's part of the sharded save in ``directory``, then
     commit it and delete checkpoints beyond ``keep_last``; a save that lost a rank (or one that could not be
-    written) is abandoned, its directory removed once no rank writes into it any more. Returns the outcome
-    as a member's ``flush`` does: ``committed`` and ``committed_bytes``, or ``failed``."""
+    written, or that the driver stopped waiting for: ``gate``) is abandoned, its directory removed once no
+    rank writes into it any more. Returns the outcome as a member's ``flush`` does: ``committed`` and
+    ``committed_bytes``, or ``failed``."""
     ray.wait(written, num_returns=len(written))  # every rank done with the directory, or gone
     answers: list[dict[str, Any]] = []
     for rank, ref in enumerate(written):
@@ -247,6 +281,8 @@ def _commit(
         except ray.exceptions.RayError as exc:
             answers.append({"failed": f"rank {rank} was lost ({type(exc).__name__})"})
     failed = [a["failed"] for a in answers if "failed" in a]
+    if not failed and not gate.claim("commit"):
+        failed = ["the driver stopped waiting for it (checkpoint.commit_wait_s)"]
     if header is None and not failed:
         failed = ["rank 0 did not stage the checkpoint"]
     try:

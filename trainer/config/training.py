@@ -129,6 +129,10 @@ class CheckpointConfig:
     #: CPU priority of the background writer (``normal``, or ``idle``: Linux ``SCHED_IDLE``, only the CPU
     #: time training leaves over; a save then costs training less and takes longer to commit).
     writer_priority: str = "normal"
+    #: Sharded saves (every rank writes its shards, the driver commits): how long the driver waits for one in
+    #: flight to commit before a recovery, a hand-over or the next save goes on without it. A save not
+    #: committed by then (a rank still writing: a stalled filesystem) is abandoned, never committed later.
+    commit_wait_s: float = 300.0
 
     def __post_init__(self) -> None:
         _require("checkpoint.dir", self.dir, bool(self.dir), "a non-empty path or s3://bucket/prefix")
@@ -142,6 +146,7 @@ class CheckpointConfig:
         _require("checkpoint.resume", self.resume, self.resume in RESUME_MODES, ", ".join(RESUME_MODES))
         _require("checkpoint.preempt_grace_s", self.preempt_grace_s, self.preempt_grace_s > 0, "seconds > 0")
         _require("checkpoint.lease_stale_s", self.lease_stale_s, self.lease_stale_s >= 1, "seconds >= 1")
+        _require("checkpoint.commit_wait_s", self.commit_wait_s, self.commit_wait_s > 0, "seconds > 0")
         priorities = WRITER_PRIORITIES if hasattr(os, "SCHED_IDLE") else ("normal",)
         _require(
             "checkpoint.writer_priority",
