@@ -20,10 +20,10 @@ from pathlib import Path
 from trainer.checkpoint import CheckpointManager
 from trainer.checkpoint.async_writer import AsyncCheckpointer
 from trainer.checkpoint.lease import Lease
-from trainer.cluster.heartbeat import Heartbeat
 from trainer.config import Config
 from trainer.errors import CheckpointWriteError, ExitCode, UserCodeError
 from trainer.goodput import Goodput
+from trainer.heartbeat import Heartbeat
 from trainer.journal import Journal
 from trainer.lifecycle import (
     RestoreReport,

@@ -147,3 +147,17 @@ def test_a_preemption_whose_save_cannot_be_written_says_nothing_was_saved(
     assert "nothing saved" in out
     store = CheckpointStore(small_disk)
     assert [p.name for p in store.committed()] == ["step_000000010"]
+
+
+def test_a_run_on_one_process_imports_no_ray(tmp_path: Path) -> None:
+    """The single process shares the lifecycle (and the heartbeat) with the group, not the group's machinery:
+    a run on it never imports Ray."""
+    code = (
+        "import sys; from trainer.job import run; from trainer.testing.configs import make_config; "
+        f"code = run(make_config(*{SMALL!r}, 'cluster=local', 'train.steps=2'), run_dir={str(tmp_path)!r}); "
+        "print(int(code), 'ray' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=180, cwd=tmp_path
+    )
+    assert done.stdout.split()[-2:] == [str(int(ExitCode.FINISHED)), "False"], done.stderr[-3000:]

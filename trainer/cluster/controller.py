@@ -20,7 +20,6 @@ from trainer.cluster.deadlines import Deadlines
 from trainer.cluster.group import WorkerGroup
 from trainer.cluster.handover import HandOver
 from trainer.cluster.health_watch import HealthWatch
-from trainer.cluster.heartbeat import Heartbeat
 from trainer.cluster.leaving import LeaveWatch, leaving
 from trainer.cluster.newest_state import LOST_ERRORS, HeldState
 from trainer.cluster.recovery import RunRecovery
@@ -33,6 +32,7 @@ from trainer.config import Config
 from trainer.devices import get_adapter
 from trainer.errors import DeviceUnavailableError, ExitCode, UserCodeError
 from trainer.goodput import Goodput
+from trainer.heartbeat import Heartbeat
 from trainer.journal import Journal
 from trainer.lifecycle import checkpoint_due
 from trainer.metrics import MetricsSink, NullSink
@@ -295,7 +295,7 @@ class Controller(RunRecovery):
 
     # --- heartbeats and checkpoints ------------------------------------------------------------------
     def _on_heartbeat(self, outcome: ChunkOutcome, until: int, started: float) -> None:
-        beat = Heartbeat.of(outcome, until)
+        beat = Heartbeat.of(outcome.results, until)
         self.deadlines.record(beat.step_times)
         self.goodput.productive(sum(beat.step_times))
         if beat.losses:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass
+from typing import Any
 
-from trainer.cluster.watch import ChunkOutcome
 from trainer.config import Config
 from trainer.journal import Journal
 from trainer.metrics import MetricsSink, report_task_metrics
@@ -30,9 +30,9 @@ class Heartbeat:
     task_metrics: dict[str, float]
 
     @classmethod
-    def of(cls, outcome: ChunkOutcome, until: int) -> Heartbeat:
-        """The heartbeat of a chunk every rank finished at step ``until``."""
-        first = outcome.results[0]
+    def of(cls, results: dict[int, dict[str, Any]], until: int) -> Heartbeat:
+        """The heartbeat of a chunk every rank finished at step ``until``, from each rank's reply."""
+        first = results[0]
         n = len(first["losses"])
         return cls(
             first_step=until - n + 1,
@@ -40,13 +40,11 @@ class Heartbeat:
             # Per step, the mean over the ranks (as statistics.fmean: fsum / n, without its per-item cost).
             losses=[
                 math.fsum(step) / len(step)
-                for step in zip(*(r["losses"][:n] for r in outcome.results.values()), strict=True)
+                for step in zip(*(r["losses"][:n] for r in results.values()), strict=True)
             ],
             step_times=list(first["step_times"]),
             rank_step_s={
-                rank: statistics.median(r["step_times"])
-                for rank, r in outcome.results.items()
-                if r["step_times"]
+                rank: statistics.median(r["step_times"]) for rank, r in results.items() if r["step_times"]
             },
             skipped_steps=list(first.get("skipped_steps", [])),
             task_metrics=dict(first.get("task_metrics", {})),
