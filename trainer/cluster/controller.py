@@ -34,7 +34,7 @@ from trainer.errors import DeviceUnavailableError, ExitCode, UserCodeError
 from trainer.goodput import Goodput
 from trainer.heartbeat import Heartbeat
 from trainer.journal import Journal
-from trainer.lifecycle import checkpoint_due
+from trainer.lifecycle import checkpoint_due, record_group
 from trainer.metrics import MetricsSink, NullSink
 from trainer.policy import Action, Decision, FailureEvent, FailureKind, PolicyConfig, decide
 from trainer.preemption import Preemption
@@ -160,12 +160,13 @@ class Controller(RunRecovery):
         self.group.start()
         check_shared(self.checkpoint_root, [*self.group.members, *self.group.spares])
         self.families_used.append(family)
-        self.sink.run_info(self.config.name, family, self.group.size, self.config.train.steps)
-        self.journal.record(
-            "group_started",
-            family=family,
-            world_size=self.group.size,
-            step=self.step,
+        record_group(
+            self.journal,
+            self.sink,
+            self.config.name,
+            self.config.train.steps,
+            family,
+            self.step,
             members=self.group.started_on[: self.group.size],
             spares=self.group.started_on[self.group.size :],
         )
