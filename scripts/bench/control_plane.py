@@ -2,7 +2,7 @@
 
 What is measured is the driver's side of a group run, with the real code: the chunk watcher
 (``trainer.cluster.watch.run_chunk``: the ``train`` calls, waits, collection of the replies), the
-heartbeat built from the replies (``trainer.cluster.heartbeat.Heartbeat``), the straggler bookkeeping
+heartbeat built from the replies (``trainer.heartbeat.Heartbeat``), the straggler bookkeeping
 (``trainer.cluster.health_watch.HealthWatch``) and the policy's decision (``trainer.policy.decide``).
 
 The members are simulated, because an idle Ray actor takes about 57 MiB and 1,000 do not fit here: one
@@ -54,10 +54,10 @@ from typing import Any
 import ray
 
 from trainer.cluster.health_watch import HealthWatch
-from trainer.cluster.heartbeat import Heartbeat
 from trainer.cluster.relay import Relay, Relays
 from trainer.cluster.watch import run_chunk
 from trainer.goodput import Goodput
+from trainer.heartbeat import Heartbeat
 from trainer.journal import Journal
 from trainer.metrics import NullSink
 from trainer.policy import FailureEvent, FailureKind, PolicyConfig, decide
@@ -124,6 +124,10 @@ class MemberPool:
         self.stop[member] = step
         return self.steps[member]
 
+    def release(self, member: int) -> int:
+        """Asked of the members still training once one failed: no group's connections to shut down here."""
+        return 0
+
     def kill(self, member: int) -> None:
         self.dead.add(member)
         self.failed.set()
@@ -151,6 +155,7 @@ class Member:
         self.progress = _Call(pool, "progress", index)
         self.stop_after = _Call(pool, "stop_after", index)
         self.info = _Call(pool, "info", index)
+        self.release = _Call(pool, "release", index)
 
 
 @ray.remote(num_cpus=0)
@@ -192,7 +197,7 @@ def measure(
             until += steps
             wall, used = time.perf_counter(), time.process_time()
             outcome = run_chunk(members, until, 60.0, 120.0, 10.0, relays=relays)
-            beat = Heartbeat.of(outcome, until)
+            beat = Heartbeat.of(outcome.results, until)
             health.after_chunk(members, "sim_npu", until, outcome)  # type: ignore[arg-type]
             used, wall = time.process_time() - used, time.perf_counter() - wall
             assert not outcome.failed() and beat.step == until and len(outcome.results) == size, outcome
