@@ -113,6 +113,8 @@ class WorkerActor:
         self.armed = False
         #: The connections of the group this worker is in (none before its first join).
         self.sockets = GroupSockets()
+        #: Whether a chunk is being trained (:meth:`train` runs): :meth:`release` acts only then.
+        self.training = False
         self.die_in = die_in
         #: Whether this worker holds the run's state (restored or loaded); a fresh spare does not.
         self.holds_state = False
@@ -183,8 +185,11 @@ class WorkerActor:
         """Shut down this rank's connections of its group (see :mod:`trainer.devices.group_sockets`): a
         collective in flight here fails at once, and so do the peers' waiting on this rank. Asked of every
         rank still training once a peer failed (:func:`trainer.cluster.watch.run_chunk`); answered while
-        :meth:`train` runs (the actor is threaded). Returns how many sockets it shut down."""
-        return self.sockets.shutdown()
+        :meth:`train` runs (the actor is threaded). Returns how many sockets it shut down.
+
+        Only while a chunk is being trained: the request is not awaited, and one that came late — after this
+        rank left and joined the next group — must not shut that group's connections down."""
+        return self.sockets.shutdown() if self.training else 0
 
     # --- training ------------------------------------------------------------------------------------
     def train(self, until_step: int) -> dict[str, Any]:
@@ -207,7 +212,11 @@ class WorkerActor:
         # on this rank in a collective fail fast too, and so on around the group — every survivor is
         # released, none waits for the collective timeout. (gloo's abort does not release a rank blocked in
         # a collective.) A bug in the user's code drops it too, then stops the run (UserCodeError).
-        failure = run_or_leave(steps, self.leave)
+        self.training = True
+        try:
+            failure = run_or_leave(steps, self.leave)
+        finally:
+            self.training = False
         if failure is not None:
             return {"ok": False, "step": self.worker.step, "error": failure}
         return {
