@@ -39,7 +39,7 @@ def _rank(rank: int, port: int, other_port: int, who: str, out: str) -> None:
         # the group's, never shut down.
         create.unrelated = socket.create_connection(("127.0.0.1", other_port))  # type: ignore[attr-defined]
 
-    _, sockets = GroupSockets.joining(create, store, rank, 2)
+    sockets = GroupSockets.joining(create, store, rank, 2)
     unrelated = create.unrelated  # type: ignore[attr-defined]
     mesh = init_device_mesh("cpu", (2,))
     DTensor.from_local(torch.ones(2), mesh, [Shard(0)])  # torch holds the group from now on

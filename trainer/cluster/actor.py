@@ -154,7 +154,7 @@ class WorkerActor:
         self.stop_step = None  # a stop asked of the previous incarnation (a rank that left) is done
         store = dist.TCPStore(host, port, world_size, is_master=False, timeout=timedelta(seconds=timeout_s))
         # The backend's own timeouts and error handling follow timeout_s too (HCCL_EXEC_TIMEOUT, NCCL's).
-        _, self.sockets = GroupSockets.joining(
+        self.sockets = GroupSockets.joining(
             lambda: join_group(self.worker.adapter, timeout_s, store=store, rank=rank, world_size=world_size),
             store,
             rank,

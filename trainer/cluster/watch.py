@@ -9,8 +9,9 @@ at the collective timeout.
 Once a rank is lost, killed as hung, or reports a collective error, the others are *released*, not killed:
 each rank that sees a collective error drops its process group at once (``WorkerActor.train``), its
 sockets close, and the peers still waiting on it fail in cascade and return with their process, model and
-state intact; the ones still training are asked to close their connections too (:func:`release`). They get ``release_s`` to do so; the ones still pending after that are blocked behind a live
-peer that is itself stuck, and are killed and replaced with the lost and hung ones.
+state intact; the ones still training are asked to close their connections too (:func:`release`). They
+get ``release_s`` to do so; the ones still pending after that are blocked behind a live peer that is itself
+stuck, and are killed and replaced with the lost and hung ones.
 
 With ``relays`` (:mod:`trainer.cluster.relay`), the members of a node that hosts several are reached
 through that node's relay — one call per node and chunk, and one per node for the hang check — and each

@@ -12,10 +12,11 @@ rank 2) was never released: it was killed when the release window ran out, and r
 Here the sockets themselves are shut down. :meth:`GroupSockets.joining` records the sockets the group's
 creation opened and keeps the group's connections: those accepted on its listening socket and those made to
 the other ranks' listening sockets (whose ports the ranks exchange through the group's store). Never the
-listening socket itself: gloo aborts the process when its ``accept`` fails. :meth:`GroupSockets.shutdown` shuts them down (``SHUT_RDWR``, which ends the connection for
-every descriptor of it, gloo's included) — a collective in flight on this rank fails with "Connection closed"
-and so do the peers' that wait on this rank. It is safe from any thread, and against descriptors reused
-since: each is checked to be the same socket (its inode) before it is touched.
+listening socket itself: gloo aborts the process when its ``accept`` fails. :meth:`GroupSockets.shutdown`
+shuts them down (``SHUT_RDWR``, which ends the connection for every descriptor of it, gloo's included) — a
+collective in flight on this rank fails with "Connection closed", and so do the peers' that wait on this
+rank. It is safe from any thread, and against descriptors reused since: each is checked to be the same
+socket (its inode) before it is touched.
 
 Linux only (``/proc``); elsewhere, and for other backends (NCCL and HCCL abort their communicators instead),
 nothing is recorded and a shutdown does nothing.
@@ -28,11 +29,8 @@ import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import torch.distributed as dist
-
-T = TypeVar("T")
 
 #: Where this process's descriptors and the kernel's TCP sockets are listed.
 _FDS = "/proc/self/fd"
@@ -83,30 +81,31 @@ class GroupSockets:
 
     @classmethod
     def joining(
-        cls, create: Callable[[], T], store: dist.Store | None, rank: int, world_size: int
-    ) -> tuple[T, GroupSockets]:
+        cls, create: Callable[[], object], store: dist.Store | None, rank: int, world_size: int
+    ) -> GroupSockets:
         """Call ``create`` (which creates the default group through ``store``) and record the sockets it
         opened that are the group's. Every rank of the group calls this (it exchanges listening ports)."""
         if not sys.platform.startswith("linux") or store is None:
-            return create(), cls()
+            create()
+            return cls()
         before = _sockets()
-        result = create()
+        create()
         if dist.get_backend() != "gloo":
-            return result, cls()
+            return cls()
         opened = {fd: inode for fd, inode in _sockets().items() if before.get(fd) != inode}
         ports = _tcp_ports()
         listening = [ports[i][0] for i in opened.values() if i in ports and ports[i][2]]
         own = listening[0] if len(listening) == 1 else -1  # -1: none, or not only gloo's (kept apart)
-        store.set(_PORT_KEY.format(rank=rank), str(own))
-        peers = {int(store.get(_PORT_KEY.format(rank=r))) for r in range(world_size) if r != rank} - {-1}
+        store.set(_PORT_KEY.format(rank=rank), str(own))  # the others wait for it, whatever it is
         if own == -1:
-            return result, cls()
+            return cls()
+        peers = {int(store.get(_PORT_KEY.format(rank=r))) for r in range(world_size) if r != rank} - {-1}
         mine = tuple(
             (fd, inode)
             for fd, inode in sorted(opened.items())
             if inode in ports and not ports[inode][2] and (ports[inode][0] == own or ports[inode][1] in peers)
         )
-        return result, cls(mine)
+        return cls(mine)
 
     def shutdown(self) -> int:
         """Shut down every socket recorded that is still open (the same socket: its inode checked); returns
