@@ -25,7 +25,8 @@ Interleaved A B A B …; prints JSON with medians and ``ratio`` = toolkit ÷ pla
 
     .venv/bin/python scripts/bench/overhead.py [--steps 120] [--repeats 3]
     .venv/bin/python scripts/bench/overhead.py --example digits|lm_tokens|snippets [--steps 120] [--repeats 3]
-    .venv/bin/python scripts/bench/overhead.py --device cpu|cuda [--steps 120] [--repeats 3]
+    .venv/bin/python scripts/bench/overhead.py --device cpu|cuda [--steps 120] [--repeats 3] [--fused]
+        [--profile FILE]
 """
 
 from __future__ import annotations
@@ -209,10 +210,18 @@ def main() -> None:
         action="store_true",
         help="with --device: AdamW's fused kernel in every loop (the toolkit's step then skips on the device)",
     )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="with --device: then profile one plain and one in-process run, top operators to this file",
+    )
     args = parser.parse_args()
     if args.device is not None:
         measured = single_worker.measure(args.device, args.steps, args.repeats, args.chunk, args.fused)
         print(json.dumps(measured, indent=2))
+        if args.profile is not None:
+            single_worker.profile(args.device, min(args.steps, 60), args.chunk, args.fused, args.profile)
         return
     if args.steps < WARMUP_STEPS + 2 * args.chunk:  # two heartbeats after the warm-up, or nothing to time
         parser.error(f"--steps={args.steps}: must be at least {WARMUP_STEPS} warm-up steps + 2 * --chunk")

@@ -14,6 +14,10 @@ same model, optimizer, clipping and data on the same device, in the same process
   heartbeats after the warm-up (one per chunk of ``--chunk`` steps). Skipped, and said so, where Ray is not
   installed.
 
+``--profile FILE`` (after the timed runs): one more run of the plain loop and of the toolkit in-process,
+each under ``torch.profiler`` (host and device), and the operators that took most time on each side written
+to FILE as two tables — where a ratio above the goal comes from.
+
 A GPU machine needs PyTorch with CUDA, ``hydra-core``, ``omegaconf``, ``prometheus-client``, ``xxhash`` and
 ``numpy`` (and ``ray`` for the Ray mode); the project itself is imported from the repository.
 """
@@ -131,6 +135,26 @@ def plain_loop_s(device: str, steps: int, read_loss: bool, fused: bool = False) 
             loss.item()
     sync()
     return (time.perf_counter() - start) / steps
+
+
+def profile(device: str, steps: int, chunk: int, fused: bool, out: Path) -> None:
+    """The plain loop and the toolkit in-process, each run once under ``torch.profiler``: top operators to ``out``."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    sort = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    tables = []
+    for name, once in (
+        ("plain loop", lambda: plain_loop_s(device, steps, read_loss=False, fused=fused)),
+        ("toolkit in-process", lambda: toolkit_step_s(device, steps, chunk, ray=False, fused=fused)),
+    ):
+        with torch.profiler.profile(activities=activities) as prof:
+            step_s = once()
+        averages = prof.key_averages()
+        tables.append(f"== {name}: {step_s * 1e3:.2f} ms per step ({WARMUP_STEPS} + {steps} steps profiled)")
+        tables.append(averages.table(sort_by=sort, row_limit=30, max_name_column_width=60))
+        tables.append(averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
+    out.write_text("\n".join(tables))
 
 
 def measure(device: str, steps: int, repeats: int, chunk: int, fused: bool = False) -> dict[str, Any]:
