@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from trainer.checkpoint.lease import Lease
+from trainer.cluster import calls
 from trainer.cluster.deadlines import Deadlines
 from trainer.cluster.group import WorkerGroup
 from trainer.cluster.handover import HandOver
 from trainer.cluster.health_watch import HealthWatch
 from trainer.cluster.leaving import LeaveWatch, leaving
-from trainer.cluster.newest_state import LOST_ERRORS, HeldState
+from trainer.cluster.newest_state import HeldState
 from trainer.cluster.recovery import RunRecovery
 from trainer.cluster.relay import Relays
 from trainer.cluster.run_control import BADPUT_STATES, State
@@ -120,7 +121,7 @@ class Controller(RunRecovery):
                 state, started = self.state, time.monotonic()
                 try:
                     self.state = self._handlers[state]()
-                except LOST_ERRORS as exc:
+                except calls.lost_errors() as exc:
                     # A save, snapshot, restore, probe or hand-over step found a worker gone: a worker loss.
                     self.state = self._on_lost(exc)
                 except UserCodeError as exc:

@@ -12,9 +12,8 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-import ray
-
 from trainer.checkpoint.lease import Lease
+from trainer.cluster import calls
 from trainer.cluster.group import WorkerGroup
 from trainer.cluster.run_control import State
 from trainer.cluster.saves import Saves
@@ -110,7 +109,7 @@ class RunEndings:
         self.user_error = message
 
         def settle() -> None:
-            with contextlib.suppress(ray.exceptions.RayError):
+            with contextlib.suppress(*calls.call_errors()):
                 if self.group is not None:
                     self.saves.flush(self.members[0], self.step, timeout_s=60)
 

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from trainer.cluster import calls
 from trainer.cluster.actor import WorkerActor
 from trainer.config import Config, to_container
 from trainer.devices import DeviceAdapter
@@ -126,7 +127,7 @@ class WorkerGroup:
         actors = [self._spawn(i) for i in range(total)]
         try:
             infos = ray.get([a.info.remote() for a in actors], timeout=cluster.start_timeout_s)
-        except (ray.exceptions.RayError, TimeoutError) as exc:
+        except calls.call_errors() as exc:
             self.shutdown()
             raise DeviceUnavailableError(
                 f"workers of family {self.adapter.name!r} failed to start: {exc}"
@@ -182,7 +183,7 @@ class WorkerGroup:
         ]
         try:
             return ray.get(refs, timeout=timeout_s + 30)  # raises as soon as one member is lost
-        except ray.exceptions.RayError:
+        except calls.call_errors():
             self.store = None  # closing the rendezvous releases the members still waiting in it
             raise
 
@@ -195,7 +196,7 @@ class WorkerGroup:
         for ref in ready:
             try:
                 steps[refs[ref]] = ray.get(ref)["step"]
-            except ray.exceptions.RayError:
+            except calls.call_errors():
                 continue
         return steps
 
@@ -206,7 +207,7 @@ class WorkerGroup:
         for rank in ranks:
             lost = self.members[rank]
             bundle = self._bundle_of.pop(lost)
-            ray.kill(lost, no_restart=True)
+            calls.kill(lost)
             # The killed actor's bundle frees asynchronously; its new occupant simply queues until it does.
             self._pending_spares.append(self._spawn(bundle))
         for rank in ranks:
@@ -229,7 +230,7 @@ class WorkerGroup:
                 continue
             try:
                 ray.get(ref)
-            except ray.exceptions.RayError as exc:  # it died while starting: its bundle gets another
+            except calls.call_errors() as exc:  # it died while starting: its bundle gets another
                 log.warning("a spare died while starting: %s", str(exc).splitlines()[0])
                 still.append(self._spawn(self._bundle_of.pop(actor)))
                 continue
@@ -247,7 +248,7 @@ class WorkerGroup:
             for ref in ready:
                 try:
                     ray.get(ref)
-                except ray.exceptions.RayError as exc:
+                except calls.call_errors() as exc:
                     log.warning("a warm spare died: %s", str(exc).splitlines()[0])
                     dead.append(refs[ref])
         for actor in dead:
@@ -259,7 +260,7 @@ class WorkerGroup:
     def kill(self, ranks: list[int]) -> None:
         """Kill the workers of ``ranks`` now (hung ones); their peers' collectives then fail fast."""
         for rank in ranks:
-            ray.kill(self.members[rank], no_restart=True)
+            calls.kill(self.members[rank])
 
     def leave_all(self, actors: list[Any]) -> None:
         """Ask live workers to drop their process group; ignore ones that are gone."""
@@ -268,13 +269,13 @@ class WorkerGroup:
         for ref in refs:
             try:
                 ray.get(ref, timeout=max(0.1, deadline - time.monotonic()))
-            except (ray.exceptions.RayError, TimeoutError) as exc:
+            except calls.call_errors() as exc:
                 log.warning("a worker could not leave its group cleanly: %s", exc)
 
     def shutdown(self) -> None:
         for actor in [*self.members, *self.spares, *self._pending_spares]:
             try:
-                ray.kill(actor, no_restart=True)
+                calls.kill(actor)
             except Exception as exc:  # already gone
                 log.debug("kill failed: %s", exc)
         self.members, self.spares, self._pending_spares = [], [], []

@@ -13,9 +13,7 @@ from collections import Counter
 from dataclasses import asdict
 from typing import Any
 
-import ray
-
-from trainer.cluster.newest_state import LOST_ERRORS
+from trainer.cluster import calls
 from trainer.cluster.watch import ChunkOutcome
 from trainer.config import Config
 from trainer.goodput import Goodput
@@ -60,10 +58,10 @@ class HealthWatch:
         started = time.monotonic()
         refs = [m.probe.remote(list(sizes), cfg.iters, cfg.timeout_s, not light) for m in members]
         try:
-            replies = ray.get(refs, timeout=cfg.timeout_s * 2 + 30)
-        except LOST_ERRORS:
+            replies = calls.get(refs, timeout=cfg.timeout_s * 2 + 30)
+        except calls.lost_errors():
             raise  # a worker gone during the probe is a worker loss, not a finding about the interconnect
-        except (ray.exceptions.RayError, TimeoutError) as exc:
+        except calls.call_errors() as exc:
             return FailureKind.DEGRADED_PROBE, (), f"{phase} probe failed: {exc}"
         elapsed = time.monotonic() - started
         if phase.startswith("in-flight"):

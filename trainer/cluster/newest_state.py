@@ -17,15 +17,10 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
-import ray
+from trainer.cluster import calls
 
 log = logging.getLogger(__name__)
 
-#: What a member that is gone raises, wherever it is noticed (its call, or an object it produced).
-LOST_ERRORS: tuple[type[Exception], ...] = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)
-
-#: What makes a member unable to hand its state over: gone, or too slow to answer.
-_UNABLE: tuple[type[Exception], ...] = (*LOST_ERRORS, ray.exceptions.GetTimeoutError, TimeoutError)
 
 #: Seconds a live member may take to snapshot (or evaluate) before the next one is asked.
 _TIMEOUT_S = 60.0
@@ -74,14 +69,14 @@ def hold_newest(members: list[Any], steps: dict[int, int | None], evaluate: bool
     for rank in sorted(holding, key=lambda r: (-holding[r], r)):
         member = members[rank]
         ref = member.snapshot.remote()
-        ready, _ = ray.wait([ref], timeout=_TIMEOUT_S, fetch_local=False)
+        ready, _ = calls.wait([ref], timeout=_TIMEOUT_S, fetch_local=False)
         try:
             if not ready:
                 raise TimeoutError(f"no snapshot within {_TIMEOUT_S:.0f} s")
             # A member still answering after its snapshot finished produced it (a dead one raises here).
             check = member.evaluate.remote() if evaluate else member.info.remote()
-            answer = ray.get(check, timeout=_TIMEOUT_S)
-        except _UNABLE as exc:
+            answer = calls.get(check, timeout=_TIMEOUT_S)
+        except calls.lost_errors(TimeoutError) as exc:  # gone, or too slow to answer
             log.warning("rank %d could not hand over its state: %s", rank, str(exc).splitlines()[0])
             continue
         loss = float(answer) if evaluate else math.nan
@@ -112,9 +107,9 @@ def load(
         why = loaded
     elif held is not None:
         into = [rank for rank in range(len(members)) if rank not in holding]
-        ray.get([members[rank].load_snapshot.remote(held.ref, rank) for rank in into])
+        calls.get([members[rank].load_snapshot.remote(held.ref, rank) for rank in into])
         return Loaded(held.step, held.origin, f"a live member held step {held.step}", into=into)
-    restored = ray.get([m.restore.remote(checkpoint_root, keep_last) for m in members])
+    restored = calls.get([m.restore.remote(checkpoint_root, keep_last) for m in members])
     if restored[0] is not None:
         return Loaded(int(restored[0]["step"]), "disk checkpoint", why, restored[0])
     return Loaded(0, "initial state (no checkpoint yet)", f"{why} and no checkpoint exists")
@@ -127,11 +122,18 @@ def _load_copies(members: list[Any], held: HeldState) -> Loaded | str:
     into = list(range(len(members)))
     loads = [members[rank].load_snapshot.remote(held.refs[rank], rank) for rank in into]
     try:
-        ray.get(loads)
-    except ray.exceptions.ObjectLostError as exc:  # a copy gone with its node (members lost raise otherwise)
+        calls.get(loads)
+    except _object_lost() as exc:  # a copy gone with its node (members lost raise otherwise)
         log.warning("a shard copy was lost: %s", str(exc).splitlines()[0])
         # The other members' loads end before the checkpoint's restore is asked of them.
-        ray.wait(loads, num_returns=len(loads), timeout=_TIMEOUT_S, fetch_local=False)
+        calls.wait(loads, num_returns=len(loads), timeout=_TIMEOUT_S, fetch_local=False)
         return f"a shard copy was lost ({type(exc).__name__}): with its node?"
     reason = f"every rank's copy of its own shards at step {held.step} is held by the driver"
     return Loaded(held.step, held.origin, reason, into=into)
+
+
+def _object_lost() -> type[BaseException]:
+    """Ray's error for an object gone with its node (shard copies are held by Ray: Ray is imported then)."""
+    import ray
+
+    return ray.exceptions.ObjectLostError  # type: ignore[no-any-return]

@@ -11,8 +11,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
-import ray
-
+from trainer.cluster import calls
 from trainer.cluster.endings import RunEndings
 from trainer.cluster.group import capacity, free_bundles
 from trainer.cluster.handover import HandOver
@@ -63,7 +62,7 @@ class RunRecovery(RunEndings):
         for _ in range(_REPAIR_ROUNDS):
             try:
                 return self._repair(decision, outcome, started, replaced)
-            except (ray.exceptions.RayError, DeviceUnavailableError, TimeoutError) as exc:
+            except calls.call_errors(DeviceUnavailableError) as exc:
                 why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 if isinstance(exc, DeviceUnavailableError):  # no spare can be had: a new group, or the policy
                     return self._rebuild(f"repair in place failed: {why}")

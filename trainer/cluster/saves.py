@@ -18,13 +18,12 @@ from concurrent.futures import Future
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import ray
-
 from trainer.checkpoint.lease import Fence
 from trainer.checkpoint.manager import open_store
 from trainer.checkpoint.objects import ObjectStore, scheme
 from trainer.checkpoint.sharded import commit_parts, commit_uploaded
 from trainer.checkpoint.store import CheckpointStore
+from trainer.cluster import calls
 from trainer.config import Config
 from trainer.devices import get_adapter
 from trainer.errors import CheckpointWriteError, ConfigError
@@ -86,7 +85,7 @@ class Saves:
         if self.per_rank:  # the members leave leftovers of interrupted saves to the driver
             for path in self._store().remove_partial():
                 log.info("removed %s, the leftover of an interrupted save", path)
-        restored = ray.get([m.restore.remote(str(self.checkpoint_root), keep) for m in members])
+        restored = calls.get([m.restore.remote(str(self.checkpoint_root), keep) for m in members])
         if restored[0] is None:
             return 0
         report = RestoreReport.of(restored[0])
@@ -107,7 +106,7 @@ class Saves:
         keep = self.config.checkpoint.keep_last
         started = time.monotonic()
         refs = [m.save.remote(str(self.checkpoint_root), keep, metrics, self.fence) for m in writers]
-        reply = ray.get(refs)[0]
+        reply = calls.get(refs)[0]
         held = time.monotonic() - started
         self.committed(reply, self.last_saved)  # the outcome of the previous save (of that step)
         self.last_saved = step
@@ -129,18 +128,18 @@ class Saves:
             self.committed({"failed": f"checkpoint of step {step}: cannot write to {store}: {exc}"}, step)
             return
         started = time.monotonic()
-        calls = [m.save_shards.remote(self.checkpoint_root, keep, str(directory), metrics) for m in writers]
-        ray.wait(calls, num_returns=len(calls))  # every rank staged its shards, or failed to
+        staging = [m.save_shards.remote(self.checkpoint_root, keep, str(directory), metrics) for m in writers]
+        calls.wait(staging, num_returns=len(staging))  # every rank staged its shards, or failed to
         # Asked even when a rank failed to stage: the commit thread then abandons the save, but only once every
         # rank still writing into the directory is done with it.
         written = [m.written.remote(str(directory)) for m in writers]
-        answers = [_value(c) for c in calls]
+        answers = [_value(c) for c in staging]
         header = answers[0]["header"] if answers[0] is not None else None
         self._gate = _Gate()
         self._pending = _in_background(_commit, store, directory, written, header, len(writers), self._gate)
         self._pending_step = step
         # A rank's error reaches the caller as before (a lost worker: the policy decides).
-        replies = ray.get(calls)
+        replies = calls.get(staging)
         held = time.monotonic() - started
         self.last_saved = step
         record_staged(
@@ -188,7 +187,7 @@ class Saves:
     @staticmethod
     def evaluate(writers: list[Any]) -> float:
         """The held-out loss of the group's state, from ``writers`` (see :meth:`writers`): rank 0's answer."""
-        return float(ray.get([m.evaluate.remote() for m in writers])[0])
+        return float(calls.get([m.evaluate.remote() for m in writers])[0])
 
     def final(self, writers: list[Any], step: int, timeout_s: float) -> tuple[int | None, str]:
         """Save ``step`` now (unless it is saved already) and wait for the commit, for at most ``timeout_s``:
@@ -197,7 +196,7 @@ class Saves:
             if self.last_saved != step:
                 self.save(writers, step)
             failed = self.flush(writers[0], step, timeout_s=max(timeout_s, 1.0))
-        except (ray.exceptions.RayError, TimeoutError) as exc:
+        except calls.call_errors() as exc:
             return None, f"the save did not complete: {type(exc).__name__}: {str(exc).splitlines()[0]}"
         return (step, "") if failed is None else (None, f"the save did not complete: {failed}")
 
@@ -206,7 +205,7 @@ class Saves:
         outcome: None, or why it was not committed."""
         if self.per_rank:
             return self.settle(timeout_s)
-        return self.committed(ray.get(member.flush.remote(), timeout=timeout_s), step)
+        return self.committed(calls.get(member.flush.remote(), timeout=timeout_s), step)
 
     def committed(self, reply: dict[str, Any], step: int) -> str | None:
         """Journal the outcome of the previous background save (committed, or failed to write); returns None,
@@ -239,8 +238,8 @@ def _in_background(fn: Callable[..., dict[str, Any]], *args: Any) -> Future[dict
 def _value(ref: Any) -> dict[str, Any] | None:
     """What the finished call ``ref`` returned; None when it raised (the rank was lost, a collective failed)."""
     try:
-        return dict(ray.get(ref))
-    except ray.exceptions.RayError:
+        return dict(calls.get(ref))
+    except calls.call_errors():
         return None
 
 
@@ -273,12 +272,12 @@ def _commit(
     written, or that the driver stopped waiting for: ``gate``) is abandoned, its directory removed once no
     rank writes into it any more. Returns the outcome as a member's ``flush`` does: ``committed`` and
     ``committed_bytes``, or ``failed``."""
-    ray.wait(written, num_returns=len(written))  # every rank done with the directory, or gone
+    calls.wait(written, num_returns=len(written))  # every rank done with the directory, or gone
     answers: list[dict[str, Any]] = []
     for rank, ref in enumerate(written):
         try:
-            answers.append(ray.get(ref))
-        except ray.exceptions.RayError as exc:
+            answers.append(calls.get(ref))
+        except calls.call_errors() as exc:
             answers.append({"failed": f"rank {rank} was lost ({type(exc).__name__})"})
     failed = [a["failed"] for a in answers if "failed" in a]
     if not failed and not gate.claim("commit"):
@@ -324,7 +323,7 @@ def check_shared(checkpoint_root: str, actors: list[Any]) -> None:
     marker = root / f".shared-check-{uuid.uuid4().hex[:8]}"
     marker.touch()
     try:
-        seen = ray.get([a.sees.remote(str(marker)) for a in actors])
+        seen = calls.get([a.sees.remote(str(marker)) for a in actors])
     finally:
         marker.unlink(missing_ok=True)
     blind = [i for i, ok in enumerate(seen) if not ok]

@@ -37,8 +37,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import ray
-
+from trainer.cluster import calls
 from trainer.cluster.newest_state import HeldState
 from trainer.config import Config
 from trainer.journal import Journal
@@ -89,10 +88,10 @@ class KeptShardCopies(ShardCopies):
         if same_group and copies is not None and 0 <= step - copies.step < self.interval_steps:
             return  # not due (a step before the set's: the group went back to a checkpoint, due)
         started = time.monotonic()
-        calls = [m.shard_copy.options(num_returns=2).remote() for m in members]
+        copying = [m.shard_copy.options(num_returns=2).remote() for m in members]
         try:
-            receipts = ray.get([receipt for _, receipt in calls], timeout=_TIMEOUT_S)
-        except (ray.exceptions.RayError, TimeoutError) as exc:
+            receipts = calls.get([receipt for _, receipt in copying], timeout=_TIMEOUT_S)
+        except calls.call_errors() as exc:
             # A rank lost or stuck while copying: the previous set is kept; the next chunk finds the rank.
             why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             log.warning("shard copies of step %d not taken: %s", step, why)
@@ -102,7 +101,7 @@ class KeptShardCopies(ShardCopies):
         if steps != {step} or [r["rank"] for r in receipts] != list(range(len(members))):
             self.journal.record("shard_copies_failed", step=step, error=f"ranks at steps {sorted(steps)}")
             return
-        self.current = _CopySet(step, family, tuple(copy for copy, _ in calls))
+        self.current = _CopySet(step, family, tuple(copy for copy, _ in copying))
         self.journal.record(
             "shard_copies",
             step=step,

@@ -41,8 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import ray
-
+from trainer.cluster import calls
 from trainer.cluster.relay import Relays, Routes, progress_of
 from trainer.policy import FailureKind
 
@@ -119,7 +118,7 @@ def run_chunk(
     give_up_at = started + deadline_s
     release_by: float | None = None
     while waiting:
-        done, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=_POLL_S)
+        done, _ = calls.wait(list(waiting), num_returns=len(waiting), timeout=_POLL_S)
         for ref in done:
             relay, ranks = waiting.pop(ref)
             rest = _collect(ref, relay, ranks, outcome, relays)
@@ -142,7 +141,7 @@ def run_chunk(
             outcome.unreleased, outcome.release_s = pending, release_s
             log.warning("ranks %s not released within %.1f s: killed", outcome.unreleased, release_s)
             for rank in outcome.unreleased:
-                ray.kill(members[rank], no_restart=True)
+                calls.kill(members[rank])
             break
         # Each rank's progress mark is refreshed when its train() starts, so nobody can have been silent
         # for longer than the chunk has run: no need to ask before then (asking costs the workers time).
@@ -154,7 +153,7 @@ def run_chunk(
         if hung:
             outcome.hung, outcome.hang_detected_after_s = hung, silent_for
             for rank in hung:
-                ray.kill(members[rank], no_restart=True)
+                calls.kill(members[rank])
             # Their peers now fail fast ("connection closed") and are released.
             for ref, (relay, ranks) in list(waiting.items()):
                 waiting[ref] = (relay, [r for r in ranks if r not in hung])
@@ -177,8 +176,8 @@ def _collect(
     """Take in one finished call (a member's reply, or a relay's replies for ``ranks``); returns the ranks
     it still owes."""
     try:
-        value = ray.get(ref)
-    except ray.exceptions.RayActorError as exc:  # the member died, or the relay with its node
+        value = calls.get(ref)
+    except calls.lost_errors() as exc:  # the member died, or the relay with its node
         if relay is not None and relays is not None:
             relays.forget(relay)
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -216,8 +215,8 @@ def stop_all(members: list[Any], training: list[int], until: int) -> int:
     steps = []
     for ref in probes:
         try:
-            steps.append(int(ray.get(ref, timeout=5.0)["step"]))
-        except (ray.exceptions.RayError, TimeoutError):
+            steps.append(int(calls.get(ref, timeout=5.0)["step"]))
+        except calls.call_errors():
             continue  # a lost rank surfaces through its train() reply
     stop_step = _ask_stop(members, min(until, max(steps, default=until - 1) + 1))
     log.warning("stopping every rank after step %d", stop_step)
@@ -229,8 +228,8 @@ def _ask_stop(members: list[Any], step: int) -> int:
     asked = [m.stop_after.remote(step) for m in members]
     for ref in asked:
         try:
-            ray.get(ref, timeout=5.0)
-        except (ray.exceptions.RayError, TimeoutError):
+            calls.get(ref, timeout=5.0)
+        except calls.call_errors():
             continue  # a lost rank surfaces through its train() reply
     return step
 
@@ -266,8 +265,8 @@ def _furthest_in_flight(members: list[Any], ranks: list[int]) -> int:
     furthest = -1
     for ref in probes:
         try:
-            progress = ray.get(ref, timeout=5.0)
-        except (ray.exceptions.RayError, TimeoutError):
+            progress = calls.get(ref, timeout=5.0)
+        except calls.call_errors():
             continue
         furthest = max(furthest, int(progress["step"]) + (progress["phase"] != "idle"))
     return furthest
