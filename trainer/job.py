@@ -1,8 +1,9 @@
 """``run(cfg)``: the whole job, callable from Hydra's entry point or directly from tests.
 
-Validates the configuration, takes the run's lease, and runs it on one process (:mod:`trainer.local`) or
-on a Ray worker group (:mod:`trainer.cluster.controller`); both follow one lifecycle
-(:mod:`trainer.lifecycle`) and end with the run's summary read back from its journal.
+Validates the configuration, takes the run's lease, and has the run's controller
+(:mod:`trainer.cluster.controller`) drive it on a Ray worker group or on a group of one in this process
+(:mod:`trainer.cluster.one_process`): one lifecycle (:mod:`trainer.lifecycle`), ending with the run's summary
+read back from its journal.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from trainer.faults import corrupt_newest_checkpoint
 from trainer.goodput import Goodput
 from trainer.journal import Journal
 from trainer.lifecycle import print_summary, record_started
-from trainer.local import run_in_process
 from trainer.metrics import MetricsSink
 from trainer.preemption import Preemption
 from trainer.tasks import check_task
@@ -106,15 +106,9 @@ def _run_leased(
         journal.record("fault_injected", fault="corrupt_latest_checkpoint", path=str(damaged))
     if config.cluster.mode == "ray":
         return _run_on_ray(config, home, journal, manager, lease)
-
-    sink = make_sink(config)
-    try:
-        with Preemption(config.checkpoint.preempt_grace_s).installed() as preemption:
-            code = run_in_process(config, home, journal, manager, sink, preemption, lease)
-    finally:
-        sink.close()
-    print_summary(journal, home, manager.root)
-    return code
+    family = get_adapter(config.device.family).name
+    # A group of one: its member is in this process, and Ray is never imported.
+    return _drive(config, home, journal, manager, lease, "127.0.0.1", f"{family} in this process")
 
 
 def _check_reachable(address: str, timeout_s: float) -> None:
@@ -171,7 +165,6 @@ def _run_on_ray(
     """The worker-group path: a controller on this process drives Ray actors."""
     import ray
 
-    from trainer.cluster.controller import Controller
     from trainer.cluster.local_ray import start_local_ray
 
     started_here = not ray.is_initialized()
@@ -181,20 +174,35 @@ def _run_on_ray(
         else:
             _check_reachable(config.cluster.address, config.cluster.connect_timeout_s)
             ray.init(address=config.cluster.address, log_to_driver=False)
-    _check_capacity(config)
-    driver_host = "127.0.0.1" if config.cluster.address is None else ray.util.get_node_ip_address()
-    goodput = Goodput()
-    goodput.resume_from(journal.read())  # a re-launched driver continues the previous account
-    family, workers = get_adapter(config.device.family).name, config.cluster.workers  # as the controller's
-    record_started(
-        journal, home, family, workers, config.name, "ray", f"{family} x{workers} on Ray", manager.root
-    )
     try:
-        sink = make_sink(config)
-    except BaseException:
+        _check_capacity(config)
+        driver_host = "127.0.0.1" if config.cluster.address is None else ray.util.get_node_ip_address()
+        family, workers = get_adapter(config.device.family).name, config.cluster.workers
+        return _drive(config, home, journal, manager, lease, driver_host, f"{family} x{workers} on Ray")
+    finally:
         if started_here:
             ray.shutdown()
-        raise
+
+
+def _drive(
+    config: Config,
+    home: Path,
+    journal: Journal,
+    manager: CheckpointManager,
+    lease: Lease,
+    driver_host: str,
+    where: str,
+) -> ExitCode:
+    """The run's controller (:mod:`trainer.cluster.controller`) drives its group — a Ray worker group, or a
+    group of one in this process — to the end; then the summary, read back from the journal."""
+    from trainer.cluster.controller import Controller
+
+    goodput = Goodput()
+    goodput.resume_from(journal.read())  # a re-launched driver continues the previous account
+    family = get_adapter(config.device.family).name  # as the controller's
+    workers = config.cluster.workers if config.cluster.mode == "ray" else 1
+    record_started(journal, home, family, workers, config.name, config.cluster.mode, where, manager.root)
+    sink = make_sink(config)
     try:
         # Installed after ray.init, which puts its own SIGTERM handler on the driver.
         with Preemption(config.checkpoint.preempt_grace_s).installed() as preemption:
@@ -204,7 +212,5 @@ def _run_on_ray(
             code = controller.run()
     finally:
         sink.close()
-        if started_here:
-            ray.shutdown()
     print_summary(journal, home, manager.root)
     return code

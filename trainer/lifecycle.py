@@ -1,9 +1,8 @@
-"""One run lifecycle: what the driver decides and records over a run's life, whichever way it reaches its
-members — one worker in the driver's process (:mod:`trainer.local`) or a Ray worker group
-(:mod:`trainer.cluster.controller`).
+"""One run lifecycle: what the driver decides and records over a run's life, whichever group it drives —
+a Ray worker group, or a group of one in the driver's process (:mod:`trainer.cluster.one_process`).
 
-Both paths call these functions at the same points of the run, so a run's journal, exported figures and
-printed lines are the same on both:
+The controller (:mod:`trainer.cluster.controller`) calls these functions at the same points of the run for
+every group, so a run's journal, exported figures and printed lines are the same on each:
 
 1. :func:`record_started` — the run's identity (``run_started``); :func:`record_group` for each group;
 2. :func:`report_restore` — what a resume found (``checkpoint_skipped``, ``resumed``);
@@ -60,7 +59,7 @@ def record_group(
     members: list[dict[str, Any]],
     spares: list[dict[str, Any]],
 ) -> None:
-    """A group of ``members`` (one for the single process) starts training on ``family`` at ``step``."""
+    """A group of ``members`` starts training on ``family`` at ``step``."""
     sink.run_info(config_name, family, len(members), total_steps)
     journal.record(
         "group_started", family=family, world_size=len(members), step=step, members=members, spares=spares

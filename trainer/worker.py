@@ -1,7 +1,7 @@
 """One rank of a training job: its device, the user's task, the data position and the train step.
 
-The same class runs in the driver process for single-process jobs and inside a Ray actor for each rank of
-a worker group. It runs the task's hooks (:mod:`trainer.api`) inside the framework's skeleton — device,
+The same class runs in the driver's process for a group of one and inside a Ray actor for each rank of a
+worker group. It runs the task's hooks (:mod:`trainer.api`) inside the framework's skeleton — device,
 DDP wrapper, backward, accumulation, clipping, scaler, optimizer and scheduler steps, progress marks — and
 never decides anything about failures; it trains, saves and restores when told to.
 """

@@ -17,10 +17,11 @@ import pytest
 
 from trainer.checkpoint import CheckpointStore
 from trainer.config import Config
-from trainer.errors import ExitCode
+from trainer.errors import ConfigError, ExitCode
 from trainer.job import run
 from trainer.journal import Journal
 from trainer.summary import summarize
+from trainer.testing.state import mismatched, restored_state
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 
@@ -150,8 +151,8 @@ def test_a_preemption_whose_save_cannot_be_written_says_nothing_was_saved(
 
 
 def test_a_run_on_one_process_imports_no_ray(tmp_path: Path) -> None:
-    """The single process shares the lifecycle (and the heartbeat) with the group, not the group's machinery:
-    a run on it never imports Ray."""
+    """A group of one is driven by the same controller as a Ray group, not through Ray: a run on one process
+    never imports Ray."""
     code = (
         "import sys; from trainer.job import run; from trainer.testing.configs import make_config; "
         f"code = run(make_config(*{SMALL!r}, 'cluster=local', 'train.steps=2'), run_dir={str(tmp_path)!r}); "
@@ -161,3 +162,38 @@ def test_a_run_on_one_process_imports_no_ray(tmp_path: Path) -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=180, cwd=tmp_path
     )
     assert done.stdout.split()[-2:] == [str(int(ExitCode.FINISHED)), "False"], done.stderr[-3000:]
+
+
+def test_a_hung_step_on_one_process_is_found_and_the_run_restarts_from_its_checkpoint(
+    make_config: Callable[..., Config], tmp_path: Path
+) -> None:
+    """The group of one is watched as a Ray group is: a step that stops making progress is found by its
+    missing progress mark, and the policy's restart starts a new group of one from the newest checkpoint —
+    the run then ends with the state an uninterrupted run ends with, bit for bit."""
+    base = (
+        *SMALL,
+        "cluster=local",
+        "train.steps=20",
+        "checkpoint.interval_steps=10",
+        "probes.preflight=false",
+    )
+    clean = make_config(*base)
+    assert run(clean, run_dir=tmp_path / "clean") == ExitCode.FINISHED
+    hung = make_config(
+        *base, "faults.hang_rank=0", "faults.hang_at_step=13", "fault_tolerance.hang_floor_s=2"
+    )
+    assert run(hung, run_dir=tmp_path / "hung") == ExitCode.FINISHED
+
+    journal = Journal(tmp_path / "hung" / "journal.jsonl").read()
+    [detected] = [e for e in journal if e["event"] == "hang_detected"]
+    assert detected["ranks"] == [0] and detected["step"] == 10
+    [recovered] = [e for e in journal if e["event"] == "recovered"]
+    assert recovered["state_from"] == "disk checkpoint" and recovered["step"] == 10
+    assert [e["family"] for e in journal if e["event"] == "group_started"] == ["sim_npu", "sim_npu"]
+    a = restored_state(clean, tmp_path / "clean" / "checkpoints")
+    assert mismatched(a, restored_state(clean, tmp_path / "hung" / "checkpoints")) == []
+
+
+def test_a_kill_fault_is_refused_for_one_process(make_config: Callable[..., Config]) -> None:
+    with pytest.raises(ConfigError, match="the one worker is the driver's own process"):
+        make_config(*SMALL, "cluster=local", "faults.kill_rank=0", "faults.kill_at_step=3")

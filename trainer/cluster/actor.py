@@ -13,6 +13,7 @@ import gc
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -21,7 +22,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-import ray
 import torch
 import torch.distributed as dist
 
@@ -82,6 +82,14 @@ def run_or_leave(body: Callable[[], None], leave: Callable[[], None]) -> str | N
     return failure
 
 
+def _node_id() -> str | None:
+    """The Ray node this process runs on; None outside Ray (a group of one never imports it)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    return str(ray.get_runtime_context().get_node_id())
+
+
 class WorkerActor:
     def __init__(
         self,
@@ -89,10 +97,14 @@ class WorkerActor:
         workers_per_node: int,
         die_in: str | None = None,
         simulated_device: int | None = None,
+        own_process: bool = True,
     ) -> None:
         """``die_in``: the name of a call this worker dies in (injected fault; None for healthy workers).
         ``simulated_device``: the device of a simulated family this worker stands on (its bundle), made
-        visible as Ray makes a GPU visible (CUDA_VISIBLE_DEVICES) to a CUDA worker."""
+        visible as Ray makes a GPU visible (CUDA_VISIBLE_DEVICES) to a CUDA worker. ``own_process``: this
+        worker has its process to itself (a Ray actor's: its objects are frozen, its SIGTERM watched); False
+        for the one member of a group of one, in the driver's process (:mod:`trainer.cluster.one_process`),
+        whose SIGTERM is the driver's preemption."""
         if simulated_device is not None:
             os.environ[SIM_VISIBLE_DEVICES_ENV] = str(simulated_device)
         self.config = from_container(config)
@@ -102,12 +114,13 @@ class WorkerActor:
         # for its neighbour's leave(): with 8 ranks sharing two cores the last survivor was out 2.2 s after
         # the kill, against 0.16 s frozen. First what the imports made, then the model and optimizer — except
         # under FSDP, whose model refers to itself through its hooks and is built anew at each re-formation:
-        # a frozen one would never be collected.
-        gc.collect()
-        gc.freeze()
+        # a frozen one would never be collected. (Not in the driver's process: its objects are not ours.)
+        if own_process:
+            gc.collect()
+            gc.freeze()
         self.worker = Worker(self.config, local_world_size=workers_per_node)
         self.worker.setup()
-        if not self.config.train.sharded:
+        if own_process and not self.config.train.sharded:
             gc.collect()
             gc.freeze()
         self.armed = False
@@ -125,8 +138,8 @@ class WorkerActor:
         self.checkpointer: AsyncCheckpointer | None = None
         #: Sharded saves being written, by their directory: this rank's part, for the committing driver.
         self.parts: dict[str, tuple[Future[RankPart], int]] = {}
-        # SIGTERM to this process: a planned removal (trainer.cluster.leaving), not a crash.
-        watch_terminate(self.config.checkpoint.preempt_grace_s)
+        if own_process:  # SIGTERM to this process: a planned removal (trainer.cluster.leaving), not a crash
+            watch_terminate(self.config.checkpoint.preempt_grace_s)
 
     def info(self) -> dict[str, Any]:
         """Who this worker is and the step of the run's state it holds (None: a spare that holds none yet).
@@ -136,7 +149,7 @@ class WorkerActor:
         return {
             "pid": os.getpid(),
             "host": socket.gethostname(),
-            "node": ray.get_runtime_context().get_node_id(),  # where its relay runs (trainer.cluster.relay)
+            "node": _node_id(),  # where its relay runs (trainer.cluster.relay)
             "family": self.worker.adapter.name,
             "step": step,
         }
@@ -395,16 +408,20 @@ class WorkerActor:
         """Interconnect probe over this incarnation's group (collective: every rank calls it) and a device
         probe of this rank's device. Never raises; failures and timeouts are in the result."""
         from trainer.health.device import probe_device
-        from trainer.health.interconnect import probe_interconnect
+        from trainer.health.interconnect import alone, probe_interconnect
 
         worker = self.worker
-        interconnect = probe_interconnect(
-            worker.device,
-            sizes_bytes=tuple(sizes_bytes),
-            iters=iters,
-            pairwise=pairwise,
-            faults=worker.faults.collective(worker.step),
-            timeout_s=timeout_s,
+        interconnect = (
+            probe_interconnect(
+                worker.device,
+                sizes_bytes=tuple(sizes_bytes),
+                iters=iters,
+                pairwise=pairwise,
+                faults=worker.faults.collective(worker.step),
+                timeout_s=timeout_s,
+            )
+            if worker.attached
+            else alone()  # a group of one
         )
         device = probe_device(
             worker.adapter,

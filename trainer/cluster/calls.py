@@ -7,8 +7,8 @@ did not answer). Two kinds of member answer these calls:
 
 * a Ray actor handle (the worker group): calls and replies go through Ray, as they always did;
 * :class:`InProcess`, an object living in the driver's own process (a group of one): each call runs on a
-  thread of the member's own — as a threaded Ray actor answers ``progress()`` while ``train()`` runs — and
-  its reference is a :class:`concurrent.futures.Future`.
+  thread of its own — as a threaded Ray actor answers ``progress()`` while ``train()`` runs — and its
+  reference is a :class:`concurrent.futures.Future`.
 
 Ray is imported only when a Ray reference is met, so a driver whose members are all in-process never
 imports it. No Ray error can come from a process that never imported Ray, which is what the error tuples
@@ -21,13 +21,9 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import wait as wait_futures
 from typing import Any
-
-#: Threads answering one in-process member: one for a call that runs long (train), the rest for the calls
-#: answered meanwhile (progress, stop_after, release), as the worker actor's ``max_concurrency``.
-_THREADS = 4
 
 
 class MemberLost(RuntimeError):
@@ -36,13 +32,16 @@ class MemberLost(RuntimeError):
 
 class InProcess:
     """A member object in this process, called as a Ray actor is: ``handle.method.remote(*args)`` runs
-    ``target.method(*args)`` on the handle's threads and returns a Future of its reply; a Future among the
-    arguments is replaced by its result first (as Ray resolves a reference passed to a call)."""
+    ``target.method(*args)`` on a thread of its own and returns a Future of its reply, so a call is answered
+    while another runs (as the threaded worker actor answers ``progress()`` while ``train()`` runs); a Future
+    among the arguments is replaced by its result first (as Ray resolves a reference passed to a call).
+
+    The threads are daemons: a call that never returns (a hung step) does not hold the driver's exit."""
 
     def __init__(self, target: Any, name: str = "member") -> None:
         self.target = target
+        self.name = name
         self.lost = threading.Event()
-        self._pool = ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix=name)
 
     def __getattr__(self, method: str) -> _Method:
         if method.startswith("_") or not callable(getattr(self.target, method, None)):
@@ -50,22 +49,25 @@ class InProcess:
         return _Method(self, method)
 
     def submit(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], returns: int) -> Any:
+        reply: Future[Any] = Future()
         if self.lost.is_set():
-            failed: Future[Any] = Future()
-            failed.set_exception(MemberLost(f"the in-process member was stopped; {method}() not called"))
-            return failed if returns == 1 else [failed] * returns
+            reply.set_exception(MemberLost(f"the in-process member was stopped; {method}() not called"))
+        else:
 
-        def body() -> Any:
-            resolved = [a.result() if isinstance(a, Future) else a for a in args]
-            return getattr(self.target, method)(*resolved, **kwargs)
+            def body() -> None:
+                try:
+                    resolved = [a.result() if isinstance(a, Future) else a for a in args]
+                    reply.set_result(getattr(self.target, method)(*resolved, **kwargs))
+                except BaseException as exc:  # the call's error, handed to whoever takes its reply
+                    reply.set_exception(exc)
 
-        reply = self._pool.submit(body)
+            threading.Thread(target=body, name=f"{self.name}.{method}", daemon=True).start()
         return reply if returns == 1 else _split(reply, returns)
 
     def stop(self) -> None:
-        """No more calls are taken; a call running now runs to its end (a thread cannot be killed)."""
+        """No more calls are taken; a call running now runs on (a thread cannot be stopped from outside)
+        and its reply is no longer awaited by anyone who asks after this."""
         self.lost.set()
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 class _Method:

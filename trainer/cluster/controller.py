@@ -13,16 +13,16 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trainer.checkpoint.lease import Lease
 from trainer.cluster import calls
 from trainer.cluster.deadlines import Deadlines
-from trainer.cluster.group import WorkerGroup
 from trainer.cluster.handover import HandOver
 from trainer.cluster.health_watch import HealthWatch
 from trainer.cluster.leaving import LeaveWatch, leaving
 from trainer.cluster.newest_state import HeldState
+from trainer.cluster.one_process import OneProcess
 from trainer.cluster.recovery import RunRecovery
 from trainer.cluster.relay import Relays
 from trainer.cluster.run_control import BADPUT_STATES, State
@@ -40,6 +40,9 @@ from trainer.metrics import MetricsSink, NullSink
 from trainer.policy import Action, Decision, FailureEvent, FailureKind, PolicyConfig, decide
 from trainer.preemption import Preemption
 from trainer.progress import Progress
+
+if TYPE_CHECKING:
+    from trainer.cluster.group import WorkerGroup
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +79,7 @@ class Controller(RunRecovery):
         self.journal = journal
         self.driver_host = driver_host
         self.family = get_adapter(config.device.family).name
-        self.group: WorkerGroup | None = None
+        self.group: WorkerGroup | OneProcess | None = None
         #: One relay per node hosting several members: a chunk costs the driver one call per node.
         self.relays = Relays()
         self.progress = Progress(config.train.steps, config.train.log_interval)
@@ -150,14 +153,19 @@ class Controller(RunRecovery):
         fault in the first group on that family.
         """
         self.family = family
-        self.group = WorkerGroup(
-            self.config,
-            get_adapter(family),
-            self.driver_host,
-            workers,
-            arm_faults=not self.families_used,
-            arm_call_faults=family not in self.families_used,
-        )
+        if self.config.cluster.mode == "process":
+            self.group = OneProcess(self.config, get_adapter(family), arm_faults=not self.families_used)
+        else:
+            from trainer.cluster.group import WorkerGroup  # Ray: imported by a Ray run only
+
+            self.group = WorkerGroup(
+                self.config,
+                get_adapter(family),
+                self.driver_host,
+                workers,
+                arm_faults=not self.families_used,
+                arm_call_faults=family not in self.families_used,
+            )
         self.group.start()
         check_shared(self.checkpoint_root, [*self.group.members, *self.group.spares])
         self.families_used.append(family)
@@ -196,7 +204,7 @@ class Controller(RunRecovery):
         if asked:
             detail = "SIGTERM to the worker between chunks: every rank idle at the same step"
             return self.on_event(FailureKind.WORKER_PREEMPTED, tuple(asked), detail)
-        until = min(total, self.step + self.config.cluster.chunk_steps)
+        until = min(total, self.step + self.chunk_steps())
         for interval in (self.config.checkpoint.interval_steps, self.config.probes.interval_steps):
             if interval:
                 until = min(until, (self.step // interval + 1) * interval)
@@ -322,6 +330,13 @@ class Controller(RunRecovery):
         family = f"{self.family} x{len(self.members)}"
         for offset, loss in enumerate(beat.losses):
             self.progress.update(beat.first_step + offset, loss, rate, family, restarts)
+
+    def chunk_steps(self) -> int:
+        """Steps per chunk: ``cluster.chunk_steps`` for a Ray group (each chunk costs its members a round
+        trip); for a group of one, a log line's (``train.log_interval``): its heartbeats fall where it logs."""
+        if self.config.cluster.mode == "process":
+            return self.config.train.log_interval
+        return self.config.cluster.chunk_steps
 
     def collective_timeout(self) -> float:
         """The collective timeout the next incarnation joins with (from the measured step time); the backend

@@ -1,7 +1,6 @@
 """How a group run ends, other than by a decision of the policy: finished, failed (its final checkpoint
 could not be written), stopped by a signal (preemption), stopped because another driver took the run over,
-or stopped by a bug in the user's code — each recorded as a single process's run records it
-(:mod:`trainer.lifecycle`).
+or stopped by a bug in the user's code — each recorded by :mod:`trainer.lifecycle`.
 
 A part of :class:`~trainer.cluster.controller.Controller` kept in a file of its own; the attributes below are
 the controller's.
@@ -10,11 +9,10 @@ the controller's.
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trainer.checkpoint.lease import Lease
 from trainer.cluster import calls
-from trainer.cluster.group import WorkerGroup
 from trainer.cluster.run_control import State
 from trainer.cluster.saves import Saves
 from trainer.cluster.watch import ChunkOutcome
@@ -25,6 +23,10 @@ from trainer.metrics import MetricsSink
 from trainer.preemption import Preemption, record_preempted
 from trainer.progress import Progress
 
+if TYPE_CHECKING:
+    from trainer.cluster.group import WorkerGroup
+    from trainer.cluster.one_process import OneProcess
+
 
 class RunEndings:
     journal: Journal
@@ -33,7 +35,7 @@ class RunEndings:
     progress: Progress
     preemption: Preemption
     lease: Lease | None
-    group: WorkerGroup | None
+    group: WorkerGroup | OneProcess | None
     state: State
     step: int
     family: str

@@ -25,6 +25,8 @@ import threading
 import time
 from typing import Any
 
+from trainer.cluster.calls import InProcess
+
 log = logging.getLogger(__name__)
 
 _PREFIX = "fleet-trainer/leaving/"
@@ -78,7 +80,10 @@ def actor_id(member: Any) -> str:
 
 
 def leaving(members: list[Any]) -> list[int]:
-    """Ranks of ``members`` whose workers published a leaving notice."""
+    """Ranks of ``members`` whose workers published a leaving notice. An in-process member publishes none:
+    a SIGTERM to its process is the driver's own preemption."""
+    if not _notices_from(members):
+        return []
     from ray.experimental import internal_kv
 
     try:
@@ -94,6 +99,8 @@ def leaving(members: list[Any]) -> list[int]:
 
 def forget(members: list[Any]) -> None:
     """Drop the notices of ``members`` (replaced: their ids never come back)."""
+    if not _notices_from(members):
+        return
     from ray.experimental import internal_kv
 
     for member in members:
@@ -115,6 +122,8 @@ class LeaveWatch:
         self._looked_at: list[str] = []
 
     def __call__(self, members: list[Any]) -> bool:
+        if not _notices_from(members):
+            return False
         now = time.monotonic()
         ids = [actor_id(m) for m in members]
         # Another group than at the last look (a leaving rank was just replaced, often within the interval):
@@ -123,3 +132,8 @@ class LeaveWatch:
             self._next, self._looked_at = now + self.every_s, ids
             self.ranks = leaving(members)
         return bool(self.ranks)
+
+
+def _notices_from(members: list[Any]) -> bool:
+    """Whether these members may publish leaving notices (Ray actors do; a group of one's member does not)."""
+    return any(not isinstance(m, InProcess) for m in members)

@@ -13,7 +13,6 @@ from typing import Any
 
 from trainer.cluster import calls
 from trainer.cluster.endings import RunEndings
-from trainer.cluster.group import capacity, free_bundles
 from trainer.cluster.handover import HandOver
 from trainer.cluster.leaving import forget
 from trainer.cluster.newest_state import HeldState, Loaded, hold_newest, load
@@ -121,6 +120,8 @@ class RunRecovery(RunEndings):
         least = self.config.cluster.least_workers_on(self.family)
         if least >= wanted:
             return wanted
+        from trainer.cluster.group import capacity  # a group of one has no floor below its size
+
         fits = capacity(get_adapter(self.family), self.config.cluster.cpus_per_worker)
         return max(least, min(wanted, fits))
 
@@ -144,6 +145,8 @@ class RunRecovery(RunEndings):
         if self.group is None or self.group.size >= self.config.cluster.workers_on(self.family):
             return False
         missing = self.config.cluster.workers_on(self.family) - self.group.size
+        from trainer.cluster.group import free_bundles  # a group of one is never short of workers
+
         return free_bundles(self.group.adapter, self.config.cluster.cpus_per_worker) >= missing
 
     def _record_size(self, why: str, before: int, resize_s: float | None = None) -> None:

@@ -29,13 +29,13 @@ directly — a relay there saves too little to pay for the extra hop and process
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from trainer.cluster import calls
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,8 @@ class Relay:
 def _reply(future: asyncio.Future[Any]) -> dict[str, Any]:
     """A finished ``train`` call: its reply, or a dead member as ``lost``. Any other error (the user's code
     raised) is raised again, and reaches the driver through the relay's own call."""
+    import ray  # in the relay's own process, a Ray actor's
+
     try:
         return dict(future.result())
     except ray.exceptions.RayActorError as exc:
@@ -125,14 +127,20 @@ def _reply(future: asyncio.Future[Any]) -> dict[str, Any]:
         raise exc.cause from None
 
 
-#: The relay as a Ray actor: asyncio, so that its calls wait side by side; it reserves no CPU.
-RelayActor = ray.remote(num_cpus=0, max_restarts=0)(Relay)
+@functools.cache
+def _relay_actor() -> Any:
+    """The relay as a Ray actor: asyncio, so that its calls wait side by side; it reserves no CPU."""
+    import ray
+
+    return ray.remote(num_cpus=0, max_restarts=0)(Relay)
 
 
 def start_relay(node_id: str) -> Any:
     """A relay actor on node ``node_id`` (hard affinity: it serves the members of that node)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     strategy = NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
-    return RelayActor.options(scheduling_strategy=strategy).remote()  # type: ignore[attr-defined]
+    return _relay_actor().options(scheduling_strategy=strategy).remote()
 
 
 @dataclass
@@ -191,7 +199,7 @@ class Relays:
     def shutdown(self) -> None:
         for relay in self.relays.values():
             try:
-                ray.kill(relay, no_restart=True)
+                calls.kill(relay)
             except Exception as exc:  # already gone
                 log.debug("kill failed: %s", exc)
         self.relays.clear()
@@ -203,8 +211,8 @@ class Relays:
         refs = [m.info.remote() for m in new]
         for member, ref in zip(new, refs, strict=True):
             try:
-                self.node_of[member] = ray.get(ref, timeout=30.0).get("node")
-            except (ray.exceptions.RayError, TimeoutError):
+                self.node_of[member] = calls.get(ref, timeout=30.0).get("node")
+            except calls.call_errors():
                 self.node_of[member] = None  # called directly; a dead one is found by its train() call
         self.node_of = {m: self.node_of[m] for m in members}
 
@@ -215,10 +223,10 @@ class Relays:
             if relay is None:
                 relay = self.relays[node] = self.start(node)
             if self.assigned.get(node) != members:
-                ray.get(relay.assign.remote(members), timeout=60.0)
+                calls.get(relay.assign.remote(members), timeout=60.0)
                 self.assigned[node] = dict(members)
             return relay
-        except (ray.exceptions.RayError, TimeoutError) as exc:
+        except calls.call_errors() as exc:
             log.warning("no relay on node %s, its members are called directly: %s", node, exc)
             self.relays.pop(node, None)
             self.assigned.pop(node, None)
@@ -236,8 +244,8 @@ def progress_of(
     found: dict[int, Any] = {}
     for ref, who in asked.items():
         try:
-            value = ray.get(ref, timeout=timeout_s * 2)
-        except (ray.exceptions.RayError, TimeoutError):
+            value = calls.get(ref, timeout=timeout_s * 2)
+        except calls.call_errors():
             continue
         found.update(value if isinstance(who, list) else {who: value})
     return found

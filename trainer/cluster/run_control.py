@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from trainer.cluster.group import WorkerGroup
     from trainer.cluster.newest_state import HeldState, Loaded
+    from trainer.cluster.one_process import OneProcess
     from trainer.cluster.saves import Saves
     from trainer.cluster.watch import ChunkOutcome
     from trainer.config import Config
@@ -51,7 +52,7 @@ class RunControl(Protocol):
     #: The family the run is on, and the step every member has completed.
     family: str
     step: int
-    group: WorkerGroup | None
+    group: WorkerGroup | OneProcess | None
     #: Families the policy gave up on.
     given_up: set[str]
     #: The newest state taken from a live member while the group changes.

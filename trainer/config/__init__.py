@@ -165,6 +165,11 @@ def validate(cfg: DictConfig | Config) -> Config:
                 f"is more than train.global_batch_size={typed.train.global_batch_size}; allowed: at most "
                 f"{typed.train.global_batch_size // typed.train.grad_accum_steps} workers"
             )
+    if typed.cluster.mode == "process" and (typed.faults.kill_rank is not None or typed.faults.kill_ranks):
+        raise ConfigError(
+            "faults.kill_rank / faults.kill_ranks kill a worker's process; with cluster.mode=process the one "
+            "worker is the driver's own process; allowed: a Ray group (cluster=ray_local) for this fault"
+        )
     for key in ("kill_rank", "hang_rank"):
         rank = getattr(typed.faults, key)
         if rank is not None and rank >= typed.cluster.workers:

@@ -132,6 +132,11 @@ def probe_interconnect(
     return _report(start, progress, rank, world, backend, error=error, timed_out=outcome.timed_out)
 
 
+def alone() -> InterconnectReport:
+    """The report of a group of one, which has no process group: nothing between devices to measure."""
+    return _report(time.monotonic(), _Progress(), 0, 1, "none")
+
+
 def _measure(ctx: _Context, sizes: list[int], pairwise: bool, progress: _Progress) -> None:
     ctx.sync = _synchronizer(ctx.device)
     for nbytes in sizes:
