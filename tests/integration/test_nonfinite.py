@@ -52,8 +52,11 @@ def test_a_nan_step_changes_nothing_and_resume_after_it_is_exact(tmp_path: Path,
     assert bytes(seven["skipped_steps"].tolist()) == b"[7]"
     [skipped] = events(tmp_path / "seven", "nonfinite_skipped")
     assert skipped["steps"] == [7]
+    # The task's figures come with each heartbeat: at the end of each chunk (its checkpoints, then the end).
     assert [(e["step"], e["values"]["steps_seen"]) for e in events(tmp_path / "seven", "task_metrics")] == [
-        (7, 7)
+        (3, 3),
+        (6, 6),
+        (7, 7),
     ]
 
     # Stopped after the NaN step and resumed: the same final state as straight through.

@@ -194,6 +194,10 @@ def test_a_hung_step_on_one_process_is_found_and_the_run_restarts_from_its_check
     assert mismatched(a, restored_state(clean, tmp_path / "hung" / "checkpoints")) == []
 
 
-def test_a_kill_fault_is_refused_for_one_process(make_config: Callable[..., Config]) -> None:
+def test_a_kill_fault_and_more_workers_are_refused_for_one_process(
+    make_config: Callable[..., Config],
+) -> None:
     with pytest.raises(ConfigError, match="the one worker is the driver's own process"):
         make_config(*SMALL, "cluster=local", "faults.kill_rank=0", "faults.kill_at_step=3")
+    with pytest.raises(ConfigError, match=r"cluster\.workers=2 with cluster\.mode=process; allowed: 1"):
+        make_config(*SMALL, "cluster=local", "cluster.workers=2")

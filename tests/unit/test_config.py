@@ -82,7 +82,7 @@ def test_plugin_without_target_is_refused() -> None:
 
 def test_fault_rank_outside_the_group_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"faults\.kill_rank=1 is not allowed; allowed: 0\.\.0"):
-        validate(compose_config(["faults=kill_worker", "cluster.workers=1"]))
+        validate(compose_config(["cluster=ray_local", "faults=kill_worker", "cluster.workers=1"]))
     overrides = ["cluster=ray_local", "cluster.workers=4", "faults.kill_ranks=[1,4]", "faults.kill_at_step=3"]
     with pytest.raises(
         ConfigError, match=r"faults\.kill_ranks=\[1, 4\] names ranks \[4\].*allowed: ranks in 0\.\.3"

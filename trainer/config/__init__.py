@@ -165,6 +165,11 @@ def validate(cfg: DictConfig | Config) -> Config:
                 f"is more than train.global_batch_size={typed.train.global_batch_size}; allowed: at most "
                 f"{typed.train.global_batch_size // typed.train.grad_accum_steps} workers"
             )
+    if typed.cluster.mode == "process" and typed.cluster.workers != 1:
+        raise ConfigError(
+            f"cluster.workers={typed.cluster.workers} with cluster.mode=process; allowed: 1 (one worker, in this "
+            "process), or a Ray group (cluster=ray_local) for more"
+        )
     if typed.cluster.mode == "process" and (typed.faults.kill_rank is not None or typed.faults.kill_ranks):
         raise ConfigError(
             "faults.kill_rank / faults.kill_ranks kill a worker's process; with cluster.mode=process the one "
