@@ -8,17 +8,20 @@ device corrupts a real matmul result.
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 
 if TYPE_CHECKING:
+    from trainer.checkpoint.async_writer import AsyncCheckpointer
     from trainer.config import Config
 
 
@@ -211,3 +214,31 @@ def corrupt_newest_checkpoint(root: Path) -> Path | None:
         f.seek(-1, 1)
         f.write(bytes([byte[0] ^ 0xFF]))
     return target
+
+
+_Call = TypeVar("_Call", bound=Callable[..., Any])
+
+
+def dies_in_call(method: _Call) -> _Call:
+    """A worker call an injected fault may kill the worker in (``faults.families.<family>.die_in_call``): the
+    process vanishes inside the call when the worker's ``die_in`` names it."""
+
+    @functools.wraps(method)
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.die_in == method.__name__:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return method(self, *args, **kwargs)
+
+    return call  # type: ignore[return-value]
+
+
+def die_before_commit(checkpointer: AsyncCheckpointer) -> None:
+    """Injected fault (``faults.kill_during_checkpoint_step``): the writer thread kills this process with the
+    checkpoint written aside, before its commit."""
+    store = checkpointer.manager.store
+
+    def commit(tmp: Path, manifest: Any) -> Path:
+        os.kill(os.getpid(), signal.SIGKILL)
+        raise AssertionError("unreachable")
+
+    store.commit = commit  # type: ignore[method-assign]

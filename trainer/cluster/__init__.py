@@ -1,1 +1,1 @@
-"""Ray-orchestrated worker groups and the controller that drives them."""
+"""Worker groups and the controller that drives them: Ray actors, or a group of one in the driver's process."""

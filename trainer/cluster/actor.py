@@ -8,7 +8,6 @@ controller can tell a dead worker (the call raises) from one that merely noticed
 
 from __future__ import annotations
 
-import functools
 import gc
 import os
 import signal
@@ -19,8 +18,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from datetime import timedelta
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -36,23 +34,9 @@ from trainer.devices.group_sockets import GroupSockets
 from trainer.devices.join import join_group
 from trainer.devices.sim import SIM_VISIBLE_DEVICES_ENV
 from trainer.errors import CheckpointWriteError, UserCodeError
-from trainer.faults import WorkerFaults
+from trainer.faults import WorkerFaults, die_before_commit, dies_in_call
 from trainer.sharding import is_sharded
 from trainer.worker import Worker, host_values
-
-_Call = TypeVar("_Call", bound=Callable[..., Any])
-
-
-def _fault_point(method: _Call) -> _Call:
-    """A call an injected fault may kill this worker in (``faults.families.<family>.die_in_call``)."""
-
-    @functools.wraps(method)
-    def call(self: WorkerActor, *args: Any, **kwargs: Any) -> Any:
-        if self.die_in == method.__name__:
-            os.kill(os.getpid(), signal.SIGKILL)  # injected fault: the process vanishes inside this call
-        return method(self, *args, **kwargs)
-
-    return call  # type: ignore[return-value]
 
 
 def run_or_leave(body: Callable[[], None], leave: Callable[[], None]) -> str | None:
@@ -253,16 +237,16 @@ class WorkerActor:
         """What this rank is doing now; answered while :meth:`train` runs (the actor is threaded)."""
         return dict(self.worker.progress)
 
-    @_fault_point
+    @dies_in_call
     def evaluate(self) -> float:
         return self.worker.evaluate()
 
     # --- state ---------------------------------------------------------------------------------------
-    @_fault_point
+    @dies_in_call
     def snapshot(self) -> dict[str, Any]:
         return self.worker.snapshot()
 
-    @_fault_point
+    @dies_in_call
     def shard_copy(self) -> tuple[dict[str, Any], dict[str, int]]:
         """This rank's :meth:`~trainer.worker_state.WorkerState.shard_copy` and a small receipt (rank, step, bytes)
         the driver reads without fetching the copy; called with ``num_returns=2`` (both owned by the caller)."""
@@ -270,7 +254,7 @@ class WorkerActor:
         size = sum(t.nbytes for t in copy["tensors"].values())
         return copy, {"rank": self.worker.rank, "step": self.worker.step, "bytes": size}
 
-    @_fault_point
+    @dies_in_call
     def load_snapshot(self, snap: dict[str, Any], rank: int) -> int:
         with self.loading:
             self.worker.rank = rank
@@ -278,7 +262,7 @@ class WorkerActor:
             self.holds_state = True
             return self.worker.step
 
-    @_fault_point
+    @dies_in_call
     def restore(self, root: str, keep_last: int) -> dict[str, Any] | None:
         # Leftovers of interrupted saves are the driver's to remove when every rank writes (one of the group's
         # saves may be in flight); else as before, by each member.
@@ -298,7 +282,7 @@ class WorkerActor:
             root, keep_last, options.storage_options, writer_priority=options.writer_priority
         )
 
-    @_fault_point
+    @dies_in_call
     def save(
         self, root: str, keep_last: int, metrics: dict[str, float] | None = None, fence: Fence | None = None
     ) -> dict[str, Any]:
@@ -315,7 +299,7 @@ class WorkerActor:
         previous = self.flush()
         self.checkpointer.manager.store.fence = fence
         if self.armed and self.config.faults.kill_during_checkpoint_step == self.worker.step:
-            self._die_before_commit(self.checkpointer)
+            die_before_commit(self.checkpointer)
         # The held-out loss at this step is the reference for a parity check after a later hand-over.
         self.worker.save_async(self.checkpointer, {"eval_loss": self.worker.evaluate(), **(metrics or {})})
         return {
@@ -331,7 +315,7 @@ class WorkerActor:
             self.checkpointer = AsyncCheckpointer(self._manager(root, keep_last))
         return self.checkpointer
 
-    @_fault_point
+    @dies_in_call
     def save_shards(
         self, root: str, keep_last: int, directory: str, metrics: dict[str, float] | None = None
     ) -> dict[str, Any]:
@@ -367,18 +351,7 @@ class WorkerActor:
             os.kill(os.getpid(), signal.SIGKILL)  # injected fault: shards written aside, never reported
         return {"part": done}
 
-    @staticmethod
-    def _die_before_commit(checkpointer: AsyncCheckpointer) -> None:
-        """Injected fault: the writer thread kills this process with the checkpoint written aside."""
-        store = checkpointer.manager.store
-
-        def commit(tmp: Path, manifest: Any) -> Path:
-            os.kill(os.getpid(), signal.SIGKILL)
-            raise AssertionError("unreachable")
-
-        store.commit = commit  # type: ignore[method-assign]
-
-    @_fault_point
+    @dies_in_call
     def flush(self) -> dict[str, Any]:
         """Wait for the background save: ``committed`` (its path or URL) and ``committed_bytes``, or
         ``failed`` (why it was not written)."""
@@ -401,7 +374,7 @@ class WorkerActor:
         return {k: v.detach().to("cpu", copy=True) for k, v in self.worker.module.state_dict().items()}
 
     # --- health ----------------------------------------------------------------------------------------
-    @_fault_point
+    @dies_in_call
     def probe(
         self, sizes_bytes: list[int], iters: int, timeout_s: float, pairwise: bool = True
     ) -> dict[str, Any]:
