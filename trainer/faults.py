@@ -78,7 +78,8 @@ class WorkerFaults:
     :attr:`Worker.faults` when a worker joins; a worker alone has :data:`NO_FAULTS`). The worker calls two
     seams: :meth:`before_step` once its step has begun (a kill, a hang, a slow device) and
     :meth:`in_collective` on entering each collective of its step (a hang there, a slow or flaky link): each
-    gradient bucket's all-reduce under DDP, each all-gather and reduce-scatter under FSDP.
+    gradient bucket's all-reduce under DDP, each all-gather and reduce-scatter under FSDP. The worker actor
+    calls two more around its saves (:meth:`before_save`, :meth:`after_part_written`: a kill mid-checkpoint).
 
     ``armed``: the kill, hang and straggler faults may fire — the run's first incarnation only, so that a
     replacement is healthy. A family's interconnect faults act on every incarnation alike.
@@ -128,6 +129,18 @@ class WorkerFaults:
         if self.straggler_s > 0:
             time.sleep(self.straggler_s)  # this device computes slowly
 
+    def before_save(self, step: int, checkpointer: AsyncCheckpointer) -> None:
+        """Before a replicated checkpoint of ``step`` is staged: the injected kill before its commit
+        (``faults.kill_during_checkpoint_step``), the checkpoint left written aside."""
+        if self.armed and self.faults.kill_during_checkpoint_step == step:
+            die_before_commit(checkpointer)
+
+    def after_part_written(self, step: int) -> None:
+        """This rank's part of a sharded checkpoint of ``step`` is written: the same fault kills rank 0
+        before it reports the part, which is never committed."""
+        if self.armed and self.faults.kill_during_checkpoint_step == step and self.rank == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+
     def in_collective(self, worker: Worker) -> None:
         """On entering one of the framework's collectives in ``worker``'s current step (called for each: the
         family's delay and error rate apply per collective call)."""
@@ -153,6 +166,12 @@ class _NoFaults(WorkerFaults):
         pass
 
     def in_collective(self, worker: Worker) -> None:
+        pass
+
+    def before_save(self, step: int, checkpointer: AsyncCheckpointer) -> None:
+        pass
+
+    def after_part_written(self, step: int) -> None:
         pass
 
 

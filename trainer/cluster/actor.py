@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gc
 import os
-import signal
 import socket
 import sys
 import threading
@@ -34,7 +33,7 @@ from trainer.devices.group_sockets import GroupSockets
 from trainer.devices.join import join_group
 from trainer.devices.sim import SIM_VISIBLE_DEVICES_ENV
 from trainer.errors import CheckpointWriteError, UserCodeError
-from trainer.faults import WorkerFaults, die_before_commit, dies_in_call
+from trainer.faults import WorkerFaults, dies_in_call
 from trainer.sharding import is_sharded
 from trainer.worker import Worker, host_values
 
@@ -107,7 +106,6 @@ class WorkerActor:
         if own_process and not self.config.train.sharded:
             gc.collect()
             gc.freeze()
-        self.armed = False
         #: The connections of the group this worker is in (none before its first join).
         self.sockets = GroupSockets()
         #: Whether a chunk is being trained (:meth:`train` runs): :meth:`release` acts only then.
@@ -158,7 +156,6 @@ class WorkerActor:
             world_size,
         )
         self.worker.attach(rank, world_size)
-        self.armed = arm_faults
         # Device faults belong to the devices of the first incarnation: a replacement is healthy.
         family = self.worker.adapter.name
         self.worker.faults = WorkerFaults(self.config, family, rank, self.worker.step, armed=arm_faults)
@@ -298,8 +295,7 @@ class WorkerActor:
         self.checkpointer = self._checkpointer(root, keep_last)
         previous = self.flush()
         self.checkpointer.manager.store.fence = fence
-        if self.armed and self.config.faults.kill_during_checkpoint_step == self.worker.step:
-            die_before_commit(self.checkpointer)
+        self.worker.faults.before_save(self.worker.step, self.checkpointer)
         # The held-out loss at this step is the reference for a parity check after a later hand-over.
         self.worker.save_async(self.checkpointer, {"eval_loss": self.worker.evaluate(), **(metrics or {})})
         return {
@@ -347,8 +343,7 @@ class WorkerActor:
             done = part.result()
         except Exception as exc:  # a full disk, an upload refused, …: the driver abandons the save
             return {"failed": f"rank {self.worker.rank}: {type(exc).__name__}: {exc}"}
-        if self.armed and self.config.faults.kill_during_checkpoint_step == step and self.worker.rank == 0:
-            os.kill(os.getpid(), signal.SIGKILL)  # injected fault: shards written aside, never reported
+        self.worker.faults.after_part_written(step)
         return {"part": done}
 
     @dies_in_call
