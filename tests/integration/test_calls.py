@@ -93,7 +93,11 @@ def test_a_call_is_answered_while_a_long_one_runs_and_wait_sees_which_are_done(m
 def test_a_killed_member_answers_no_more_and_its_error_is_a_lost_one(make: Any) -> None:
     member = make()
     assert calls.get(member.add.remote(1), timeout=30) == 1
+    running = member.hold.remote(60.0)
+    calls.get(member.add.remote(0), timeout=30)  # answered meanwhile: the long call has started
     calls.kill(member)
+    with pytest.raises(calls.lost_errors()):  # a call in flight fails too, as Ray fails a killed actor's
+        calls.get(running, timeout=30)
     deadline = time.monotonic() + 30
     with pytest.raises(calls.lost_errors()):
         while time.monotonic() < deadline:  # Ray's kill lands asynchronously

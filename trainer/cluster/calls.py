@@ -42,6 +42,9 @@ class InProcess:
         self.target = target
         self.name = name
         self.lost = threading.Event()
+        self._lock = threading.Lock()
+        #: Calls not answered yet: a stop fails them, as a killed actor's pending calls fail.
+        self._inflight: set[Future[Any]] = set()
 
     def __getattr__(self, method: str) -> _Method:
         if method.startswith("_") or not callable(getattr(self.target, method, None)):
@@ -50,24 +53,44 @@ class InProcess:
 
     def submit(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], returns: int) -> Any:
         reply: Future[Any] = Future()
-        if self.lost.is_set():
-            reply.set_exception(MemberLost(f"the in-process member was stopped; {method}() not called"))
-        else:
-
-            def body() -> None:
-                try:
-                    resolved = [a.result() if isinstance(a, Future) else a for a in args]
-                    reply.set_result(getattr(self.target, method)(*resolved, **kwargs))
-                except BaseException as exc:  # the call's error, handed to whoever takes its reply
-                    reply.set_exception(exc)
-
-            threading.Thread(target=body, name=f"{self.name}.{method}", daemon=True).start()
+        with self._lock:
+            if self.lost.is_set():
+                reply.set_exception(MemberLost(f"the in-process member was stopped; {method}() not called"))
+            else:
+                self._inflight.add(reply)
+                threading.Thread(
+                    target=self._answer,
+                    args=(reply, method, args, kwargs),
+                    name=f"{self.name}.{method}",
+                    daemon=True,
+                ).start()
         return reply if returns == 1 else _split(reply, returns)
 
+    def _answer(self, reply: Future[Any], method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        result, error = None, None
+        try:
+            resolved = [a.result() if isinstance(a, Future) else a for a in args]
+            result = getattr(self.target, method)(*resolved, **kwargs)
+        except BaseException as exc:  # the call's error, handed to whoever takes its reply
+            error = exc
+        with self._lock:
+            if reply not in self._inflight:  # failed by a stop meanwhile: the answer is dropped
+                return
+            self._inflight.discard(reply)
+            if error is not None:
+                reply.set_exception(error)
+            else:
+                reply.set_result(result)
+
     def stop(self) -> None:
-        """No more calls are taken; a call running now runs on (a thread cannot be stopped from outside)
-        and its reply is no longer awaited by anyone who asks after this."""
-        self.lost.set()
+        """No more calls are taken, and the calls not answered yet fail with :class:`MemberLost`, as a killed
+        actor's do. A call running now runs on in its thread (a thread cannot be stopped from outside);
+        its answer is dropped."""
+        with self._lock:
+            self.lost.set()
+            for reply in self._inflight:
+                reply.set_exception(MemberLost("the in-process member was stopped while this call ran"))
+            self._inflight.clear()
 
 
 class _Method:
