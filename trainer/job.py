@@ -106,9 +106,8 @@ def _run_leased(
         journal.record("fault_injected", fault="corrupt_latest_checkpoint", path=str(damaged))
     if config.cluster.mode == "ray":
         return _run_on_ray(config, home, journal, manager, lease)
-    family = get_adapter(config.device.family).name
     # A group of one: its member is in this process, and Ray is never imported.
-    return _drive(config, home, journal, manager, lease, "127.0.0.1", f"{family} in this process")
+    return _drive(config, home, journal, manager, lease, "127.0.0.1")
 
 
 def _check_reachable(address: str, timeout_s: float) -> None:
@@ -177,8 +176,7 @@ def _run_on_ray(
     try:
         _check_capacity(config)
         driver_host = "127.0.0.1" if config.cluster.address is None else ray.util.get_node_ip_address()
-        family, workers = get_adapter(config.device.family).name, config.cluster.workers
-        return _drive(config, home, journal, manager, lease, driver_host, f"{family} x{workers} on Ray")
+        return _drive(config, home, journal, manager, lease, driver_host)
     finally:
         if started_here:
             ray.shutdown()
@@ -191,7 +189,6 @@ def _drive(
     manager: CheckpointManager,
     lease: Lease,
     driver_host: str,
-    where: str,
 ) -> ExitCode:
     """The run's controller (:mod:`trainer.cluster.controller`) drives its group — a Ray worker group, or a
     group of one in this process — to the end; then the summary, read back from the journal."""
@@ -199,8 +196,8 @@ def _drive(
 
     goodput = Goodput()
     goodput.resume_from(journal.read())  # a re-launched driver continues the previous account
-    family = get_adapter(config.device.family).name  # as the controller's
-    workers = config.cluster.workers if config.cluster.mode == "ray" else 1
+    family, workers = get_adapter(config.device.family).name, config.cluster.workers  # as the controller's
+    where = f"{family} x{workers} on Ray" if config.cluster.mode == "ray" else f"{family} in this process"
     record_started(journal, home, family, workers, config.name, config.cluster.mode, where, manager.root)
     sink = make_sink(config)
     try:

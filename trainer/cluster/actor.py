@@ -91,6 +91,7 @@ class WorkerActor:
         if simulated_device is not None:
             os.environ[SIM_VISIBLE_DEVICES_ENV] = str(simulated_device)
         self.config = from_container(config)
+        self.own_process = own_process
         # Objects that live as long as the process go out of the cyclic collector's sight (gc.freeze), so that
         # leave()'s collections scan only what was made since (the DDP wrapper, a failed collective's
         # objects). A full collection costs ~0.2 s of a core here, and in a release cascade each rank waits
@@ -388,8 +389,8 @@ class WorkerActor:
                 faults=worker.faults.collective(worker.step),
                 timeout_s=timeout_s,
             )
-            if worker.attached
-            else alone()  # a group of one
+            if self.own_process
+            else alone()  # a group of one: no process group, nothing between devices
         )
         device = probe_device(
             worker.adapter,
