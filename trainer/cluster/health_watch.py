@@ -170,7 +170,11 @@ class HealthWatch:
         if len(per_rank) < 2:
             return None
         median = statistics.median(per_rank.values())
-        flagged = sorted(r for r, t in per_rank.items() if t > ft.straggler_factor * median)
+        flagged = sorted(
+            r
+            for r, t in per_rank.items()
+            if t > ft.straggler_factor * median and t - median >= ft.straggler_floor_s
+        )
         for rank in flagged:
             self.strikes[rank] += 1
             self.sink.straggler(rank)
@@ -182,6 +186,7 @@ class HealthWatch:
                 compute_s=per_rank[rank],
                 median_s=median,
                 factor=ft.straggler_factor,
+                floor_s=ft.straggler_floor_s,
                 strikes=self.strikes[rank],
             )
         out = tuple(r for r in flagged if self.strikes[r] >= ft.straggler_strikes)
@@ -193,7 +198,8 @@ class HealthWatch:
             return (
                 FailureKind.STRAGGLER,
                 out,
-                f"compute time > {ft.straggler_factor} x median in consecutive chunks",
+                f"compute time > {ft.straggler_factor} x median (and >= {ft.straggler_floor_s} s above it) "
+                "in consecutive chunks",
             )
         return None
 

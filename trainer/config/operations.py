@@ -262,9 +262,12 @@ class FaultToleranceConfig:
     #: A rank is hung after no progress for max(hang_factor x median step time, hang_floor_s).
     hang_factor: float = 3.0
     hang_floor_s: float = 10.0
-    #: A rank whose compute time exceeds straggler_factor x the median is a straggler; after
-    #: ``straggler_strikes`` flagged chunks it is excluded (replaced).
+    #: A rank whose compute time exceeds straggler_factor x the median, and the median by at least
+    #: ``straggler_floor_s`` per step, is a straggler; after ``straggler_strikes`` flagged chunks it is
+    #: excluded (replaced). The floor keeps a shared host's scheduling jitter on steps of a few milliseconds
+    #: (a rank 1 ms behind its peers is 1.5x of a 2 ms step) from replacing healthy ranks.
     straggler_factor: float = 1.4
+    straggler_floor_s: float = 0.01
     straggler_strikes: int = 3
     #: Relative tolerance of the parity check (held-out loss before vs after a hand-over), per precision.
     parity_rtol: dict[str, float] = field(default_factory=lambda: {"fp32": 1e-4, "bf16": 2e-2, "fp16": 1e-2})
@@ -291,6 +294,12 @@ class FaultToleranceConfig:
         )
         _require("fault_tolerance.hang_factor", self.hang_factor, self.hang_factor >= 1, "a float >= 1")
         _require("fault_tolerance.hang_floor_s", self.hang_floor_s, self.hang_floor_s > 0, "a float > 0")
+        _require(
+            "fault_tolerance.straggler_floor_s",
+            self.straggler_floor_s,
+            self.straggler_floor_s >= 0,
+            "a float >= 0 (seconds per step; 0: the factor alone decides)",
+        )
         _require(
             "fault_tolerance.straggler_factor",
             self.straggler_factor,
