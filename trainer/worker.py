@@ -100,7 +100,7 @@ class Worker(WorkerState):
         self.scaler = self.adapter.grad_scaler(enabled=self.dtype == torch.float16)
         self.data = DataPositions(self.task.train_dataset(), cfg.train.seed, self.task.collate)
         pin = self.device.type != "cpu"  # page-locked batches: the copy to an accelerator does not block
-        self.prefetch = Prefetcher(self.data.batch, pin=pin, enabled=cfg.train.prefetch)
+        self.prefetch = Prefetcher(self.data.batch, pin=pin, enabled=cfg.train.prefetches(self.device.type))
         #: Whether the task owns the whole step (it overrides ``train_step``).
         self.manual_step = type(self.task).train_step is not Task.train_step
         self.sampler = GlobalBatchSampler(cfg.train.global_batch_size, self.rank, self.world_size)

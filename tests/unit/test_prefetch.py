@@ -88,7 +88,10 @@ def test_an_error_of_collate_on_the_prefetch_thread_is_the_users_error_naming_th
     make_config: Callable[..., Config],
 ) -> None:
     config = make_config(
-        "device=cpu", "+task._target_=trainer.testing.tasks.ClusterTask", "train.global_batch_size=8"
+        "device=cpu",
+        "+task._target_=trainer.testing.tasks.ClusterTask",
+        "train.global_batch_size=8",
+        "train.prefetch=true",
     )
     worker = Worker(config)
     worker.setup()
@@ -138,3 +141,25 @@ def test_training_with_read_ahead_ends_bit_for_bit_where_training_without_it_doe
         assert [(b["first_step"], b["step"]) for b in beats] == [(1, 10), (11, 12)]
         assert all(b["loss"] > 0 and b["busy_s"] > 0 for b in beats)
     assert mismatched(*states) == []
+
+
+@pytest.mark.parametrize(
+    ("setting", "family", "reads_ahead"),
+    [
+        (None, "cpu", False),  # the step uses the rank's every core: a collate thread would take turns with it
+        (None, "sim_cuda", False),  # a simulated accelerator computes on the host's CPU too
+        ("true", "cpu", True),
+        ("false", "cpu", False),
+    ],
+)
+def test_read_ahead_is_off_by_default_where_the_device_is_the_cpu(
+    make_config: Callable[..., Config], setting: str | None, family: str, reads_ahead: bool
+) -> None:
+    chosen = [] if setting is None else [f"train.prefetch={setting}"]
+    worker = Worker(make_config(f"device={family}", "train.global_batch_size=8", *chosen))
+    worker.setup()
+    try:
+        assert worker.prefetch.enabled is reads_ahead
+    finally:
+        worker.prefetch.close()
+    assert worker.config.train.prefetches("cuda") is (setting != "false")  # an accelerator: on unless refused

@@ -186,7 +186,10 @@ class TrainConfig:
     #: Collate the next step's batches on a background thread while the current step trains (pinned for an
     #: accelerator), so the device never waits for data. The dataset and collate function must then not draw
     #: from torch's global random generator (see :mod:`trainer.data.prefetch`); false: on the training thread.
-    prefetch: bool = True
+    #: null (default): on for an accelerator, off where the device is the host's CPU (its step already uses
+    #: every core given to the rank: a collate thread beside it only takes turns with it, and holds the
+    #: interpreter the step needs between operators).
+    prefetch: bool | None = None
 
     def __post_init__(self) -> None:
         _require("train.steps", self.steps, self.steps >= 1, "an integer >= 1")
@@ -208,6 +211,11 @@ class TrainConfig:
             self.max_nonfinite_steps >= 1,
             "an integer >= 1",
         )
+
+    def prefetches(self, device_type: str) -> bool:
+        """Whether the next step's batches are collated ahead for a device of this torch type (``"cpu"``,
+        ``"cuda"``, ``"npu"``): ``prefetch`` resolved."""
+        return device_type != "cpu" if self.prefetch is None else self.prefetch
 
     @property
     def sharded(self) -> bool:
