@@ -21,7 +21,10 @@ With ``--device cpu|cuda`` it measures one worker on one device instead: the too
 against a plain loop of the same model without a per-step host read (``single_worker.py``, whose docstring
 says what a GPU machine needs installed).
 
-Interleaved A B A B …; prints JSON with medians and ``ratio`` = toolkit ÷ plain (goal ≤ 1.02).
+Interleaved A B A B …; prints JSON with medians and ``ratio`` = toolkit ÷ plain (goal ≤ 1.02), and — for
+the two-worker runs, on Linux — the host's cpu-seconds during the toolkit's steady state as shares
+(``host_cpu.py``): its ranks', everyone else's (Ray's daemons, the driver), idle. Where the ranks use every
+core, the others' share is taken from them: a floor under the ratio that a plain loop does not pay.
 
     .venv/bin/python scripts/bench/overhead.py [--steps 120] [--repeats 3]
     .venv/bin/python scripts/bench/overhead.py --example digits|lm_tokens|snippets [--steps 120] [--repeats 3]
@@ -52,6 +55,7 @@ import single_worker  # this script's directory: on the path when the script run
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from host_cpu import CpuSampler  # this script's directory: on the path when the script runs
 from plain_task_loop import (
     PlainRun,  # this script's directory: on the path when the script runs
     spawned_step_s,
@@ -118,17 +122,25 @@ def toolkit_config(steps: int, chunk: int, workload: list[str]) -> Config:
     )
 
 
-def toolkit_step_s(config: Config) -> float:
+def toolkit_step_s(config: Config) -> tuple[float, dict[str, float]]:
+    """Steady-state seconds per step of the toolkit's run, and the host's cpu-seconds over the same window
+    as shares: the two ranks', every other process's (Ray's daemons, the driver), idle."""
     work = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
     try:
-        with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON result
+        with contextlib.redirect_stdout(sys.stderr), CpuSampler(_is_rank) as cpu:  # stdout: the JSON only
             run(config, run_dir=work)
         beats = [e for e in Journal(work / "journal.jsonl").read() if e["event"] == "heartbeat"]
         steady = [b for b in beats if b["first_step"] > WARMUP_STEPS]
         first, last = steady[0], steady[-1]
-        return (last["time"] - first["time"]) / (last["step"] - first["step"])
+        step_s = (last["time"] - first["time"]) / (last["step"] - first["step"])
+        return step_s, cpu.shares(first["time"], last["time"])
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _is_rank(cmdline: str) -> bool:
+    """A process of a training rank: Ray titles an actor's process by its class."""
+    return cmdline.startswith("ray::WorkerActor")
 
 
 def gpt_workload() -> list[str]:
@@ -266,12 +278,16 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
             return plain_task_step_s(plain_run, _free_port())
 
     samples: dict[str, list[float]] = {"toolkit_step_s": [], "plain_ddp_step_s": []}
+    shares: list[dict[str, float]] = []
     with local_ray():
         for _ in range(args.repeats):
-            samples["toolkit_step_s"].append(toolkit_step_s(config))
+            step_s, cpu = toolkit_step_s(config)
+            samples["toolkit_step_s"].append(step_s)
+            shares.append(cpu)
             samples["plain_ddp_step_s"].append(plain())
     med = {k: statistics.median(v) for k, v in samples.items()}
     ratio = med["toolkit_step_s"] / med["plain_ddp_step_s"]
+    others = statistics.median(s["others"] for s in shares)
     return {
         "benchmark": "overhead",
         **described,
@@ -286,6 +302,11 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         "samples": samples,
         "median": med,
         "ratio": ratio,
+        # The host's cpu-seconds during the toolkit's steady state: its two ranks', everything else's (Ray's
+        # daemons, the driver, the machine's own), idle. With every core busy, "others" is taken from the
+        # ranks: a plain loop has nothing beside it.
+        "toolkit_cpu_shares": shares,
+        "toolkit_others_cpu_share_median": others,
         "goal_ratio_max": 1.02,
         "goal_met": ratio <= 1.02,
         "goal_step_s_min": 0.010,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -130,7 +131,16 @@ def spawned_step_s(target: Callable[..., None], payload: Any, port: int, world: 
     procs = [ctx.Process(target=target, args=(r, world, port, payload, out)) for r in range(world)]
     for p in procs:
         p.start()
-    value = float(out.get(timeout=600))
-    for p in procs:
-        p.join(timeout=60)
-    return value
+    try:
+        return float(out.get(timeout=600))
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+        for p in procs:  # a rank still in its process group's teardown: its figure is in, it is not needed
+            if p.is_alive():
+                print(
+                    f"plain rank process {p.pid} still running after its figure came in: terminated",
+                    file=sys.stderr,
+                )
+                p.terminate()
+                p.join(timeout=10)
