@@ -61,234 +61,34 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from checkpoint_timings import (  # this script's directory: on the path when the script runs
+    build_state,
+    cpu_seconds,
+    d2h_bandwidth,
+    run_async,
+    run_memcpy,
+    run_raw_upload,
+    run_raw_write,
+    run_steps,
+    run_steps_with_save,
+    run_torch_save,
+    run_torch_save_upload,
+    run_window,
+)
 
-from trainer.checkpoint import CheckpointManager, TrainingProgress
+from trainer.checkpoint import CheckpointManager
 from trainer.checkpoint.async_writer import AsyncCheckpointer
 from trainer.checkpoint.objects import filesystem
-from trainer.checkpoint.state import capture
-from trainer.devices import get_adapter
-from trainer.model import GPT
-
-
-def build_state(
-    megabytes: int, device: torch.device, n_embd: int = 512
-) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """A GPT ``n_embd`` wide whose parameters plus AdamW state weigh about ``megabytes`` (params x3 in fp32)."""
-    per_layer = 12 * n_embd * n_embd
-    layers = max(1, int(megabytes * 1e6 / 12 / per_layer))
-    model = GPT(vocab_size=4096, seq_len=128, n_layer=layers, n_head=8, n_embd=n_embd).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
-    optimizer.step()  # materialises exp_avg / exp_avg_sq
-    return model, optimizer
-
-
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def save_async(
-    checkpointer: AsyncCheckpointer,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    step: int,
-    overlap: bool = True,
-) -> Any:
-    device = next(model.parameters()).device
-    adapter = get_adapter(device.type)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    progress = TrainingProgress(step=step, samples_seen=step, world_size=1, seed=0)
-    state = capture(model, optimizer, scaler)
-    # As a worker saves: on CUDA the copies of the parameters and optimizer state overlap with the next
-    # steps until the optimizer's next step.
-    overlapped = optimizer if overlap else None
-    return checkpointer.save(state, adapter.get_rng_state(device), adapter, progress, {}, overlap=overlapped)
-
-
-def cpu_seconds() -> float:
-    """CPU time of this process so far, all threads (the writer's while the main thread waits)."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def run_async(
-    checkpointer: AsyncCheckpointer, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int
-) -> tuple[float, float, float]:
-    """(blocking s, background write s until committed, CPU s of the write)."""
-    started = time.perf_counter()
-    future = save_async(checkpointer, model, optimizer, step)
-    blocking = time.perf_counter() - started
-    cpu = cpu_seconds()
-    future.result()
-    write = time.perf_counter() - started - blocking
-    cpu = cpu_seconds() - cpu
-    checkpointer.wait()  # the old checkpoint's deletion, after the commit: not timed, not left running
-    return blocking, write, cpu
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens: torch.Tensor) -> None:
-    logits = model(tokens[:, :-1])
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    synchronize(tokens.device)
-
-
-def run_steps(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens: torch.Tensor, count: int
-) -> list[float]:
-    """Seconds of each of ``count`` training steps without a save."""
-    times = []
-    for _ in range(count):
-        started = time.perf_counter()
-        train_step(model, optimizer, tokens)
-        times.append(time.perf_counter() - started)
-    return times
-
-
-def run_steps_with_save(
-    checkpointer: AsyncCheckpointer,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    tokens: torch.Tensor,
-    step: int,
-    overlap: bool = True,
-) -> tuple[float, int]:
-    """An async save, then training steps until everything the save does in the background is done:
-    (wall seconds from the save call to the end of the last step, number of steps). ``overlap=False``: the
-    copies in order with training (a GPU's next step waits for them)."""
-    started = time.perf_counter()
-    save_async(checkpointer, model, optimizer, step, overlap)
-    steps = 0
-    while steps == 0 or checkpointer.busy:
-        train_step(model, optimizer, tokens)
-        steps += 1
-    elapsed = time.perf_counter() - started
-    checkpointer.wait()
-    return elapsed, steps
-
-
-def run_window(
-    checkpointer: AsyncCheckpointer | None,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    tokens: torch.Tensor,
-    step: int,
-    count: int,
-) -> tuple[float, int | None]:
-    """(Wall seconds of ``count`` training steps, the steps the save took or None if it outlasted them),
-    with a save started before the first step when ``checkpointer`` is given; the save's rest is then
-    finished with training stopped, outside the timing."""
-    started, done_after = time.perf_counter(), None
-    if checkpointer is not None:
-        save_async(checkpointer, model, optimizer, step)
-    for k in range(count):
-        train_step(model, optimizer, tokens)
-        if checkpointer is not None and done_after is None and not checkpointer.busy:
-            done_after = k + 1
-    elapsed = time.perf_counter() - started
-    if checkpointer is not None:
-        checkpointer.wait()
-    return elapsed, done_after
-
-
-def run_memcpy(src: torch.Tensor, dst: torch.Tensor) -> float:
-    """Seconds of one memcpy of the state's bytes between two existing flat buffers: the floor of any
-    save that copies the state once."""
-    started = time.perf_counter()
-    dst.copy_(src, non_blocking=src.device.type != "cpu")
-    synchronize(src.device)
-    return time.perf_counter() - started
-
-
-def run_torch_save(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> float:
-    path = directory / "torch_save.pt"
-    started = time.perf_counter()
-    torch.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, path)
-    fsync_file(path)
-    elapsed = time.perf_counter() - started
-    path.unlink()
-    return elapsed
-
-
-def run_raw_write(nbytes: int, directory: Path, kick: bool = False) -> float:
-    """A plain sequential write of ``nbytes``, fsynced; with ``kick`` the disk is started every 32 MB
-    (``posix_fadvise(DONTNEED)``, as the toolkit's writer does) instead of only at the fsync."""
-    path = directory / "raw.bin"
-    block = os.urandom(8 << 20)
-    started = time.perf_counter()
-    with open(path, "wb") as f:
-        written = kicked = 0
-        while written < nbytes:
-            f.write(block[: min(len(block), nbytes - written)])
-            written += min(len(block), nbytes - written)
-            if kick and written - kicked >= 32 << 20:
-                f.flush()
-                os.posix_fadvise(f.fileno(), kicked, written - kicked, os.POSIX_FADV_DONTNEED)
-                kicked = written
-        f.flush()
-        os.fsync(f.fileno())
-    elapsed = time.perf_counter() - started
-    path.unlink()
-    return elapsed
-
-
-def run_torch_save_upload(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, fs: Any, key: str
-) -> float:
-    started = time.perf_counter()
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, buffer)
-    fs.pipe(key, buffer.getvalue())
-    elapsed = time.perf_counter() - started
-    fs.rm_file(key)
-    return elapsed
-
-
-def run_raw_upload(nbytes: int, fs: Any, key: str) -> float:
-    data = os.urandom(8 << 20) * (nbytes // (8 << 20)) + os.urandom(nbytes % (8 << 20))
-    started = time.perf_counter()
-    fs.pipe(key, data)
-    elapsed = time.perf_counter() - started
-    fs.rm_file(key)
-    return elapsed
-
-
-def d2h_bandwidth(nbytes: int) -> float | None:
-    if not torch.cuda.is_available():
-        return None
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda")
-    dst = torch.empty(src.shape, dtype=torch.float32, pin_memory=True)
-    dst.copy_(src, non_blocking=True)
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    dst.copy_(src, non_blocking=True)
-    torch.cuda.synchronize()
-    return nbytes / (time.perf_counter() - started)
 
 
 def main() -> None:
