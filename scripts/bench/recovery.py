@@ -39,11 +39,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -51,6 +51,9 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from kill_probe import install_probe, take_kills, the_kill  # this script's directory: on the path
+from recovery_ray_train import run_ray_train
 
 if TYPE_CHECKING:
     from trainer.config import Config
@@ -82,57 +85,6 @@ def job_overrides(steps: int, kill_at: int, workers: int = 2) -> list[str]:
         "cluster.chunk_steps=1",
         "monitoring=off",
     ]
-
-
-# --- the kill-time probe ------------------------------------------------------------------------------
-KILL_LOG_ENV = "RECOVERY_BENCH_KILL_LOG"
-PROBE = f"""\
-# Written by scripts/bench/recovery.py: log the time a process SIGKILLs itself, just before it does.
-import os as _os
-import time as _time
-
-_LOG = _os.environ.get("{KILL_LOG_ENV}")
-if _LOG:
-    _real_kill = _os.kill
-
-    def _logged_kill(pid, sig, _real_kill=_real_kill, _log=_LOG):
-        if sig == 9 and pid == _os.getpid():
-            with open(_log, "a") as f:
-                f.write(repr(_time.time()) + " " + str(pid) + "\\n")
-        _real_kill(pid, sig)
-
-    _os.kill = _logged_kill
-"""
-
-
-def install_probe(base: Path) -> Path:
-    """Put the probe on the PYTHONPATH that Ray's processes will inherit; returns the kill log's path."""
-    probe_dir = base / "probe"
-    probe_dir.mkdir()
-    (probe_dir / "sitecustomize.py").write_text(PROBE)
-    log = base / "kills.log"
-    os.environ[KILL_LOG_ENV] = str(log)
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(probe_dir), os.environ.get("PYTHONPATH")) if p)
-    return log
-
-
-def take_kills(log: Path) -> list[tuple[float, int]]:
-    """The kills logged since the last call, oldest first (the log is emptied)."""
-    if not log.exists():
-        return []
-    moved = log.with_suffix(".read")
-    log.rename(moved)  # writers open the log per kill, so later kills start a new file
-    kills = sorted(
-        (float(t), int(pid)) for t, pid in (line.split() for line in moved.read_text().splitlines())
-    )
-    moved.unlink()
-    return kills
-
-
-def the_kill(kills: list[tuple[float, int]]) -> float:
-    if len(kills) != 1:
-        raise RuntimeError(f"expected exactly one logged self-SIGKILL in the run, got {kills}")
-    return kills[0][0]
 
 
 # --- (a) the toolkit ----------------------------------------------------------------------------------
@@ -184,136 +136,6 @@ def toolkit_figures(events: list[dict[str, Any]], kill_t: float, code: int) -> d
         "replaced_ranks": recovered["replaced_ranks"],
         "resumed_at_step": recovered["step"],
         "exit_code": code,
-    }
-
-
-# --- (b) Ray Train v2 ---------------------------------------------------------------------------------
-def _ray_train_restore(module: Any, optimizer: Any) -> int:
-    import ray.train
-    import torch
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return 0
-    with checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / "state.pt", weights_only=True)
-    module.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    return int(state["step"])
-
-
-def _ray_train_report(step: int, loss: float, module: Any, optimizer: Any, rank: int) -> None:
-    import ray.train
-    import torch
-
-    metrics = {"step": step, "loss": loss}
-    if rank != 0:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory() as d:
-        state = {"model": module.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
-        torch.save(state, Path(d) / "state.pt")
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-
-
-def _ray_train_maybe_kill(cfg: dict[str, Any], rank: int, step: int) -> None:
-    """Rank 1 SIGKILLs itself just before step ``kill_at`` (1-based), in the first attempt only."""
-    out = Path(cfg["out_dir"])
-    if rank != 1 or step + 1 != cfg["kill_at"] or (out / "killed").exists():
-        return
-    (out / "killed").touch()
-    with open(out / "kill_time", "w") as f:
-        f.write(repr(time.time()))
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def ray_train_loop(cfg: dict[str, Any]) -> None:
-    """One Ray Train worker: the toolkit's model, data, optimizer and step, with Ray Train's DDP."""
-    import ray.train
-    import torch
-    import torch.nn.functional as F
-    from hydra.utils import instantiate
-    from ray.train.torch import prepare_model
-
-    from trainer.data import GlobalBatchSampler
-
-    job = cfg["job"]
-    torch.set_num_threads(1)
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    torch.manual_seed(job["train"]["seed"])
-    module = instantiate(job["model"])
-    optimizer = instantiate(job["optim"])(module.parameters())
-    step = _ray_train_restore(module, optimizer)
-    model = prepare_model(module)
-    data = instantiate(job["data"])
-    sampler = GlobalBatchSampler(job["train"]["global_batch_size"], rank, world)
-    while step < job["train"]["steps"]:
-        _ray_train_maybe_kill(cfg, rank, step)
-        tokens = data.batch(sampler.indices(step))
-        logits = model(tokens[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(module.parameters(), job["train"]["grad_clip"])
-        optimizer.step()
-        value = float(loss.item())
-        step += 1
-        if rank == 0:
-            with open(Path(cfg["out_dir"]) / "steps", "a") as f:
-                f.write(f"{time.time()!r} {step} {os.getpid()}\n")
-        _ray_train_report(step, value, module, optimizer, rank)
-
-
-def run_ray_train(config: Config, base: Path, kill_log: Path) -> dict[str, Any]:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from trainer.config import to_container
-
-    take_kills(kill_log)
-    out = Path(tempfile.mkdtemp(prefix="raytrain-", dir=base))
-    kill_at = config.faults.kill_at_step
-    trainer = TorchTrainer(
-        ray_train_loop,
-        train_loop_config={"job": to_container(config), "kill_at": kill_at, "out_dir": str(out)},
-        scaling_config=ScalingConfig(
-            num_workers=config.cluster.workers,
-            use_gpu=False,
-            resources_per_worker={"CPU": CPU_PER_WORKER},
-        ),
-        run_config=RunConfig(
-            name="recovery-bench",
-            storage_path=str(out / "storage"),
-            failure_config=FailureConfig(max_failures=3),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-    )
-    try:
-        result = trainer.fit()
-        own_stamp = float((out / "kill_time").read_text())
-        lines = [line.split() for line in (out / "steps").read_text().splitlines()]
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
-    kill_t = the_kill(take_kills(kill_log))
-    figures = ray_train_figures(lines, kill_t, result.metrics or {}, config.train.steps)
-    return {**figures, "own_stamp_to_probe_s": kill_t - own_stamp}
-
-
-def ray_train_figures(
-    lines: list[list[str]], kill_t: float, metrics: dict[str, Any], steps: int
-) -> dict[str, Any]:
-    done = [(float(t), int(s), int(pid)) for t, s, pid in lines]
-    after = [d for d in done if d[0] > kill_t]
-    if not after:
-        raise RuntimeError(f"Ray Train completed no step after the kill (final metrics {metrics})")
-    return {
-        "mttr_s": after[0][0] - kill_t,
-        "resumed_at_step": after[0][1] - 1,
-        "steps_repeated": sum(1 for d in done if d[0] < kill_t) - (after[0][1] - 1),
-        "new_process": after[0][2] not in {d[2] for d in done if d[0] < kill_t},
-        "final_step": metrics.get("step"),
-        "finished": metrics.get("step") == steps,
     }
 
 
@@ -390,7 +212,7 @@ def interleave(
 
 SYSTEMS: dict[str, Callable[[Config, Path, Path], dict[str, Any]]] = {
     "toolkit": run_toolkit,
-    "ray_train": run_ray_train,
+    "ray_train": functools.partial(run_ray_train, cpu_per_worker=CPU_PER_WORKER),
 }
 
 DEFINITION = (

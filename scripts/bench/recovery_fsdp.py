@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from recovery import install_probe as install_kill_probe
+from kill_probe import install_probe as install_kill_probe
 from recovery import job_overrides as ddp_job_overrides
 from recovery import (
     machine,
