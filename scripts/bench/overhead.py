@@ -122,9 +122,9 @@ def toolkit_config(steps: int, chunk: int, workload: list[str]) -> Config:
     )
 
 
-def toolkit_step_s(config: Config) -> tuple[float, dict[str, float]]:
+def toolkit_step_s(config: Config) -> tuple[float, dict[str, Any]]:
     """Steady-state seconds per step of the toolkit's run, and the host's cpu-seconds over the same window
-    as shares: the two ranks', every other process's (Ray's daemons, the driver), idle."""
+    as shares: the two ranks', every other process's (Ray's daemons, the driver; the most by name), idle."""
     work = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
     try:
         with contextlib.redirect_stdout(sys.stderr), CpuSampler(_is_rank) as cpu:  # stdout: the JSON only
@@ -278,7 +278,7 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
             return plain_task_step_s(plain_run, _free_port())
 
     samples: dict[str, list[float]] = {"toolkit_step_s": [], "plain_ddp_step_s": []}
-    shares: list[dict[str, float]] = []
+    shares: list[dict[str, Any]] = []
     with local_ray():
         for _ in range(args.repeats):
             step_s, cpu = toolkit_step_s(config)
@@ -287,7 +287,7 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
             samples["plain_ddp_step_s"].append(plain())
     med = {k: statistics.median(v) for k, v in samples.items()}
     ratio = med["toolkit_step_s"] / med["plain_ddp_step_s"]
-    others = statistics.median(s["others"] for s in shares)
+    others = statistics.median(float(s["others"]) for s in shares)
     return {
         "benchmark": "overhead",
         **described,
