@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
+from checkpoint_timings import fsync_file  # this script's directory: on the path when the script runs
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -48,14 +49,6 @@ def build_sharded(megabytes: int) -> tuple[torch.nn.Module, torch.optim.Optimize
         p.grad = torch.zeros_like(p)
     optimizer.step()
     return model, optimizer
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _sharded_save(
@@ -123,7 +116,7 @@ def _gathered_torch_save(model: torch.nn.Module, optimizer: torch.optim.Optimize
     if dist.get_rank() == 0:
         path = directory / "gathered.pt"
         torch.save(whole, path)
-        _fsync(path)
+        fsync_file(path)
         path.unlink()
     dist.barrier()
     return time.perf_counter() - started
