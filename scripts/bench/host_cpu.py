@@ -10,7 +10,7 @@ not. (Bound, not measure: while the ranks wait for each other the cores idle, an
     sampler.shares(t0, t1)  # {"ranks": 0.91, "others": 0.03, "idle": 0.06, "others_by_name": {...}}
 
 The sampler runs on a thread of the calling process, reading every process's ``stat`` each ``every_s``
-(~1 ms of CPU a sample for ~150 processes): its own cost is in the calling process's share.
+(a command line once per process): its own CPU time is in the calling process's share, and reported.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ class Sample:
     idle_s: float
     #: Each process's user + system seconds, by pid, with its name (a rank's is "rank").
     processes: dict[int, tuple[str, float]]
+    #: The sampling thread's own CPU seconds so far (inside the calling process's figure).
+    own_s: float
 
 
 def _host() -> tuple[float, float]:
@@ -44,20 +46,30 @@ def _host() -> tuple[float, float]:
     return busy / _TICK, idle / _TICK
 
 
-def _processes(is_rank: Callable[[str], bool]) -> dict[int, tuple[str, float]]:
+def _processes(
+    is_rank: Callable[[str], bool], names: dict[int, tuple[str, str, float]]
+) -> dict[int, tuple[str, float]]:
+    """Every process's name and CPU seconds. ``names`` caches each pid's name, command line and CPU seconds:
+    the command line is read again whenever a process other than a rank has run since (a new process
+    changes it at ``exec``, a Ray worker at taking an actor), not for the many that sleep."""
     found: dict[int, tuple[str, float]] = {}
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             stat = Path(f"/proc/{pid}/stat").read_text()
+            after_name = stat[stat.rindex(")") + 2 :].split()
+            seconds = (int(after_name[11]) + int(after_name[12])) / _TICK  # utime, stime (fields 14, 15)
+            cached = names.get(int(pid))
+            if cached is None or (cached[0] != "rank" and seconds != cached[2]):
+                raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+                cmdline = raw.replace(b"\0", b" ").decode(errors="replace")
+                name = "rank" if is_rank(cmdline) else _name(cmdline, stat)
+                cached = (name, cmdline, seconds)
+            names[int(pid)] = (cached[0], cached[1], seconds)
         except OSError:  # the process ended while being read
             continue
-        after_name = stat[stat.rindex(")") + 2 :].split()
-        seconds = (int(after_name[11]) + int(after_name[12])) / _TICK  # utime, stime (fields 14 and 15)
-        if seconds or is_rank(cmdline):
-            found[int(pid)] = ("rank" if is_rank(cmdline) else _name(cmdline, stat), seconds)
+        found[int(pid)] = (cached[0], seconds)
     return found
 
 
@@ -78,15 +90,20 @@ class CpuSampler:
     """Samples the host's cpu-seconds and every process's each ``every_s`` on a thread, while in use as a
     context manager."""
 
-    def __init__(self, is_rank: Callable[[str], bool], every_s: float = 0.25) -> None:
+    def __init__(self, is_rank: Callable[[str], bool], every_s: float = 0.5) -> None:
         self.is_rank, self.every_s = is_rank, every_s
         self.samples: list[Sample] = []
+        self._own_s = 0.0
+        self._names: dict[int, tuple[str, str, float]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
 
     def _sample(self) -> None:
         busy, idle = _host()
-        self.samples.append(Sample(time.time(), busy, idle, _processes(self.is_rank)))
+        found = _processes(self.is_rank, self._names)
+        own = time.thread_time() if threading.current_thread() is self._thread else self._own_s
+        self._own_s = own
+        self.samples.append(Sample(time.time(), busy, idle, found, own))
 
     def _run(self) -> None:
         while not self._stop.wait(self.every_s):
@@ -126,6 +143,7 @@ class CpuSampler:
             "ranks": ranks / total,
             "others": (busy - ranks) / total,
             "idle": idle / total,
+            "sampler": (b.own_s - a.own_s) / total,  # this sampler's own reading, inside the caller's share
             "others_by_name": {
                 n: round(s / total, 4) for n, s in sorted(by_name.items(), key=lambda i: -i[1])[:top] if s > 0
             },
