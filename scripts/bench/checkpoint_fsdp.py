@@ -20,7 +20,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
-from checkpoint_timings import fsync_file  # this script's directory: on the path when the script runs
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -28,7 +27,7 @@ from trainer.checkpoint import CheckpointManager, TrainingProgress
 from trainer.checkpoint.async_writer import AsyncCheckpointer
 from trainer.checkpoint.sharded import commit_parts, manifest_header, split
 from trainer.checkpoint.state import capture
-from trainer.checkpoint.store import CheckpointStore
+from trainer.checkpoint.store import CheckpointStore, fsync_path
 from trainer.devices import get_adapter
 from trainer.model import GPT
 from trainer.testing.s3 import free_port
@@ -116,7 +115,7 @@ def _gathered_torch_save(model: torch.nn.Module, optimizer: torch.optim.Optimize
     if dist.get_rank() == 0:
         path = directory / "gathered.pt"
         torch.save(whole, path)
-        fsync_file(path)
+        fsync_path(path)
         path.unlink()
     dist.barrier()
     return time.perf_counter() - started

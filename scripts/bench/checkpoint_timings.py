@@ -16,6 +16,7 @@ import torch
 from trainer.checkpoint import TrainingProgress
 from trainer.checkpoint.async_writer import AsyncCheckpointer
 from trainer.checkpoint.state import capture
+from trainer.checkpoint.store import fsync_path
 from trainer.devices import get_adapter
 from trainer.model import GPT
 
@@ -32,14 +33,6 @@ def build_state(
         p.grad = torch.zeros_like(p)
     optimizer.step()  # materialises exp_avg / exp_avg_sq
     return model, optimizer
-
-
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_async(
@@ -166,7 +159,7 @@ def run_torch_save(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dir
     path = directory / "torch_save.pt"
     started = time.perf_counter()
     torch.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, path)
-    fsync_file(path)
+    fsync_path(path)
     elapsed = time.perf_counter() - started
     path.unlink()
     return elapsed

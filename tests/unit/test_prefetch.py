@@ -146,11 +146,8 @@ def test_training_with_read_ahead_ends_bit_for_bit_where_training_without_it_doe
 @pytest.mark.parametrize(
     ("setting", "family", "reads_ahead"),
     [
-        (
-            None,
-            "cpu",
-            False,
-        ),  # the step uses the rank's every core: a collate thread would take turns with it
+        # The step uses the rank's every core: a collate thread would take turns with it.
+        (None, "cpu", False),
         (None, "sim_cuda", False),  # a simulated accelerator computes on the host's CPU too
         ("true", "cpu", True),
         ("false", "cpu", False),

@@ -62,7 +62,7 @@ from trainer.checkpoint.dcp_writer import DigestingWriter
 from trainer.checkpoint.manifest import MANIFEST_NAME, Manifest, checksum_files, file_digest
 from trainer.checkpoint.objects import ObjectStore
 from trainer.checkpoint.state import PortableState
-from trainer.checkpoint.store import CheckpointStore
+from trainer.checkpoint.store import CheckpointStore, fsync_path
 from trainer.errors import CheckpointWriteError
 
 #: DCP's index file, written by the committing party.
@@ -198,20 +198,12 @@ def write_part(
     rng_name = rng_io.rng_file(directory, rank).relative_to(directory).as_posix()
     files = {**writer.digests, rng_name: _digest(rng_io.rng_file(directory, rank))}
     for name in writer.digests if sync else ():
-        _fsync(directory / name)  # the committing party may be on another node: the writer syncs
+        fsync_path(directory / name)  # the committing party may be on another node: the writer syncs
     return RankPart(rank, files, writer.metadata)
 
 
 def _digest(path: Path) -> dict[str, Any]:
     return {"xxh3_128": file_digest(path), "bytes": path.stat().st_size}
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def merge_metadata(parts: list[RankPart]) -> Metadata:

@@ -36,7 +36,8 @@ Ref = TypeVar("Ref", Path, str)
 NAME = re.compile(r"^step_(\d{9})(?:\.(\d+))?$")
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path | str) -> None:
+    """Flush a file's data, or a directory's entries, to the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -47,12 +48,8 @@ def _fsync_dir(path: Path) -> None:
 def _fsync_tree(path: Path) -> None:
     for root, _dirs, files in os.walk(path):
         for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(root))
+            fsync_path(os.path.join(root, name))
+        fsync_path(root)
 
 
 def sort_key(path: Path | str) -> tuple[int, int]:
@@ -100,7 +97,7 @@ class CheckpointStore:
         if self.fence is not None:
             self.fence.check()
         os.rename(tmp, final)
-        _fsync_dir(self.root)
+        fsync_path(self.root)
         self._point_latest(final.name)
         return final
 
@@ -124,7 +121,7 @@ class CheckpointStore:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.root / LATEST)
-        _fsync_dir(self.root)
+        fsync_path(self.root)
 
     def retain(self, keep: Path | str) -> None:
         """Delete all but the newest ``keep_last`` committed checkpoints, never ``keep``. Separate from
