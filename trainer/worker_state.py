@@ -217,13 +217,21 @@ class WorkerState:
         return restored
 
     # --- in-memory snapshots (peer recovery) -------------------------------------------------------
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, staging: AsyncCheckpointer | None = None) -> dict[str, Any]:
         """A CPU copy of the full training state, to hand to a replacement worker through Ray's object store.
 
         Every rank of a DDP group holds the same parameters, optimizer state and task state, so one survivor's
         snapshot restores any rank. The copy is taken now; training may continue while it is shipped.
+
+        ``staging``: this rank's checkpointer, whose staging buffers take the copy when no save is still
+        writing from them (no second copy of the state in host memory). Its tensors are then valid only until
+        the next save: the caller hands them on at once — Ray copies a returned value into its object store
+        before the call ends. While a save is still writing, the snapshot takes a copy of its own rather than
+        wait: a recovery is not held up by the remaining write.
         """
         state = self.capture()
+        if staging is not None and not staging.busy:
+            return self._held(state, staging.stage(state.tensors))
         return self._held(state, {k: t.detach().to("cpu", copy=True) for k, t in state.tensors.items()})
 
     def _held(self, state: portable.PortableState, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:

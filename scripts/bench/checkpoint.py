@@ -28,7 +28,7 @@ Prints one JSON object: medians and ratios —
 ``write_throughput_ratio`` = C's time ÷ A's write time (goal ≥ 0.9),
 ``lost_vs_memcpy`` = lost time ÷ M (goal ≤ 1.2), ``lost_vs_torch_save`` = lost time ÷ B,
 ``blocking_ratio`` = A's blocking time ÷ B, and ``host_staging_bytes``: the host memory a worker holds for
-staging (one copy of its state, reused by every save). With a CUDA device (``--device cuda``: needs a CUDA
+staging (one copy of its state, reused by every save and by peer snapshots). With a CUDA device (``--device cuda``: needs a CUDA
 build of PyTorch and nothing else) the state lives on the GPU and the blocking and lost times are compared
 with the measured device-to-host copy time of the state instead of M.
 
