@@ -22,10 +22,11 @@ against a plain loop of the same model without a per-step host read (``single_wo
 says what a GPU machine needs installed).
 
 Interleaved A B A B …; prints JSON with medians and ``ratio`` = toolkit ÷ plain (goal ≤ 1.02), and — for
-the two-worker runs, on Linux — the host's cpu-seconds during the toolkit's steady state as shares
-(``host_cpu.py``): its ranks', everyone else's (Ray's daemons, the driver), idle. Where the ranks use every
-core, the others' share can be taken from them, which a plain loop does not pay: a bound on that part of the
-ratio, not a measure of it (other work also fits where the cores idle).
+the two-worker runs, on Linux — the host's cpu-seconds during each side's steady state as shares
+(``host_cpu.py``, sampling both sides alike, so both pay for its reading): the ranks', everyone else's (for
+the toolkit Ray's daemons and the driver), idle. Where the ranks use every core, what the toolkit's others
+take beyond the plain loop's can be taken from its ranks: a bound on that part of the ratio, not a measure
+of it (other work also fits where the cores idle).
 
     .venv/bin/python scripts/bench/overhead.py [--steps 120] [--repeats 3]
     .venv/bin/python scripts/bench/overhead.py --example digits|lm_tokens|snippets [--steps 120] [--repeats 3]
@@ -47,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,7 @@ import torch.nn.functional as F
 from host_cpu import CpuSampler  # this script's directory: on the path when the script runs
 from plain_task_loop import (
     PlainRun,  # this script's directory: on the path when the script runs
+    is_spawned_rank,
     spawned_step_s,
 )
 from plain_task_loop import plain_step_s as plain_task_step_s
@@ -180,10 +183,10 @@ def _plain_worker(rank: int, world: int, port: int, steps: int, out: Any) -> Non
         SyntheticCorpus(0, MODEL["vocab_size"], MODEL["seq_len"]),
         GlobalBatchSampler(BATCH, rank, world),
     )
-    start = 0.0
+    start, wall = 0.0, 0.0
     for step in range(steps):
         if step == WARMUP_STEPS:
-            start = time.perf_counter()
+            start, wall = time.perf_counter(), time.time()
         tokens = data.batch(sampler.indices(step))
         logits = model(tokens[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
@@ -193,12 +196,20 @@ def _plain_worker(rank: int, world: int, port: int, steps: int, out: Any) -> Non
         opt.step()
         loss.item()
     if rank == 0:
-        out.put((time.perf_counter() - start) / (steps - WARMUP_STEPS))
+        out.put(((time.perf_counter() - start) / (steps - WARMUP_STEPS), (wall, time.time())))
     dist.destroy_process_group()
 
 
-def plain_step_s(steps: int, world: int = 2) -> float:
+def plain_step_s(steps: int, world: int = 2) -> tuple[float, tuple[float, float]]:
     return spawned_step_s(_plain_worker, steps, _free_port(), world)
+
+
+def sampled(plain: Callable[[], tuple[float, tuple[float, float]]]) -> tuple[float, dict[str, Any]]:
+    """A plain run under the same CPU sampler as the toolkit's (both pay its reading): seconds per step, and
+    the host's shares over its steady window."""
+    with CpuSampler(is_spawned_rank) as cpu:
+        step_s, (start, end) = plain()
+    return step_s, cpu.shares(start, end)
 
 
 def main() -> None:
@@ -254,7 +265,7 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         config = toolkit_config(args.steps, args.chunk, gpt_workload())
         batch, sizes = BATCH, dict(MODEL)
 
-        def plain() -> float:
+        def plain() -> tuple[float, tuple[float, float]]:
             return plain_step_s(args.steps)
     else:
         example = EXAMPLES[args.example]
@@ -275,20 +286,26 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
             seed=config.train.seed,
         )
 
-        def plain() -> float:
+        def plain() -> tuple[float, tuple[float, float]]:
             return plain_task_step_s(plain_run, _free_port())
 
     samples: dict[str, list[float]] = {"toolkit_step_s": [], "plain_ddp_step_s": []}
-    shares: list[dict[str, Any]] = []
+    shares: dict[str, list[dict[str, Any]]] = {"toolkit": [], "plain": []}
     with local_ray():
         for _ in range(args.repeats):
-            step_s, cpu = toolkit_step_s(config)
-            samples["toolkit_step_s"].append(step_s)
-            shares.append(cpu)
-            samples["plain_ddp_step_s"].append(plain())
+            for side, timed in (
+                ("toolkit", lambda: toolkit_step_s(config)),
+                ("plain", lambda: sampled(plain)),
+            ):
+                step_s, cpu = timed()
+                samples["toolkit_step_s" if side == "toolkit" else "plain_ddp_step_s"].append(step_s)
+                shares[side].append(cpu)
     med = {k: statistics.median(v) for k, v in samples.items()}
     ratio = med["toolkit_step_s"] / med["plain_ddp_step_s"]
-    others = statistics.median(float(s["others"]) for s in shares)
+    share_medians = {
+        side: {k: statistics.median(float(s[k]) for s in runs) for k in ("ranks", "others", "idle")}
+        for side, runs in shares.items()
+    }
     return {
         "benchmark": "overhead",
         **described,
@@ -303,11 +320,13 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         "samples": samples,
         "median": med,
         "ratio": ratio,
-        # The host's cpu-seconds during the toolkit's steady state: its two ranks', everything else's (Ray's
-        # daemons, the driver, the machine's own), idle. With every core busy, "others" can be taken from the
-        # ranks (a bound: other work also fits where the cores idle); a plain loop has nothing beside it.
-        "toolkit_cpu_shares": shares,
-        "toolkit_others_cpu_share_median": others,
+        # The host's cpu-seconds during each side's steady state: its two ranks', everything else's (for the
+        # toolkit Ray's daemons and the driver; for both the sampler and the machine's own), idle. With every
+        # core busy, what the toolkit's "others" exceed the plain loop's by can be taken from its ranks (a
+        # bound: other work also fits where the cores idle).
+        "toolkit_cpu_shares": shares["toolkit"],
+        "plain_cpu_shares": shares["plain"],
+        "cpu_share_medians": share_medians,
         "goal_ratio_max": 1.02,
         "goal_met": ratio <= 1.02,
         "goal_step_s_min": 0.010,

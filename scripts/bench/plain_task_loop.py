@@ -100,10 +100,10 @@ def plain_worker(rank: int, world: int, port: int, run: PlainRun, out: Any) -> N
     manual = type(task).train_step is not Task.train_step
     batches = local_batches(task.train_dataset(), task.collate, run, rank, world)
     model.train()
-    start = time.perf_counter()
+    start, wall = time.perf_counter(), time.time()
     for step in range(run.steps):
         if step == run.warmup_steps:
-            start = time.perf_counter()
+            start, wall = time.perf_counter(), time.time()
         batch = next(batches)
         optimizer.zero_grad(set_to_none=True)
         if manual:
@@ -114,25 +114,34 @@ def plain_worker(rank: int, world: int, port: int, run: PlainRun, out: Any) -> N
             control.optimizer_step()
         loss.item()
     if rank == 0:
-        out.put((time.perf_counter() - start) / (run.steps - run.warmup_steps))
+        out.put(((time.perf_counter() - start) / (run.steps - run.warmup_steps), (wall, time.time())))
     dist.destroy_process_group()
 
 
-def plain_step_s(run: PlainRun, port: int, world: int = 2) -> float:
-    """Steady-state seconds per step of ``run`` on ``world`` spawned gloo processes."""
+def plain_step_s(run: PlainRun, port: int, world: int = 2) -> tuple[float, tuple[float, float]]:
+    """Steady-state seconds per step of ``run`` on ``world`` spawned gloo processes, and that steady
+    window's start and end (epoch seconds)."""
     return spawned_step_s(plain_worker, run, port, world)
 
 
-def spawned_step_s(target: Callable[..., None], payload: Any, port: int, world: int) -> float:
-    """Start ``target(rank, world, port, payload, out)`` on ``world`` spawned processes; the seconds per
-    step rank 0 puts on ``out``."""
+def is_spawned_rank(cmdline: str) -> bool:
+    """A process that :func:`spawned_step_s` started (``multiprocessing``'s spawn start method)."""
+    return "spawn_main" in cmdline
+
+
+def spawned_step_s(
+    target: Callable[..., None], payload: Any, port: int, world: int
+) -> tuple[float, tuple[float, float]]:
+    """Start ``target(rank, world, port, payload, out)`` on ``world`` spawned processes; what rank 0 puts on
+    ``out``: the seconds per step, and the steady window (epoch seconds at its start and end)."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     procs = [ctx.Process(target=target, args=(r, world, port, payload, out)) for r in range(world)]
     for p in procs:
         p.start()
     try:
-        return float(out.get(timeout=600))
+        step_s, (start, end) = out.get(timeout=600)
+        return float(step_s), (float(start), float(end))
     finally:
         for p in procs:
             p.join(timeout=60)
