@@ -6,6 +6,7 @@ writing takes a copy of its own instead of waiting for the write."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from trainer.checkpoint import CheckpointManager
 from trainer.checkpoint.async_writer import AsyncCheckpointer
 from trainer.cluster.group import WorkerGroup
 from trainer.devices import get_adapter
+from trainer.errors import CheckpointWriteError
 from trainer.testing.configs import make_config
 from trainer.worker import Worker
 
@@ -56,7 +58,24 @@ def test_a_snapshot_uses_the_staging_buffers_unless_a_save_is_writing(tmp_path: 
         assert not _differ(own["tensors"], state)
     finally:
         release.set()
-        checkpointer.close()
+        checkpointer.wait()
+
+    # A save that could not be written (a full disk) does not fail the next snapshot, and its failure is
+    # still there for the driver's next flush to report.
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise CheckpointWriteError("no space left on device (stand-in)")
+
+    checkpointer.manager.save = fail
+    worker.save_async(checkpointer)
+    deadline = time.monotonic() + 30
+    while checkpointer.busy:  # the write has failed: the buffers are free again
+        assert time.monotonic() < deadline, "the failing write never ended"
+        time.sleep(0.01)
+    after = worker.snapshot(checkpointer)
+    assert not _differ(after["tensors"], state)
+    with pytest.raises(CheckpointWriteError, match="no space left"):
+        checkpointer.wait()
+    checkpointer.close()
 
 
 @pytest.fixture

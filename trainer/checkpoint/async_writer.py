@@ -17,6 +17,7 @@ import os
 import shutil
 import threading
 import time
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -181,8 +182,10 @@ class AsyncCheckpointer:
         """Copy ``tensors`` into the staging buffers once the pending save is done with them, and return
         the staged CPU copies, valid until the next :meth:`save` or :meth:`stage` (for a copy of the state
         that is consumed before then, e.g. a peer snapshot handed to Ray's object store, which copies it).
-        Raises the pending save's error, like :meth:`wait`."""
-        self.wait()
+        The pending save's outcome is left for :meth:`wait` to report: one that could not be written does
+        not fail the copy, and is not lost to the caller who asks for it."""
+        if self._pending is not None:
+            futures.wait([self._pending])
         staged = self._stage(tensors)
         self.staging.wait_copied()
         return staged
