@@ -12,6 +12,9 @@ Compares, interleaved (A B C … A B C …) because disk speed drifts up to 3x b
 * The CPU seconds of A's write and of C (``async_write_cpu_s``, ``raw_write_cpu_s``): what a write takes
   from training on a host whose cores all train, less sensitive to other load than wall times.
 * **M — one memcpy of the state** into existing buffers: the floor for any save that copies the state.
+* **P — a peer snapshot's copy** of the state (``snapshot_staged_s``: through the staging buffers, as a
+  worker takes one; ``snapshot_fresh_s``: into a fresh allocation, as it did before — the first of the run,
+  ``snapshot_fresh_first_s``, touches new memory, as a recovery's one snapshot usually does).
 * **T / T+S — training steps** (forward, backward, AdamW step on a small batch) without a save, and with
   an async save started before the first of them, run until the save (write, commit, deletion of the old
   checkpoint) is finished. ``lost_s`` = the wall time of the window with the save minus the same number of
@@ -79,6 +82,7 @@ from checkpoint_timings import (  # this script's directory: on the path when th
     run_memcpy,
     run_raw_upload,
     run_raw_write,
+    run_snapshot,
     run_steps,
     run_steps_with_save,
     run_torch_save,
@@ -177,6 +181,8 @@ def main_on(args: argparse.Namespace, options: dict[str, str]) -> None:
         "lost_window_s",
         "lost_window_idle_s",
         "steps_with_idle_save",
+        "snapshot_staged_s",
+        "snapshot_fresh_s",
     ]
     samples: dict[str, list[float]] = {name: [] for name in names}
     try:
@@ -201,6 +207,9 @@ def main_on(args: argparse.Namespace, options: dict[str, str]) -> None:
                 samples["raw_write_cpu_s"].append(cpu_seconds() - cpu)
                 samples["raw_write_streamed_s"].append(run_raw_write(nbytes, work, kick=True))
             samples["memcpy_s"].append(run_memcpy(flat, flat_copy))
+            staged, fresh = run_snapshot(checkpointer, model, optimizer)
+            samples["snapshot_staged_s"].append(staged)
+            samples["snapshot_fresh_s"].append(fresh)
             plain = run_steps(model, optimizer, tokens, args.steps)
             window, steps = run_steps_with_save(checkpointer, model, optimizer, tokens, 2 * i + 2)
             step_s = statistics.median(plain)
@@ -239,7 +248,10 @@ def main_on(args: argparse.Namespace, options: dict[str, str]) -> None:
         "target": "object storage (raw = one upload of the same bytes)" if fs is not None else "local disk",
         "state_bytes": nbytes,
         "host_staging_bytes": checkpointer.staging.nbytes,
-        "host_staging_note": "one copy of the state, allocated once, reused by every save of the worker",
+        "host_staging_note": "one copy of the state, allocated once, reused by every save and peer snapshot",
+        # A peer snapshot's copy: through the staging buffers, against a fresh copy of the state (the first
+        # of the run touches new memory; later ones may reuse what the allocator kept of the one before).
+        "snapshot_fresh_first_s": samples["snapshot_fresh_s"][0],
         "repeats": args.repeats,
         "batch": [args.batch, args.seq],
         "width": args.width,

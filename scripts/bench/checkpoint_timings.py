@@ -53,6 +53,25 @@ def save_async(
     return checkpointer.save(state, adapter.get_rng_state(device), adapter, progress, {}, overlap=overlapped)
 
 
+def run_snapshot(
+    checkpointer: AsyncCheckpointer, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[float, float]:
+    """A peer snapshot's copy of the state, as a worker takes it (``WorkerState.snapshot``): seconds through
+    the checkpointer's staging buffers (what the toolkit does), then seconds into a fresh allocation of the
+    same tensors (what it did before, and what the first touch of new memory costs when the allocator
+    has none freed to reuse)."""
+    tensors = capture(model, optimizer, torch.amp.GradScaler("cpu", enabled=False)).tensors
+    started = time.perf_counter()
+    checkpointer.stage(tensors)
+    staged = time.perf_counter() - started
+    started = time.perf_counter()
+    fresh = {k: t.detach().to("cpu", copy=True) for k, t in tensors.items()}
+    synchronize(next(iter(tensors.values())).device)
+    copied = time.perf_counter() - started
+    del fresh
+    return staged, copied
+
+
 def cpu_seconds() -> float:
     """CPU time of this process so far, all threads (the writer's while the main thread waits)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
