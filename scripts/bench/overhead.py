@@ -47,7 +47,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +61,9 @@ from host_cpu import CpuSampler  # this script's directory: on the path when the
 from plain_task_loop import (
     PlainRun,  # this script's directory: on the path when the script runs
     is_spawned_rank,
+    put_steady,
     spawned_step_s,
+    steady_start,
 )
 from plain_task_loop import plain_step_s as plain_task_step_s
 
@@ -183,10 +184,10 @@ def _plain_worker(rank: int, world: int, port: int, steps: int, out: Any) -> Non
         SyntheticCorpus(0, MODEL["vocab_size"], MODEL["seq_len"]),
         GlobalBatchSampler(BATCH, rank, world),
     )
-    start, wall = 0.0, 0.0
+    start = steady_start()
     for step in range(steps):
         if step == WARMUP_STEPS:
-            start, wall = time.perf_counter(), time.time()
+            start = steady_start()
         tokens = data.batch(sampler.indices(step))
         logits = model(tokens[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
@@ -196,7 +197,7 @@ def _plain_worker(rank: int, world: int, port: int, steps: int, out: Any) -> Non
         opt.step()
         loss.item()
     if rank == 0:
-        out.put(((time.perf_counter() - start) / (steps - WARMUP_STEPS), (wall, time.time())))
+        put_steady(out, start, steps - WARMUP_STEPS)
     dist.destroy_process_group()
 
 
@@ -293,13 +294,12 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     shares: dict[str, list[dict[str, Any]]] = {"toolkit": [], "plain": []}
     with local_ray():
         for _ in range(args.repeats):
-            for side, timed in (
-                ("toolkit", lambda: toolkit_step_s(config)),
-                ("plain", lambda: sampled(plain)),
-            ):
-                step_s, cpu = timed()
-                samples["toolkit_step_s" if side == "toolkit" else "plain_ddp_step_s"].append(step_s)
-                shares[side].append(cpu)
+            step_s, cpu = toolkit_step_s(config)
+            samples["toolkit_step_s"].append(step_s)
+            shares["toolkit"].append(cpu)
+            step_s, cpu = sampled(plain)
+            samples["plain_ddp_step_s"].append(step_s)
+            shares["plain"].append(cpu)
     med = {k: statistics.median(v) for k, v in samples.items()}
     ratio = med["toolkit_step_s"] / med["plain_ddp_step_s"]
     share_medians = {

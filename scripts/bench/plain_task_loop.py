@@ -100,10 +100,10 @@ def plain_worker(rank: int, world: int, port: int, run: PlainRun, out: Any) -> N
     manual = type(task).train_step is not Task.train_step
     batches = local_batches(task.train_dataset(), task.collate, run, rank, world)
     model.train()
-    start, wall = time.perf_counter(), time.time()
+    start = steady_start()
     for step in range(run.steps):
         if step == run.warmup_steps:
-            start, wall = time.perf_counter(), time.time()
+            start = steady_start()
         batch = next(batches)
         optimizer.zero_grad(set_to_none=True)
         if manual:
@@ -114,8 +114,20 @@ def plain_worker(rank: int, world: int, port: int, run: PlainRun, out: Any) -> N
             control.optimizer_step()
         loss.item()
     if rank == 0:
-        out.put(((time.perf_counter() - start) / (run.steps - run.warmup_steps), (wall, time.time())))
+        put_steady(out, start, run.steps - run.warmup_steps)
     dist.destroy_process_group()
+
+
+def steady_start() -> tuple[float, float]:
+    """The start of a steady window: ``time.perf_counter()`` to time its steps, ``time.time()`` to place it
+    among the CPU sampler's samples."""
+    return time.perf_counter(), time.time()
+
+
+def put_steady(out: Any, start: tuple[float, float], steps: int) -> None:
+    """Rank 0's report to :func:`spawned_step_s`: the seconds per step of the ``steps`` since ``start``
+    (:func:`steady_start`), and the window's start and end in epoch seconds."""
+    out.put(((time.perf_counter() - start[0]) / steps, (start[1], time.time())))
 
 
 def plain_step_s(run: PlainRun, port: int, world: int = 2) -> tuple[float, tuple[float, float]]:

@@ -242,9 +242,8 @@ class WorkerActor:
     # --- state ---------------------------------------------------------------------------------------
     @dies_in_call
     def snapshot(self) -> dict[str, Any]:
-        """The whole state; in a process of its own, copied through this rank's staging buffers when it has
-        them (:meth:`~trainer.worker_state.WorkerState.snapshot`): Ray copies the reply into its object store
-        before the call ends. A member in the driver's process hands its reply over uncopied: its own copy."""
+        """:meth:`~trainer.worker_state.WorkerState.snapshot`, through the staging buffers only where Ray copies
+        the reply (a member in the driver's process hands it over uncopied)."""
         return self.worker.snapshot(self.checkpointer if self.own_process else None)
 
     @dies_in_call
