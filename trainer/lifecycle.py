@@ -57,9 +57,10 @@ def record_group(
     family: str,
     step: int,
     members: list[dict[str, Any]],
-    spares: list[dict[str, Any]],
+    spares: int,
 ) -> None:
-    """A group of ``members`` starts training on ``family`` at ``step``."""
+    """A group of ``members`` starts training on ``family`` at ``step``, with ``spares`` warm spares up
+    (the others journal ``spare_ready`` when they are)."""
     sink.run_info(config_name, family, len(members), total_steps)
     journal.record(
         "group_started", family=family, world_size=len(members), step=step, members=members, spares=spares

@@ -158,7 +158,7 @@ class Controller(RunRecovery):
         else:
             from trainer.cluster.group import WorkerGroup  # Ray: imported by a Ray run only
 
-            self.group = WorkerGroup(
+            group = WorkerGroup(
                 self.config,
                 get_adapter(family),
                 self.driver_host,
@@ -166,8 +166,10 @@ class Controller(RunRecovery):
                 arm_faults=not self.families_used,
                 arm_call_faults=family not in self.families_used,
             )
+            group.on_spare_ready = self._spare_ready
+            self.group = group
         self.group.start()
-        check_shared(self.checkpoint_root, [*self.group.members, *self.group.spares])
+        check_shared(self.checkpoint_root, self.group.members)
         self.families_used.append(family)
         record_group(
             self.journal,
@@ -176,8 +178,8 @@ class Controller(RunRecovery):
             self.config.train.steps,
             family,
             self.step,
-            members=self.group.started_on[: self.group.size],
-            spares=self.group.started_on[self.group.size :],
+            members=self.group.started_on,
+            spares=len(self.group.spares),
         )
         print(f"worker group up: {family} x{self.group.size}")
         if self.group.spares_short is not None:
@@ -185,6 +187,13 @@ class Controller(RunRecovery):
             print(f"warning: {self.group.spares_short}")
         if form:
             self.group.form(self.collective_timeout())
+
+    def _spare_ready(self, spare: Any, info: dict[str, Any]) -> None:
+        """A warm spare is up: it must see the checkpoint directory as the workers do (see check_shared)."""
+        check_shared(self.checkpoint_root, [spare])
+        self.journal.record(
+            "spare_ready", family=info["family"], step=self.step, pid=info["pid"], host=info["host"]
+        )
 
     def preflight(self) -> State:
         """A hand-over's parity check if one is due, then probe the group's devices and interconnect."""
@@ -233,6 +242,8 @@ class Controller(RunRecovery):
         if finding is not None:
             return self.on_event(*finding)
         grow = False
+        if self.group is not None:
+            self.group.collect_spares()  # the spares that came up since the last chunk (no call to them)
         if time.monotonic() >= self.next_spare_check:  # a warm spare that died is replaced in the background
             self.next_spare_check = time.monotonic() + _SPARE_CHECK_S
             if self.group is not None and self.group.refill_spares():

@@ -2,13 +2,16 @@
 
 Each bundle asks for one unit of the family's Ray resource and a fraction of a CPU. A lost worker's
 bundle is refilled with a new spare while the old spare takes the lost rank, so the group's shape never
-changes unless the policy decides so.
+changes unless the policy decides so. The spares are started once the workers are up and are not waited
+for (unless ``cluster.await_spares``): they warm up while the group trains, and each is handed to
+``on_spare_ready`` when it first answers.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -79,7 +82,8 @@ class WorkerGroup:
         self.members: list[Any] = []
         self.spares: list[Any] = []
         self._bundle_of: dict[Any, int] = {}
-        self._pending_spares: list[Any] = []
+        #: Spares still starting, each with its first ``info()`` call (answered once it is up).
+        self._pending_spares: dict[Any, Any] = {}
         self.pg: PlacementGroup | None = None
         self.store: dist.TCPStore | None = None
         self.incarnation = -1
@@ -88,7 +92,10 @@ class WorkerGroup:
         self._spawned = 0
         #: Why fewer warm spares than ``cluster.spares`` were started (None: all of them).
         self.spares_short: str | None = None
+        #: Where each member started runs (pid, host), in rank order.
         self.started_on: list[dict[str, Any]] = []
+        #: Called with each spare and its ``info()`` when it first answers (the driver checks and journals it).
+        self.on_spare_ready: Callable[[Any, dict[str, Any]], None] | None = None
 
     # --- life cycle ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -124,18 +131,21 @@ class WorkerGroup:
                 f"cluster.start_timeout_s={cluster.start_timeout_s}s (cluster.workers={self.size}, "
                 f"cluster.spares={cluster.spares}); available now: {available}"
             )
-        actors = [self._spawn(i) for i in range(total)]
+        # The workers first: on a host short of cores, spares starting beside them would delay the first step.
+        self.members = [self._spawn(i) for i in range(self.size)]
         try:
-            infos = ray.get([a.info.remote() for a in actors], timeout=cluster.start_timeout_s)
+            infos = ray.get([a.info.remote() for a in self.members], timeout=cluster.start_timeout_s)
         except calls.call_errors() as exc:
             self.shutdown()
             raise DeviceUnavailableError(
                 f"workers of family {self.adapter.name!r} failed to start: {exc}"
             ) from exc
         log.info("worker actors up: %s", infos)
-        self.members, self.spares = actors[: self.size], actors[self.size :]
-        #: Where each actor started runs (pid, host): members first, then spares.
         self.started_on = [{"pid": i["pid"], "host": i["host"]} for i in infos]
+        for bundle_index in range(self.size, total):
+            self._start_spare(bundle_index)
+        for _ in range(len(self._pending_spares) if cluster.await_spares else 0):
+            self.collect_spares(wait=True)
 
     def _spawn(self, bundle_index: int) -> Any:
         """Start an actor in bundle ``bundle_index``. Actors are numbered in the order they are started (the
@@ -203,16 +213,16 @@ class WorkerGroup:
     def replace(self, ranks: tuple[int, ...]) -> None:
         """Swap the workers of ``ranks`` for spares: warm ones first, then the new actors started in the lost
         workers' bundles (cold, all at once). Every bundle of a lost worker gets a new actor."""
-        self._collect_pending()
+        self.collect_spares()
         for rank in ranks:
             lost = self.members[rank]
             bundle = self._bundle_of.pop(lost)
             calls.kill(lost)
             # The killed actor's bundle frees asynchronously; its new occupant simply queues until it does.
-            self._pending_spares.append(self._spawn(bundle))
+            self._start_spare(bundle)
         for rank in ranks:
             if not self.spares:
-                self._collect_pending(wait=True)
+                self.collect_spares(wait=True)
             if not self.spares:
                 raise DeviceUnavailableError(
                     f"no spare worker to replace rank {rank}: none started within cluster.start_timeout_s="
@@ -220,22 +230,30 @@ class WorkerGroup:
                 )
             self.members[rank] = self.spares.pop(0)
 
-    def _collect_pending(self, wait: bool = False) -> None:
-        still: list[Any] = []
-        for actor in self._pending_spares:
-            ref = actor.info.remote()
-            ready, _ = ray.wait([ref], timeout=self.config.cluster.start_timeout_s if wait else 0)
-            if not ready:
-                still.append(actor)
-                continue
+    def _start_spare(self, bundle_index: int) -> None:
+        actor = self._spawn(bundle_index)
+        self._pending_spares[actor] = actor.info.remote()
+
+    def collect_spares(self, wait: bool = False) -> None:
+        """Spares that have come up become warm spares, oldest first; ``wait``: until one has (up to the
+        start timeout)."""
+        refs = {ref: actor for actor, ref in self._pending_spares.items()}
+        if not refs:
+            return
+        timeout = self.config.cluster.start_timeout_s if wait else 0
+        ready, _ = ray.wait(list(refs), num_returns=1 if wait else len(refs), timeout=timeout)
+        for ref in [r for r in refs if r in ready]:  # in the order they were started
+            actor = refs[ref]
+            del self._pending_spares[actor]
             try:
-                ray.get(ref)
+                info = ray.get(ref)
             except calls.call_errors() as exc:  # it died while starting: its bundle gets another
                 log.warning("a spare died while starting: %s", str(exc).splitlines()[0])
-                still.append(self._spawn(self._bundle_of.pop(actor)))
+                self._start_spare(self._bundle_of.pop(actor))
                 continue
             self.spares.append(actor)
-        self._pending_spares = still
+            if self.on_spare_ready is not None:
+                self.on_spare_ready(actor, info)
 
     def refill_spares(self, timeout_s: float = 1.0) -> int:
         """Replace warm spares that died since they started: each one's bundle gets a new actor, started in the
@@ -253,8 +271,8 @@ class WorkerGroup:
                     dead.append(refs[ref])
         for actor in dead:
             self.spares.remove(actor)
-            self._pending_spares.append(self._spawn(self._bundle_of.pop(actor)))
-        self._collect_pending()
+            self._start_spare(self._bundle_of.pop(actor))
+        self.collect_spares()
         return len(dead)
 
     def kill(self, ranks: list[int]) -> None:
@@ -278,7 +296,7 @@ class WorkerGroup:
                 calls.kill(actor)
             except Exception as exc:  # already gone
                 log.debug("kill failed: %s", exc)
-        self.members, self.spares, self._pending_spares = [], [], []
+        self.members, self.spares, self._pending_spares = [], [], {}
         if self.pg is not None:
             remove_placement_group(self.pg)
             self.pg = None
