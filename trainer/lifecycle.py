@@ -57,10 +57,9 @@ def record_group(
     family: str,
     step: int,
     members: list[dict[str, Any]],
-    spares: int,
+    spares: list[dict[str, Any]],
 ) -> None:
-    """A group of ``members`` starts training on ``family`` at ``step``, with ``spares`` warm spares up
-    (the others journal ``spare_ready`` when they are)."""
+    """A group of ``members`` starts training on ``family`` at ``step``."""
     sink.run_info(config_name, family, len(members), total_steps)
     journal.record(
         "group_started", family=family, world_size=len(members), step=step, members=members, spares=spares

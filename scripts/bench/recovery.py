@@ -7,7 +7,7 @@ sliced by ``GlobalBatchSampler`` (8/N per worker), DDP over gloo, one torch thre
 ``CPU_PER_WORKER`` logical CPUs per worker (so that N workers and a warm spare fit on 2 CPUs).
 
 (a) toolkit: ``trainer.job.run`` with ``cluster=ray_local device=sim_npu cluster.chunk_steps=1
-    cluster.workers=N cluster.await_spares=true`` (one warm spare, up before the first step) and the injected fault ``faults.kill_rank=1 faults.kill_at_step=K``
+    cluster.workers=N`` (one warm spare) and the injected fault ``faults.kill_rank=1 faults.kill_at_step=K``
     (rank 1 SIGKILLs itself just before step K).
     The end is the journal's ``first_step_after_recovery`` entry, written by the controller when the
     first post-recovery heartbeat (the re-run of step K) reaches the driver.
@@ -74,7 +74,6 @@ def job_overrides(steps: int, kill_at: int, workers: int = 2) -> list[str]:
         "device=sim_npu",
         f"cluster.workers={workers}",
         f"cluster.spares={SPARES}",
-        "cluster.await_spares=true",  # the spare is warm from the first step: the kill comes a second in
         f"cluster.cpus_per_worker={CPU_PER_WORKER}",
         "model.n_layer=1",
         "model.n_embd=32",

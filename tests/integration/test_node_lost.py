@@ -120,7 +120,7 @@ def test_a_checkpoint_dir_the_workers_node_cannot_see_is_refused_at_launch(
     )
     assert driver.returncode == ExitCode.CONFIG_ERROR, driver.stdout[-3000:] + driver.stderr[-3000:]
     said = driver.stdout + driver.stderr
-    assert f"checkpoint.dir={run_dir / 'checkpoints'} is not shared with the nodes of 2 of 2 workers" in said
+    assert f"checkpoint.dir={run_dir / 'checkpoints'} is not shared with the nodes of 3 of 3 workers" in said
     assert "checkpoint.dir=s3://bucket/prefix" in said
     assert [e["event"] for e in journal_events(run_dir / "journal.jsonl") if e["event"] == "step"] == []
 

@@ -45,20 +45,11 @@ def test_killed_worker_is_replaced_and_the_run_matches_an_uninterrupted_one(
 ) -> None:
     clean = group_config()
     assert run(clean, run_dir=tmp_path / "clean") == ExitCode.FINISHED
-    # By default the first step does not wait for the spare: it starts once the workers are up.
-    [started] = [
-        e for e in Journal(tmp_path / "clean" / "journal.jsonl").read() if e["event"] == "group_started"
-    ]
-    assert started["spares"] == 0
 
-    # SIGKILL rank 1 just before step 7; the first step waits for the spare, so it is warm by then.
-    faulty = group_config("faults=kill_worker", "cluster.await_spares=true")
+    faulty = group_config("faults=kill_worker")  # SIGKILL rank 1 just before step 7
     assert run(faulty, run_dir=tmp_path / "faulty") == ExitCode.FINISHED
 
     events = Journal(tmp_path / "faulty" / "journal.jsonl").read()
-    names = [e["event"] for e in events]
-    assert names.index("spare_ready") < names.index("group_started")
-    assert events[names.index("group_started")]["spares"] == 1
     failures = [e for e in events if e["event"] == "failure"]
     recoveries = [e for e in events if e["event"] == "recovered"]
     assert len(failures) == 1 and failures[0]["kind"] == "worker_lost" and failures[0]["ranks"] == [1]
@@ -123,7 +114,7 @@ def test_a_three_worker_checkpoint_resumes_on_one_worker_and_back(
 
 
 def test_a_warm_spare_that_dies_is_replaced_in_the_background_and_then_used(tmp_path: Path) -> None:
-    """The spare is SIGKILLed once it is up; its bundle gets a new actor in the background, which later
+    """The spare is SIGKILLed early in the run; its bundle gets a new actor in the background, which later
     takes the rank of a killed worker without a cold start. The driver is a process of its own, attached to
     the session's Ray; every collective is slowed so the run lasts long enough to watch."""
     run_dir = tmp_path / "run"
@@ -139,14 +130,14 @@ def test_a_warm_spare_that_dies_is_replaced_in_the_background_and_then_used(tmp_
         "cluster.cpus_per_worker=0.25",
         *SMALL,
         "train.global_batch_size=6",
-        "train.steps=130",
+        "train.steps=90",
         "checkpoint.interval_steps=0",
         "cluster.chunk_steps=5",
         "probes.preflight=false",
         "probes.interval_steps=0",
         "+faults.families={sim_npu: {collective_delay_s: 0.1}}",
         "faults.kill_rank=1",
-        "faults.kill_at_step=120",  # the spare comes up ~3 s in: time to kill it and replace it
+        "faults.kill_at_step=80",
         "monitoring=off",
         f"hydra.run.dir={run_dir}",
     ]
@@ -160,18 +151,24 @@ def test_a_warm_spare_that_dies_is_replaced_in_the_background_and_then_used(tmp_
 
     try:
         deadline = time.monotonic() + 180
-        while not [e for e in journal() if e["event"] == "spare_ready"]:
-            assert driver.poll() is None and time.monotonic() < deadline, "the spare never came up"
+        while not [e for e in journal() if e["event"] == "group_started"]:
+            assert driver.poll() is None and time.monotonic() < deadline, "the group never started"
             time.sleep(0.2)
-        [spare] = [e for e in journal() if e["event"] == "spare_ready"]
-        os.kill(int(spare["pid"]), signal.SIGKILL)  # type: ignore[call-overload]
+        [started] = [e for e in journal() if e["event"] == "group_started"]
+        [spare] = started["spares"]  # type: ignore[misc]
+        os.kill(int(spare["pid"]), signal.SIGKILL)
         out, _ = driver.communicate(timeout=240)
     finally:
         driver.kill()
     assert driver.returncode == ExitCode.FINISHED, out[-3000:]
     names = [e["event"] for e in journal()]
     assert "spare_replaced" in names and names.index("spare_replaced") < names.index("failure")
+    # The new actor in the dead spare's bundle was journalled once it was up, before it took the rank.
+    ready = [e for e in journal() if e["event"] == "spare_ready"]
+    assert ready and names.index("spare_replaced") < names.index("spare_ready") < names.index("recovered")
+    first_up: list[dict[str, object]] = [*started["members"], *started["spares"]]  # type: ignore[misc]
+    assert ready[0]["pid"] not in {p["pid"] for p in first_up}
     [recovered] = [e for e in journal() if e["event"] == "recovered"]
     assert recovered["replaced_ranks"] == [1] and recovered["state_from"] == "peer snapshot from rank 0"
     [finished] = [e for e in journal() if e["event"] == "run_finished"]
-    assert finished["step"] == 130
+    assert finished["step"] == 90

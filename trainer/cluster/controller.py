@@ -169,7 +169,7 @@ class Controller(RunRecovery):
             group.on_spare_ready = self._spare_ready
             self.group = group
         self.group.start()
-        check_shared(self.checkpoint_root, self.group.members)
+        check_shared(self.checkpoint_root, [*self.group.members, *self.group.spares])
         self.families_used.append(family)
         record_group(
             self.journal,
@@ -178,8 +178,8 @@ class Controller(RunRecovery):
             self.config.train.steps,
             family,
             self.step,
-            members=self.group.started_on,
-            spares=len(self.group.spares),
+            members=self.group.started_on[: self.group.size],
+            spares=self.group.started_on[self.group.size :],
         )
         print(f"worker group up: {family} x{self.group.size}")
         if self.group.spares_short is not None:
@@ -189,7 +189,8 @@ class Controller(RunRecovery):
             self.group.form(self.collective_timeout())
 
     def _spare_ready(self, spare: Any, info: dict[str, Any]) -> None:
-        """A warm spare is up: it must see the checkpoint directory as the workers do (see check_shared)."""
+        """An actor started after the group (a refill) is up: like the group's own at launch, it must see the
+        checkpoint directory (see check_shared); journalled."""
         check_shared(self.checkpoint_root, [spare])
         self.journal.record(
             "spare_ready", family=info["family"], step=self.step, pid=info["pid"], host=info["host"]

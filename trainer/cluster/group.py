@@ -2,9 +2,8 @@
 
 Each bundle asks for one unit of the family's Ray resource and a fraction of a CPU. A lost worker's
 bundle is refilled with a new spare while the old spare takes the lost rank, so the group's shape never
-changes unless the policy decides so. The spares are started once the workers are up and are not waited
-for (unless ``cluster.await_spares``): they warm up while the group trains, and each is handed to
-``on_spare_ready`` when it first answers.
+changes unless the policy decides so. The group starts with its spares up; an actor started later (a
+refill) becomes a spare when it first answers, and is handed to ``on_spare_ready`` then.
 """
 
 from __future__ import annotations
@@ -92,9 +91,10 @@ class WorkerGroup:
         self._spawned = 0
         #: Why fewer warm spares than ``cluster.spares`` were started (None: all of them).
         self.spares_short: str | None = None
-        #: Where each member started runs (pid, host), in rank order.
+        #: Where each actor started runs (pid, host): members first, then spares.
         self.started_on: list[dict[str, Any]] = []
-        #: Called with each spare and its ``info()`` when it first answers (the driver checks and journals it).
+        #: Called with each actor started after the group (a refill) and its ``info()`` when it first answers
+        #: (the driver checks and journals it).
         self.on_spare_ready: Callable[[Any, dict[str, Any]], None] | None = None
 
     # --- life cycle ----------------------------------------------------------------------------------
@@ -131,21 +131,17 @@ class WorkerGroup:
                 f"cluster.start_timeout_s={cluster.start_timeout_s}s (cluster.workers={self.size}, "
                 f"cluster.spares={cluster.spares}); available now: {available}"
             )
-        # The workers first: on a host short of cores, spares starting beside them would delay the first step.
-        self.members = [self._spawn(i) for i in range(self.size)]
+        actors = [self._spawn(i) for i in range(total)]
         try:
-            infos = ray.get([a.info.remote() for a in self.members], timeout=cluster.start_timeout_s)
+            infos = ray.get([a.info.remote() for a in actors], timeout=cluster.start_timeout_s)
         except calls.call_errors() as exc:
             self.shutdown()
             raise DeviceUnavailableError(
                 f"workers of family {self.adapter.name!r} failed to start: {exc}"
             ) from exc
         log.info("worker actors up: %s", infos)
+        self.members, self.spares = actors[: self.size], actors[self.size :]
         self.started_on = [{"pid": i["pid"], "host": i["host"]} for i in infos]
-        for bundle_index in range(self.size, total):
-            self._start_spare(bundle_index)
-        for _ in range(len(self._pending_spares) if cluster.await_spares else 0):
-            self.collect_spares(wait=True)
 
     def _spawn(self, bundle_index: int) -> Any:
         """Start an actor in bundle ``bundle_index``. Actors are numbered in the order they are started (the
@@ -236,24 +232,26 @@ class WorkerGroup:
 
     def collect_spares(self, wait: bool = False) -> None:
         """Spares that have come up become warm spares, oldest first; ``wait``: until one has (up to the
-        start timeout)."""
-        refs = {ref: actor for actor, ref in self._pending_spares.items()}
-        if not refs:
-            return
-        timeout = self.config.cluster.start_timeout_s if wait else 0
-        ready, _ = ray.wait(list(refs), num_returns=1 if wait else len(refs), timeout=timeout)
-        for ref in [r for r in refs if r in ready]:  # in the order they were started
-            actor = refs[ref]
-            del self._pending_spares[actor]
-            try:
-                info = ray.get(ref)
-            except calls.call_errors() as exc:  # it died while starting: its bundle gets another
-                log.warning("a spare died while starting: %s", str(exc).splitlines()[0])
-                self._start_spare(self._bundle_of.pop(actor))
-                continue
-            self.spares.append(actor)
-            if self.on_spare_ready is not None:
-                self.on_spare_ready(actor, info)
+        start timeout; one that dies while starting is replaced, and the wait goes on)."""
+        give_up_at = time.monotonic() + (self.config.cluster.start_timeout_s if wait else 0)
+        while self._pending_spares:
+            refs = {ref: actor for actor, ref in self._pending_spares.items()}
+            timeout = max(0.0, give_up_at - time.monotonic())
+            ready, _ = ray.wait(list(refs), num_returns=1 if wait else len(refs), timeout=timeout)
+            for ref in [r for r in refs if r in ready]:  # in the order they were started
+                actor = refs[ref]
+                del self._pending_spares[actor]
+                try:
+                    info = ray.get(ref)
+                except calls.call_errors() as exc:  # it died while starting: its bundle gets another
+                    log.warning("a spare died while starting: %s", str(exc).splitlines()[0])
+                    self._start_spare(self._bundle_of.pop(actor))
+                    continue
+                self.spares.append(actor)
+                if self.on_spare_ready is not None:
+                    self.on_spare_ready(actor, info)
+            if not wait or self.spares or not ready:
+                return
 
     def refill_spares(self, timeout_s: float = 1.0) -> int:
         """Replace warm spares that died since they started: each one's bundle gets a new actor, started in the

@@ -53,10 +53,6 @@ class ClusterConfig:
     family_workers: dict[str, int] = field(default_factory=dict)
     #: Warm spare actors (torch imported, model built) kept ready to replace a lost worker.
     spares: int = 1
-    #: Whether training waits for the spares to be up. False: they start once the workers are up and warm up
-    #: while the run trains (a worker lost before then waits for the rest of its replacement's start);
-    #: true: the first step waits for them, so that a spare is warm from the first step on.
-    await_spares: bool = False
     #: CPUs each worker actor reserves (fractional, so that spares and probes fit on small hosts).
     cpus_per_worker: float = 0.5
     #: Custom resources a local Ray advertises, e.g. simulated families: {sim_npu: 4, sim_cuda: 4}.
