@@ -243,8 +243,6 @@ class Controller(RunRecovery):
         if finding is not None:
             return self.on_event(*finding)
         grow = False
-        if self.group is not None:
-            self.group.collect_spares()  # the spares that came up since the last chunk (no call to them)
         if time.monotonic() >= self.next_spare_check:  # a warm spare that died is replaced in the background
             self.next_spare_check = time.monotonic() + _SPARE_CHECK_S
             if self.group is not None and self.group.refill_spares():

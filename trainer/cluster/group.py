@@ -209,7 +209,7 @@ class WorkerGroup:
     def replace(self, ranks: tuple[int, ...]) -> None:
         """Swap the workers of ``ranks`` for spares: warm ones first, then the new actors started in the lost
         workers' bundles (cold, all at once). Every bundle of a lost worker gets a new actor."""
-        self.collect_spares()
+        self._collect_spares()
         for rank in ranks:
             lost = self.members[rank]
             bundle = self._bundle_of.pop(lost)
@@ -218,7 +218,7 @@ class WorkerGroup:
             self._start_spare(bundle)
         for rank in ranks:
             if not self.spares:
-                self.collect_spares(wait=True)
+                self._collect_spares(wait=True)
             if not self.spares:
                 raise DeviceUnavailableError(
                     f"no spare worker to replace rank {rank}: none started within cluster.start_timeout_s="
@@ -230,7 +230,7 @@ class WorkerGroup:
         actor = self._spawn(bundle_index)
         self._pending_spares[actor] = actor.info.remote()
 
-    def collect_spares(self, wait: bool = False) -> None:
+    def _collect_spares(self, wait: bool = False) -> None:
         """Spares that have come up become warm spares, oldest first; ``wait``: until one has (up to the
         start timeout; one that dies while starting is replaced, and the wait goes on)."""
         give_up_at = time.monotonic() + (self.config.cluster.start_timeout_s if wait else 0)
@@ -270,7 +270,7 @@ class WorkerGroup:
         for actor in dead:
             self.spares.remove(actor)
             self._start_spare(self._bundle_of.pop(actor))
-        self.collect_spares()
+        self._collect_spares()
         return len(dead)
 
     def kill(self, ranks: list[int]) -> None:

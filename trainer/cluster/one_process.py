@@ -74,9 +74,6 @@ class OneProcess:
     def refill_spares(self, timeout_s: float = 1.0) -> int:
         return 0
 
-    def collect_spares(self, wait: bool = False) -> None:
-        return None
-
     def kill(self, ranks: list[int]) -> None:
         for rank in ranks:
             calls.kill(self.members[rank])
