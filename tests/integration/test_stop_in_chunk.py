@@ -67,7 +67,7 @@ def _wait_until(check: Any, what: str, timeout_s: float = 60.0) -> None:
 def _late_for_every_rank(group: WorkerGroup, monkeypatch: pytest.MonkeyPatch) -> Any:
     """The stop step is computed, then every rank is past it before the request arrives."""
 
-    def stale(members: list[Any], training: list[int], until: int) -> int:
+    def stale(members: list[Any], until: int) -> int:
         _wait_until(lambda: min(_progress(m)["step"] for m in members) >= 4, "step 4 on every rank")
         return watch._ask_stop(members, 2)
 
@@ -141,3 +141,29 @@ def test_a_stop_request_that_arrives_late_still_stops_every_rank_at_one_step(
     )
     assert not after.failed(), after.results
     assert [r["step"] for r in after.results.values()] == [outcome.stop_step + 2] * 3
+
+
+def test_ranks_train_on_past_a_chunk_end_and_a_stop_brings_them_to_one_step(group: WorkerGroup) -> None:
+    """With ``ahead``, each rank goes on training once it replied, without a call (no rank waits for the
+    driver's round trip); the next chunk's reply holds exactly that chunk's steps, and a stop asked while
+    they train on (the driver's halt) ends with every rank idle at one step, the steps since the last chunk
+    in one reply each — and the group trains on together."""
+    limits = {"hang_after_s": 60.0, "deadline_s": 120.0, "release_s": 10.0}
+    first = run_chunk(group.members, 2, ahead=UNTIL, every=2, **limits)
+    assert not first.failed(), first.results
+    assert [(r["step"], len(r["losses"])) for r in first.results.values()] == [(2, 2)] * 3
+    _wait_until(lambda: min(_progress(m)["step"] for m in group.members) >= 5, "the ranks training on")
+    second = run_chunk(group.members, 4, ahead=UNTIL, every=2, **limits)
+    assert not second.failed(), second.results
+    assert [(r["step"], len(r["losses"])) for r in second.results.values()] == [(4, 2)] * 3
+
+    halted = run_chunk(group.members, UNTIL, stop=lambda: True, **limits)
+    assert not halted.failed(), halted.results
+    stop = halted.stop_step
+    assert stop is not None and 5 <= stop < UNTIL
+    assert [(r["step"], len(r["losses"])) for r in halted.results.values()] == [(stop, stop - 4)] * 3
+    assert all(_stopped(m, stop) and _progress(m)["step"] == stop for m in group.members)
+
+    after = run_chunk(group.members, stop + 2, **limits)
+    assert not after.failed(), after.results
+    assert [(r["step"], len(r["losses"])) for r in after.results.values()] == [(stop + 2, 2)] * 3

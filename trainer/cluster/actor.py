@@ -13,7 +13,6 @@ import os
 import socket
 import sys
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from datetime import timedelta
@@ -28,6 +27,7 @@ from trainer.checkpoint.lease import Fence
 from trainer.checkpoint.sharded import RankPart
 from trainer.cluster.leaving import watch_terminate
 from trainer.cluster.saves import shards_per_rank
+from trainer.cluster.stretch import Stretch
 from trainer.config import from_container
 from trainer.devices.group_sockets import GroupSockets
 from trainer.devices.join import join_group
@@ -35,7 +35,7 @@ from trainer.devices.sim import SIM_VISIBLE_DEVICES_ENV
 from trainer.errors import CheckpointWriteError, UserCodeError
 from trainer.faults import WorkerFaults, dies_in_call
 from trainer.sharding import is_sharded
-from trainer.worker import Worker, host_values
+from trainer.worker import Worker
 
 
 def run_or_leave(body: Callable[[], None], leave: Callable[[], None]) -> str | None:
@@ -109,15 +109,13 @@ class WorkerActor:
             gc.freeze()
         #: The connections of the group this worker is in (none before its first join).
         self.sockets = GroupSockets()
-        #: Whether a chunk is being trained (:meth:`train` runs): :meth:`release` acts only then.
-        self.training = False
+        #: This rank's training, on a thread of its own (:meth:`train`).
+        self.stretch = Stretch(self.worker, lambda body: run_or_leave(body, self.leave))
         self.die_in = die_in
         #: Whether this worker holds the run's state (restored or loaded); a fresh spare does not.
         self.holds_state = False
         #: Held while the state is replaced (restore, load_snapshot): info() answers after, not during.
         self.loading = threading.Lock()
-        #: The step to stop after (preemption), set by stop_after() while a chunk runs; None: none.
-        self.stop_step: int | None = None
         self.checkpointer: AsyncCheckpointer | None = None
         #: Sharded saves being written, by their directory: this rank's part, for the committing driver.
         self.parts: dict[str, tuple[Future[RankPart], int]] = {}
@@ -147,7 +145,7 @@ class WorkerActor:
         replacement does not fail the same way).
         """
         self.leave()
-        self.stop_step = None  # a stop asked of the previous incarnation (a rank that left) is done
+        self.stretch.reset()  # a stop asked of the previous incarnation (a rank that left) is done
         store = dist.TCPStore(host, port, world_size, is_master=False, timeout=timedelta(seconds=timeout_s))
         # The backend's own timeouts and error handling follow timeout_s too (HCCL_EXEC_TIMEOUT, NCCL's).
         self.sockets = GroupSockets.joining(
@@ -184,51 +182,19 @@ class WorkerActor:
 
         Only while a chunk is being trained: the request is not awaited, and one that came late — after this
         rank left and joined the next group — must not shut that group's connections down."""
-        return self.sockets.shutdown() if self.training else 0
+        return self.sockets.shutdown() if self.stretch.running else 0
 
     # --- training ------------------------------------------------------------------------------------
-    def train(self, until_step: int) -> dict[str, Any]:
-        """Train until ``until_step``; one heartbeat with the per-step losses and times."""
-        losses, times, compute = [], [], []
-        start, first_step = time.perf_counter(), self.worker.step
-        self.worker.mark("idle")  # fresh progress mark: time spent between chunks is not a hang
-
-        def steps() -> None:
-            while self.worker.step < until_step and (
-                self.stop_step is None or self.worker.step < self.stop_step
-            ):
-                result = self.worker.train_step()
-                losses.append(result.loss)
-                times.append(result.step_time_s)
-                compute.append(result.compute_s)
-            self.worker.nonfinite.settle()  # the last step's decision, if the device kept it: in the report
-
-        # On a collective error the group is dropped at once: its connections close, so peers still waiting
-        # on this rank in a collective fail fast too, and so on around the group — every survivor is
-        # released, none waits for the collective timeout. (gloo's abort does not release a rank blocked in
-        # a collective.) A bug in the user's code drops it too, then stops the run (UserCodeError).
-        self.training = True
-        try:
-            failure = run_or_leave(steps, self.leave)
-        finally:
-            self.training = False
-        if failure is not None:
-            return {"ok": False, "step": self.worker.step, "error": failure}
-        return {
-            "ok": True,
-            "step": self.worker.step,
-            "losses": host_values(losses),  # the chunk's one read of its losses from the device
-            "step_times": times,
-            "compute_times": compute,
-            "elapsed_s": time.perf_counter() - start,
-            "skipped_steps": self.worker.nonfinite.since(first_step),
-            "task_metrics": self.worker.task_metrics(),
-        }
+    def train(self, until_step: int, ahead: int | None = None, every: int = 0) -> dict[str, Any]:
+        """Train until ``until_step`` and reply with one heartbeat (the steps' losses and times), going on
+        towards ``ahead`` meanwhile, with chunk ends every ``every`` steps (:mod:`trainer.cluster.stretch`).
+        A collective error comes back as ``ok=False``, with this rank out of its group."""
+        return self.stretch.train(until_step, ahead, every)
 
     def stop_after(self, step: int) -> int:
         """Stop training after step ``step`` — or after the step now in flight, if that is a later one (it
         cannot be abandoned half done); answered while :meth:`train` runs. Returns this rank's step."""
-        self.stop_step = step
+        self.stretch.stop_after(step)
         return self.worker.step
 
     def progress(self) -> dict[str, Any]:

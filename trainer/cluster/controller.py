@@ -87,6 +87,8 @@ class Controller(RunRecovery):
         self.handover = HandOver(self)
         self.state = State.STARTING
         self.step = 0
+        #: The step the ranks train on towards after the last chunk (:meth:`next_fixed_point`); None: idle.
+        self.ahead: int | None = None
         self.saves = Saves(config, checkpoint_root, journal, self.sink, self.goodput, self.progress)
         #: This driver's hold on the run (one driver per run); its fence goes with every save.
         self.lease = lease
@@ -116,7 +118,7 @@ class Controller(RunRecovery):
         try:
             while not self.state.terminal:
                 if self.preemption.requested:  # between two states: the group holds the run at self.step
-                    self.state = self._preempted(saveable=self.state is State.RUNNING)
+                    self.state = self._preempted(self._halt(), saveable=self.state is State.RUNNING)
                     break
                 if self.lease is not None and self.lease.lost.is_set():
                     self.state = self._lease_lost()
@@ -210,25 +212,20 @@ class Controller(RunRecovery):
         total = self.config.train.steps
         if self.step >= total:
             return self._finish()
-        asked = leaving(self.members)  # between chunks every rank is idle at self.step: replace it now
+        asked = leaving(self.members)  # replaced once every rank is idle at self.step
         if asked:
             detail = "SIGTERM to the worker between chunks: every rank idle at the same step"
-            return self.on_event(FailureKind.WORKER_PREEMPTED, tuple(asked), detail)
-        until = min(total, self.step + self.chunk_steps())
-        for interval in (self.config.checkpoint.interval_steps, self.config.probes.interval_steps):
-            if interval:
-                until = min(until, (self.step // interval + 1) * interval)
+            return self._halted(lambda: self.on_event(FailureKind.WORKER_PREEMPTED, tuple(asked), detail))
+        ahead = self.next_fixed_point()
+        until = min(ahead, self.step + self.chunk_steps())
         started = time.monotonic()
-        limits = self.deadlines
-        outcome = run_chunk(
-            self.members,
+        outcome = self._chunk(
             until,
-            limits.hang_after_s(),
-            limits.chunk_s(until - self.step),
-            limits.release_s(),
             stop=lambda: self.preemption.requested or self.leave_watch(self.members),
-            relays=self.relays,
+            ahead=ahead,
+            every=self.chunk_steps(),
         )
+        self.ahead = None
         if outcome.stop_step is not None and self.preemption.requested:
             return self._preempted(outcome)
         if outcome.stop_step is not None and not outcome.failed():  # a worker asked to leave
@@ -239,20 +236,58 @@ class Controller(RunRecovery):
             self.goodput.bad("lost_work", time.monotonic() - started)
             return self._on_failure(outcome)
         self._on_heartbeat(outcome, until, started)
+        self.ahead = ahead if ahead > until else None  # the ranks train on towards it meanwhile
         finding = self.health.after_chunk(self.members, self.family, self.step, outcome)
         if finding is not None:
-            return self.on_event(*finding)
+            return self._halted(lambda: self.on_event(*finding))
         grow = False
         if time.monotonic() >= self.next_spare_check:  # a warm spare that died is replaced in the background
             self.next_spare_check = time.monotonic() + _SPARE_CHECK_S
             if self.group is not None and self.group.refill_spares():
                 self.journal.record("spare_replaced", family=self.family, step=self.step)
             grow = self.room_to_grow()  # a shrunk group (cluster.min_workers) grows back between two chunks
-        if self.step < total:  # every member idle at self.step: refresh the shard copies if due (FSDP)
+        if self.ahead is None and self.step < total:  # every member idle: refresh the shard copies if due
             self.shard_copies.after_chunk(self.members, self.step, self.family)
-        if checkpoint_due(self.step, self.config.checkpoint.interval_steps, total):
+        if checkpoint_due(self.step, self.config.checkpoint.interval_steps, total):  # a fixed point: idle
             self.saves.save(self.saves.writers(self.members), self.step)
-        return self.grow() if grow else State.RUNNING
+        return self._halted(self.grow) if grow else State.RUNNING
+
+    def next_fixed_point(self) -> int:
+        """The next step where the driver acts with every rank idle — a checkpoint, an in-flight probe, the
+        end of the run — up to which a Ray group's ranks train without waiting for the driver at each
+        chunk's end (:mod:`trainer.cluster.stretch`). Each chunk's end is one where shard copies are kept
+        (they are taken between chunks) and in a group of one (no round trip to save)."""
+        point = self.config.train.steps
+        for interval in (self.config.checkpoint.interval_steps, self.config.probes.interval_steps):
+            if interval:
+                point = min(point, (self.step // interval + 1) * interval)
+        if self.config.cluster.mode == "process" or self.shard_copies.between_chunks:
+            point = min(point, self.step + self.chunk_steps())
+        return point
+
+    def _halt(self) -> ChunkOutcome | None:
+        """Ranks training on past the last chunk (towards ``self.ahead``) stop after the step in flight, all
+        at one step, and idle; their steps since that chunk are one more heartbeat. None: none trained on."""
+        if self.ahead is None:
+            return None
+        ahead, self.ahead, started = self.ahead, None, time.monotonic()
+        outcome = self._chunk(ahead, stop=lambda: True)
+        if not outcome.failed():
+            self._on_heartbeat(outcome, ahead if outcome.stop_step is None else outcome.stop_step, started)
+        return outcome
+
+    def _chunk(self, until: int, **options: Any) -> ChunkOutcome:
+        """Every rank trains until ``until``, watched under the run's deadlines (:func:`run_chunk`)."""
+        limits = self.deadlines
+        hang, chunk, release = limits.hang_after_s(), limits.chunk_s(until - self.step), limits.release_s()
+        return run_chunk(self.members, until, hang, chunk, release, relays=self.relays, **options)
+
+    def _halted(self, then: Callable[[], State]) -> State:
+        """``then()`` with every rank idle at ``self.step`` (:meth:`_halt`); a failure found meanwhile first."""
+        halted = self._halt()
+        if halted is not None and halted.failed():
+            return self._on_failure(halted)
+        return then()
 
     def _on_failure(self, outcome: ChunkOutcome) -> State:
         self.failure_time = time.monotonic()

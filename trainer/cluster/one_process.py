@@ -79,10 +79,11 @@ class OneProcess:
             calls.kill(self.members[rank])
 
     def shutdown(self) -> None:
-        """The member takes no more calls, and its background writer stops (a Ray actor's ends with its
-        process; this one's would live on in the driver's)."""
+        """The member takes no more calls, and its training thread and background writer stop (a Ray
+        actor's end with its process; this one's would live on in the driver's)."""
         for member in self.members:
             calls.kill(member)
+            member.target.stretch.close()
             if member.target.checkpointer is not None:
                 with contextlib.suppress(CheckpointWriteError):  # journalled when the save was settled
                     member.target.checkpointer.close()

@@ -10,7 +10,7 @@ makes the node's calls and returns their replies together: the driver makes one 
 A relayed member's reply, failure or loss reaches the driver at most one poll later than a directly
 called one's, and the first failure of a node at once:
 
-- ``train(until, settle_s)`` returns when every member of the node has replied, as soon as one has failed
+- ``train(until, settle_s, ahead, every)`` returns when every member of the node has replied, as soon as one has failed
   (a collective error) or died (its call raised ``RayActorError``: the relay reports it as lost, with
   Ray's ``preempted`` flag), or ``settle_s`` (the watcher's poll) after the first reply; the driver then
   asks ``more(wait_s)`` for the rest, which returns when all are in or after ``wait_s`` with what it has. So a
@@ -55,12 +55,14 @@ class Relay:
         self.members = dict(members)
         self.inflight = {}
 
-    async def train(self, until: int, settle_s: float) -> dict[int, dict[str, Any]]:
-        """Every member trains until step ``until``; the replies once all are in, as soon as one member
-        failed, or ``settle_s`` after the first reply (a member stopped early, the others not yet: the
-        driver must see it as it would without a relay)."""
+    async def train(
+        self, until: int, settle_s: float, ahead: int | None = None, every: int = 0
+    ) -> dict[int, dict[str, Any]]:
+        """Every member trains until step ``until`` (and on towards ``ahead``: ``WorkerActor.train``); the
+        replies once all are in, as soon as one member failed, or ``settle_s`` after the first reply (a
+        member stopped early, the others not yet: the driver must see it as it would without a relay)."""
         self.inflight = {
-            rank: asyncio.wrap_future(member.train.remote(until).future())
+            rank: asyncio.wrap_future(member.train.remote(*train_args(until, ahead, every)).future())
             for rank, member in self.members.items()
         }
         return await self._gather(settle_s, from_first=True)
@@ -106,6 +108,11 @@ class Relay:
             if give_up_at is None:
                 give_up_at = loop.time() + wait_s
         return replies
+
+
+def train_args(until: int, ahead: int | None, every: int) -> tuple[int, ...]:
+    """A member's ``train`` arguments: ``ahead`` and ``every`` only when the chunk is not the stretch's end."""
+    return (until,) if ahead is None or ahead <= until else (until, ahead, every)
 
 
 def _reply(future: asyncio.Future[Any]) -> dict[str, Any]:

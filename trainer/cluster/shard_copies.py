@@ -63,6 +63,8 @@ class ShardCopies:
 
     #: Why no set can be used, for the ``recovered`` event's ``state_reason``.
     why_not = "no shard copies are kept (fault_tolerance.shard_copy_interval_steps=0)"
+    #: Whether copies are taken between chunks: every chunk's end is then one where every rank is idle.
+    between_chunks = False
 
     def after_chunk(self, members: list[Any], step: int, family: str) -> None:
         """Every member is idle at ``step`` (a chunk ended): refresh the copies if due."""
@@ -76,6 +78,8 @@ class ShardCopies:
 
 
 class KeptShardCopies(ShardCopies):
+    between_chunks = True
+
     def __init__(self, interval_steps: int, journal: Journal) -> None:
         self.interval_steps = interval_steps
         self.journal = journal

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trainer.cluster import calls
-from trainer.cluster.relay import Relays, Routes, progress_of
+from trainer.cluster.relay import Relays, Routes, progress_of, train_args
 from trainer.policy import FailureKind
 
 log = logging.getLogger(__name__)
@@ -101,22 +101,29 @@ def run_chunk(
     release_s: float,
     stop: Callable[[], bool] | None = None,
     relays: Relays | None = None,
+    ahead: int | None = None,
+    every: int = 0,
 ) -> ChunkOutcome:
     """Every member trains until step ``until``; returns when all replied, or once a rank is lost or hung
     and the others are released (or, after ``release_s``, killed). Once ``stop()`` is true, every rank is
     asked to stop after the step in flight (:func:`stop_all`) and the chunk ends there, with every rank at
     that step (:func:`_settle_stop`). With ``relays``, the members of a node that hosts several are called
-    through its relay (:mod:`trainer.cluster.relay`): one call per node instead of one per member."""
+    through its relay (:mod:`trainer.cluster.relay`): one call per node instead of one per member.
+
+    With ``ahead``, each rank goes on training towards it once it replied, chunk ends every ``every`` steps
+    (:mod:`trainer.cluster.stretch`); a stop may then fall after ``until``, up to ``ahead``."""
     routes = relays.routes(members) if relays is not None else Routes(direct=list(range(len(members))))
+    args = train_args(until, ahead, every)
     # Each call awaited: the relay it went through (None: a member called directly) and the ranks it covers.
     waiting: dict[Any, tuple[Any, list[int]]] = {
-        relay.train.remote(until, _POLL_S): (relay, ranks) for relay, ranks in routes.relayed
+        relay.train.remote(until, _POLL_S, ahead, every): (relay, ranks) for relay, ranks in routes.relayed
     }
-    waiting.update({members[rank].train.remote(until): (None, [rank]) for rank in routes.direct})
+    waiting.update({members[rank].train.remote(*args): (None, [rank]) for rank in routes.direct})
     outcome = ChunkOutcome()
     started = time.monotonic()
     give_up_at = started + deadline_s
     release_by: float | None = None
+    caught_up = ahead is None
     while waiting:
         done, _ = calls.wait(list(waiting), num_returns=len(waiting), timeout=_POLL_S)
         for ref in done:
@@ -124,9 +131,17 @@ def run_chunk(
             rest = _collect(ref, relay, ranks, outcome, relays)
             if rest:  # a relay returned on a failure: the rest of its node's replies are still due
                 waiting[relay.more.remote(_POLL_S)] = (relay, rest)
+        if not caught_up and outcome.failed():
+            # Ranks that replied went on training: they meet the failure in a later step. Awaited as the
+            # others are (released, or killed once the release window ran out), so none is left training.
+            caught_up = True
+            on = [r for r, res in outcome.results.items() if res["ok"] and r not in outcome.gone()]
+            waiting.update({members[rank].train.remote(ahead): (None, [rank]) for rank in on})
+            if release_by is not None:
+                release(members, on)
         pending = sorted(rank for _, ranks in waiting.values() for rank in ranks)
         if stop is not None and outcome.stop_step is None and pending and stop():
-            outcome.stop_step = stop_all(members, pending, until)
+            outcome.stop_step = stop_all(members, max(until, ahead or until))
         if outcome.stop_step is not None and not outcome.failed():
             waiting.update(_settle_stop(members, pending, outcome))
         if not waiting:
@@ -204,21 +219,16 @@ def _lost(outcome: ChunkOutcome, rank: int, error: str, preempted: bool) -> None
         outcome.preempted = sorted([*outcome.preempted, rank])
 
 
-def stop_all(members: list[Any], training: list[int], until: int) -> int:
-    """Ask every member to stop after the step in flight; returns that step.
+def stop_all(members: list[Any], until: int) -> int:
+    """Ask every member to stop after the step in flight (``until`` at most); returns that step.
 
     Ranks step in lockstep (each step's all-reduce waits for all), so they are at most one step apart: the
-    step in flight is the most advanced rank's. Ranks that move on before the request reaches them are
-    brought to one step again by :func:`_settle_stop`.
+    step in flight is the most advanced rank's — one that replied already may be training on (``ahead``), so
+    every rank is asked. Ranks that move on before the request reaches them are brought to one step again
+    by :func:`_settle_stop`.
     """
-    probes = [members[rank].progress.remote() for rank in training]
-    steps = []
-    for ref in probes:
-        try:
-            steps.append(int(calls.get(ref, timeout=5.0)["step"]))
-        except calls.call_errors():
-            continue  # a lost rank surfaces through its train() reply
-    stop_step = _ask_stop(members, min(until, max(steps, default=until - 1) + 1))
+    furthest = _furthest_in_flight(members, list(range(len(members))))
+    stop_step = _ask_stop(members, min(until, furthest if furthest >= 0 else until))
     log.warning("stopping every rank after step %d", stop_step)
     return stop_step
 
@@ -246,7 +256,7 @@ def _settle_stop(
     ``pending``: the ranks whose reply is still due.
     """
     assert outcome.stop_step is not None
-    furthest = _furthest_in_flight(members, pending)
+    furthest = _furthest_in_flight(members, list(range(len(members))))
     if furthest > outcome.stop_step:
         outcome.stop_step = _ask_stop(members, furthest)
         log.warning("a rank was already in step %d: every rank stops after it", furthest)
