@@ -127,9 +127,11 @@ def toolkit_config(steps: int, chunk: int, workload: list[str]) -> Config:
     )
 
 
-def toolkit_step_s(config: Config) -> tuple[float, dict[str, Any]]:
-    """Steady-state seconds per step of the toolkit's run, and the host's cpu-seconds over the same window
-    as shares: the two ranks', every other process's (Ray's daemons, the driver; the most by name), idle."""
+def toolkit_step_s(config: Config) -> tuple[float, float, dict[str, Any]]:
+    """Steady-state seconds per step of the toolkit's run; of those, the seconds per step its ranks spent
+    outside their steps (the wall time between two heartbeats less the steps' own time: a rank waiting for
+    the driver at a chunk's end shows here); and the host's cpu-seconds over the same window as shares:
+    the two ranks', every other process's (Ray's daemons, the driver; the most by name), idle."""
     work = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
     try:
         with contextlib.redirect_stdout(sys.stderr), CpuSampler(_is_rank) as cpu:  # stdout: the JSON only
@@ -137,8 +139,10 @@ def toolkit_step_s(config: Config) -> tuple[float, dict[str, Any]]:
         beats = [e for e in Journal(work / "journal.jsonl").read() if e["event"] == "heartbeat"]
         steady = [b for b in beats if b["first_step"] > WARMUP_STEPS]
         first, last = steady[0], steady[-1]
-        step_s = (last["time"] - first["time"]) / (last["step"] - first["step"])
-        return step_s, cpu.shares(first["time"], last["time"])
+        steps = last["step"] - first["step"]
+        step_s = (last["time"] - first["time"]) / steps
+        outside_s = step_s - sum(b["busy_s"] for b in steady[1:]) / steps
+        return step_s, outside_s, cpu.shares(first["time"], last["time"])
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -291,11 +295,13 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
             return plain_task_step_s(plain_run, _free_port())
 
     samples: dict[str, list[float]] = {"toolkit_step_s": [], "plain_ddp_step_s": []}
+    outside: list[float] = []
     shares: dict[str, list[dict[str, Any]]] = {"toolkit": [], "plain": []}
     with local_ray():
         for _ in range(args.repeats):
-            step_s, cpu = toolkit_step_s(config)
+            step_s, outside_s, cpu = toolkit_step_s(config)
             samples["toolkit_step_s"].append(step_s)
+            outside.append(outside_s)
             shares["toolkit"].append(cpu)
             step_s, cpu = sampled(plain)
             samples["plain_ddp_step_s"].append(step_s)
@@ -320,6 +326,10 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         "samples": samples,
         "median": med,
         "ratio": ratio,
+        # Of the toolkit's seconds per step, those its ranks spent outside their steps (its median): ~0
+        # where ranks train on past a chunk's end (trainer/cluster/stretch.py) instead of waiting for the
+        # driver there.
+        "toolkit_outside_steps_s": statistics.median(outside),
         # The host's cpu-seconds during each side's steady state: its two ranks', everything else's (for the
         # toolkit Ray's daemons and the driver; for both the sampler and the machine's own), idle. With every
         # core busy, what the toolkit's "others" exceed the plain loop's by can be taken from its ranks (a
