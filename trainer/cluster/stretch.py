@@ -114,7 +114,7 @@ class Stretch:
     def _train(self) -> None:
         """The training thread: one for the process's life, since a thread's first step costs more than the
         next ones (per-thread state of torch's CPU kernels: a new thread per chunk made digits' 23 ms steps
-        ~5 ms longer on the 2-core host)."""
+        5-13 ms longer on the 2-core host)."""
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self.running or self._closed)
