@@ -91,8 +91,6 @@ class Stretch:
                 self._asked.add(until)  # an end, as cut (a stop step is one too)
             self._cond.wait_for(lambda: not self.running or until in self._ends or self.worker.step > until)
             taken = self._take(until)
-        if isinstance(taken, BaseException):
-            raise taken
         return taken if isinstance(taken, dict) else taken.reply(self.worker)
 
     def _start(self, until: int, target: int, every: int) -> None:
@@ -160,13 +158,16 @@ class Stretch:
             self._ends[step] = (time.perf_counter(), metrics)
             self._cond.notify_all()
 
-    def _take(self, until: int) -> dict[str, Any] | BaseException | _Collected:
+    def _take(self, until: int) -> dict[str, Any] | _Collected:
         """What the reply for ``until`` is made of, taken out of the stretch (under the lock; the reply is
-        made outside it, so that reading the losses from the device never holds the training thread up)."""
+        made outside it, so that reading the losses from the device never holds the training thread up).
+        Raises what the stretch raised."""
         if self._failure is not None or self._raised is not None:
             failure, raised = self._failure, self._raised
             self._failure, self._raised, self._steps, self._ends = None, None, [], {}
-            return raised if raised is not None else {"ok": False, "step": self.worker.step, "error": failure}
+            if raised is not None:
+                raise raised
+            return {"ok": False, "step": self.worker.step, "error": failure}
         end = max((s for s in self._ends if s <= until), default=self.worker.step)
         at, metrics = self._ends.get(end, (time.perf_counter(), None))
         done = [s for s in self._steps if s[0] <= end]

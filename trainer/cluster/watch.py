@@ -227,7 +227,7 @@ def stop_all(members: list[Any], until: int) -> int:
     every rank is asked. Ranks that move on before the request reaches them are brought to one step again
     by :func:`_settle_stop`.
     """
-    furthest = _furthest_in_flight(members, list(range(len(members))))
+    furthest = _furthest_in_flight(members)
     stop_step = _ask_stop(members, min(until, furthest if furthest >= 0 else until))
     log.warning("stopping every rank after step %d", stop_step)
     return stop_step
@@ -256,7 +256,7 @@ def _settle_stop(
     ``pending``: the ranks whose reply is still due.
     """
     assert outcome.stop_step is not None
-    furthest = _furthest_in_flight(members, list(range(len(members))))
+    furthest = _furthest_in_flight(members)
     if furthest > outcome.stop_step:
         outcome.stop_step = _ask_stop(members, furthest)
         log.warning("a rank was already in step %d: every rank stops after it", furthest)
@@ -269,9 +269,10 @@ def _settle_stop(
     return {members[rank].train.remote(outcome.stop_step): (None, [rank]) for rank in behind}
 
 
-def _furthest_in_flight(members: list[Any], ranks: list[int]) -> int:
-    """The most advanced step among these ranks: the one in flight, else (idle) the last one done; -1: none."""
-    probes = [members[rank].progress.remote() for rank in ranks]
+def _furthest_in_flight(members: list[Any]) -> int:
+    """The most advanced step among the members: the one in flight, else (idle) the last one done; -1: none
+    answered. Every member is asked: one whose reply is in may be training on (``ahead``)."""
+    probes = [member.progress.remote() for member in members]
     furthest = -1
     for ref in probes:
         try:
