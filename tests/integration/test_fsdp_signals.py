@@ -12,17 +12,14 @@ import pytest
 
 from trainer.errors import ExitCode
 from trainer.job import run
-from trainer.testing.configs import make_config
+from trainer.testing.configs import THREE_WORKERS, make_config
 from trainer.testing.runs import events
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 
 THREE = (
-    "cluster=ray_local",
-    "cluster.workers=3",
-    "cluster.cpus_per_worker=0.25",
+    *THREE_WORKERS,
     "train.parallelism=fsdp",
-    "device=sim_npu",
     "model.n_layer=2",
     "model.n_embd=32",
     "model.seq_len=16",

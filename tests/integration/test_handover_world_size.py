@@ -14,7 +14,7 @@ from trainer.checkpoint import CheckpointStore
 from trainer.checkpoint.manifest import Manifest
 from trainer.errors import ExitCode
 from trainer.job import run
-from trainer.testing.configs import make_config
+from trainer.testing.configs import THREE_WORKERS, make_config
 from trainer.testing.runs import events
 from trainer.testing.state import restored_state
 
@@ -35,11 +35,8 @@ SMALL = (
 def test_three_npu_workers_hand_over_to_two_cuda_workers(tmp_path: Path) -> None:
     config = make_config(
         *SMALL,
-        "cluster=ray_local",
-        "device=sim_npu",
-        "cluster.workers=3",
+        *THREE_WORKERS,
         "cluster.spares=0",
-        "cluster.cpus_per_worker=0.25",
         "cluster.chunk_steps=5",
         "+cluster.family_workers.sim_cuda=2",
         # Every in-flight probe on sim_npu reads as degraded (an unreachable baseline): handed over at step 10.

@@ -18,7 +18,7 @@ from trainer.config import Config
 from trainer.errors import ExitCode
 from trainer.job import run
 from trainer.journal import Journal
-from trainer.testing.configs import make_config
+from trainer.testing.configs import THREE_WORKERS, make_config
 from trainer.testing.runs import events
 from trainer.testing.state import mismatched, restored_state
 
@@ -100,10 +100,7 @@ def test_a_nan_on_one_rank_of_three_is_skipped_by_all(tmp_path: Path, fused: str
     step non-finite on every rank: one skipped step, then a finished run, shows all three skipped it."""
     config = make_config(
         *LOCAL,
-        "cluster=ray_local",
-        "device=sim_npu",
-        "cluster.workers=3",
-        "cluster.cpus_per_worker=0.25",
+        *THREE_WORKERS,
         "cluster.chunk_steps=5",
         "probes.preflight=false",
         "train.steps=12",

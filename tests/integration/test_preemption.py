@@ -21,7 +21,7 @@ import pytest
 from trainer.checkpoint import CheckpointStore
 from trainer.errors import ExitCode
 from trainer.job import run
-from trainer.testing.configs import make_config
+from trainer.testing.configs import THREE_WORKERS, make_config
 from trainer.testing.runs import events
 from trainer.testing.state import mismatched, restored_state
 
@@ -136,10 +136,7 @@ def test_sigterm_to_a_ray_driver_stops_every_rank_at_the_step_in_flight_and_save
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     ray_run = (
-        "cluster=ray_local",
-        "device=sim_npu",
-        "cluster.workers=3",
-        "cluster.cpus_per_worker=0.25",
+        *THREE_WORKERS,
         "probes.preflight=false",
     )
     driver = _driver(run_dir, *ray_run, "cluster.chunk_steps=100000")
@@ -190,10 +187,7 @@ def test_sigterm_to_one_worker_is_a_planned_removal_and_nothing_is_lost(
     flight (or is idle between chunks), a spare takes rank 1 with a peer's state of that step, no failure
     is counted, and the final state is bit for bit the uninterrupted run's."""
     three = (
-        "cluster=ray_local",
-        "device=sim_npu",
-        "cluster.workers=3",
-        "cluster.cpus_per_worker=0.25",
+        *THREE_WORKERS,
         "+task._target_=trainer.testing.tasks.ClusterTask",
         "train.global_batch_size=12",
         "train.steps=24",

@@ -19,7 +19,7 @@ from trainer.cluster.group import WorkerGroup
 from trainer.cluster.relay import Relays
 from trainer.cluster.watch import run_chunk
 from trainer.devices import get_adapter
-from trainer.testing.configs import make_config
+from trainer.testing.configs import THREE_WORKERS, make_config
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 
@@ -29,11 +29,8 @@ UNTIL = 60
 @pytest.fixture
 def group() -> Iterator[WorkerGroup]:
     config = make_config(
-        "cluster=ray_local",
-        "device=sim_npu",
-        "cluster.workers=3",
+        *THREE_WORKERS,
         "cluster.spares=0",
-        "cluster.cpus_per_worker=0.25",
         "model.n_layer=1",
         "model.n_embd=16",
         "model.seq_len=8",

@@ -14,16 +14,14 @@ from trainer.config import Config
 from trainer.errors import ExitCode
 from trainer.job import run
 from trainer.journal import Journal
+from trainer.testing.configs import THREE_WORKERS
 from trainer.testing.state import mismatched, restored_state
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 
 OVERRIDES = (
-    "cluster=ray_local",
-    "device=sim_npu",
-    "cluster.workers=3",
+    *THREE_WORKERS,
     "cluster.spares=0",
-    "cluster.cpus_per_worker=0.25",
     "model.n_layer=1",
     "model.n_embd=32",
     "model.seq_len=16",

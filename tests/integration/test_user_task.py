@@ -13,16 +13,13 @@ from trainer.checkpoint import CheckpointStore
 from trainer.errors import ExitCode
 from trainer.job import run
 from trainer.journal import Journal
-from trainer.testing.configs import make_config
+from trainer.testing.configs import THREE_WORKERS, make_config
 from trainer.testing.state import mismatched, restored_state
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 
 THREE = (
-    "cluster=ray_local",
-    "device=sim_npu",
-    "cluster.workers=3",
-    "cluster.cpus_per_worker=0.25",
+    *THREE_WORKERS,
     "+task._target_=trainer.testing.tasks.ClusterTask",
     "train.global_batch_size=12",  # 8 steps an epoch of the 96-point dataset
     "train.steps=20",

@@ -20,6 +20,10 @@ TINY_CPU = (
     "monitoring=off",
 )
 
+#: Three simulated-NPU workers on the test session's local Ray, a quarter of a CPU each (the 2-core host runs
+#: them beside the driver): enough peers that a mechanism involving them is tested beyond a pair.
+THREE_WORKERS = ("cluster=ray_local", "device=sim_npu", "cluster.workers=3", "cluster.cpus_per_worker=0.25")
+
 #: Where the installed configs lie: the repository's ``conf/`` for an editable install, the package's copy
 #: for a wheel.
 CONF_DIR = Path(str(resources.files(CONFIG_MODULE)))
