@@ -25,7 +25,10 @@ Compares, interleaved (A B C … A B C …) because disk speed drifts up to 3x b
   (``checkpoint.writer_priority=idle``, Linux), whose write fills the gaps training leaves and takes many
   steps. ``lost_window_s`` / ``lost_window_idle_s`` = the window with the save minus the one without:
   what the save took from training within the window; ``steps_with_idle_save``: steps the idle save took
-  (0: it outlasted the window).
+  (0: it outlasted the window). **T+S idle** — the idle save's whole cost: training steps from the save
+  call until the idle save (write, commit, deletion of the old checkpoint) is finished, against the same
+  number of steps without a save run right after: ``lost_idle_s``, ``lost_idle_vs_memcpy`` (the issue's
+  criterion, with the writer at idle priority), ``steps_until_idle_save_done``.
 
 Prints one JSON object: medians and ratios —
 ``write_throughput_ratio`` = C's time ÷ A's write time (goal ≥ 0.9),
@@ -181,6 +184,8 @@ def main_on(args: argparse.Namespace, options: dict[str, str]) -> None:
         "lost_window_s",
         "lost_window_idle_s",
         "steps_with_idle_save",
+        "lost_idle_s",
+        "steps_until_idle_save_done",
         "snapshot_staged_s",
         "snapshot_fresh_s",
     ]
@@ -229,6 +234,11 @@ def main_on(args: argparse.Namespace, options: dict[str, str]) -> None:
                     samples[name].append(window - bare)
                 # Steps the idle save took (0: more than the window).
                 samples["steps_with_idle_save"].append(took or 0)
+                # Its whole cost: every step until it is done, against as many steps without a save.
+                window, steps = run_steps_with_save(idle, model, optimizer, tokens, 2 * i + 3)
+                bare, _ = run_window(None, model, optimizer, tokens, 0, steps)
+                samples["lost_idle_s"].append(window - bare)
+                samples["steps_until_idle_save_done"].append(steps)
     finally:
         checkpointer.close()
         if idle is not None:
@@ -268,6 +278,7 @@ def main_on(args: argparse.Namespace, options: dict[str, str]) -> None:
         "lost_in_order_vs_memcpy": med["lost_in_order_s"] / floor if "lost_in_order_s" in med else None,
         "lost_window_vs_memcpy": med["lost_window_s"] / floor if "lost_window_s" in med else None,
         "lost_window_idle_vs_memcpy": med["lost_window_idle_s"] / floor if "lost_window_s" in med else None,
+        "lost_idle_vs_memcpy": med["lost_idle_s"] / floor if "lost_idle_s" in med else None,
         "blocking_vs_memcpy": med["async_blocking_s"] / floor,
         "blocking_ratio": med["async_blocking_s"] / med["torch_save_s"],
         # On a GPU the copy overlaps with training: what is lost must stay under a quarter of the copy.
