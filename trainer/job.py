@@ -18,7 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainer.checkpoint import CheckpointManager, initial
 from trainer.checkpoint.lease import Lease
-from trainer.checkpoint.objects import ObjectStore, local_path, scheme
+from trainer.checkpoint.locations import local_path, scheme
+from trainer.checkpoint.objects import ObjectStore
 from trainer.checkpoint.store import CheckpointStore
 from trainer.config import Config, validate
 from trainer.devices import get_adapter

@@ -18,7 +18,7 @@ from trainer.checkpoint import CheckpointManager, Restored, TrainingProgress
 from trainer.checkpoint import state as portable
 from trainer.checkpoint.async_writer import AsyncCheckpointer
 from trainer.checkpoint.initial import load_initial_weights
-from trainer.checkpoint.objects import redact
+from trainer.checkpoint.locations import redact
 from trainer.checkpoint.rng import derive_seed
 from trainer.checkpoint.sharded import RankPart, manifest_header, split
 from trainer.checkpoint.staging import StagingBuffers

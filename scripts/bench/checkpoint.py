@@ -95,7 +95,7 @@ from checkpoint_timings import (  # this script's directory: on the path when th
 
 from trainer.checkpoint import CheckpointManager
 from trainer.checkpoint.async_writer import AsyncCheckpointer
-from trainer.checkpoint.objects import filesystem
+from trainer.checkpoint.locations import filesystem
 
 
 def main() -> None:

@@ -27,9 +27,10 @@ from typing import Any
 import torch
 
 from trainer.checkpoint import layout
+from trainer.checkpoint.locations import local_path, scheme
 from trainer.checkpoint.manager import read_tensors
 from trainer.checkpoint.manifest import MANIFEST_NAME, Manifest
-from trainer.checkpoint.objects import ObjectStore, local_path, scheme
+from trainer.checkpoint.objects import ObjectStore
 from trainer.checkpoint.store import NAME, CheckpointStore
 from trainer.errors import CheckpointCorruptError, NoCheckpointError
 

@@ -24,8 +24,9 @@ from trainer.checkpoint import layout
 from trainer.checkpoint import rng as rng_io
 from trainer.checkpoint import state as portable
 from trainer.checkpoint.dcp_writer import DigestingWriter
+from trainer.checkpoint.locations import local_path, redact, scheme
 from trainer.checkpoint.manifest import Manifest, checksum_files
-from trainer.checkpoint.objects import ObjectStore, local_path, redact, scheme
+from trainer.checkpoint.objects import ObjectStore
 from trainer.checkpoint.safe_dcp import SafeFileSystemReader, TensorOnlyLoadPlanner
 from trainer.checkpoint.sharded import manifest_header
 from trainer.checkpoint.store import CheckpointStore

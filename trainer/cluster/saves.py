@@ -19,8 +19,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from trainer.checkpoint.lease import Fence
+from trainer.checkpoint.locations import scheme
 from trainer.checkpoint.manager import open_store
-from trainer.checkpoint.objects import ObjectStore, scheme
+from trainer.checkpoint.objects import ObjectStore
 from trainer.checkpoint.sharded import commit_parts, commit_uploaded
 from trainer.checkpoint.store import CheckpointStore
 from trainer.cluster import calls

@@ -136,7 +136,7 @@ class CheckpointConfig:
 
     def __post_init__(self) -> None:
         _require("checkpoint.dir", self.dir, bool(self.dir), "a non-empty path or s3://bucket/prefix")
-        from trainer.checkpoint.objects import check_location  # here: config imports nothing at load time
+        from trainer.checkpoint.locations import check_location  # here: config imports nothing at load time
 
         check_location(self.dir)
         _require(
