@@ -68,6 +68,7 @@ def run(cfg: DictConfig | Config, run_dir: str | Path | None = None) -> ExitCode
         config.checkpoint.keep_last,
         config.checkpoint.storage_options,
         writer_priority=config.checkpoint.writer_priority,
+        direct_io=config.checkpoint.direct_io,
     )
     if isinstance(manager.store, ObjectStore):
         manager.store.check()  # a missing bucket, bad credentials, an unreachable endpoint: refused now

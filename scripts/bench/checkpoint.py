@@ -9,6 +9,11 @@ Compares, interleaved (A B C … A B C …) because disk speed drifts up to 3x b
 * **C — a raw sequential write** of the same number of bytes, fsynced at the end: what the disk can do for
   a plain writer. **C'** is the same write with the disk started every 32 MB (as the toolkit's writer does),
   the disk's own speed with no serialisation at all; both are reported.
+* **A' — the same save through the page cache** (``--page-cache``: ``checkpoint.direct_io=false``;
+  by default the toolkit writes with O_DIRECT where the filesystem allows it), interleaved with A: its
+  write time, the write's CPU seconds and the training time it loses (``page_cache_write_s``,
+  ``page_cache_write_cpu_s``, ``lost_page_cache_s``; ratios ``write_vs_page_cache``,
+  ``write_cpu_vs_page_cache``, ``lost_vs_page_cache``).
 * The CPU seconds of A's write and of C (``async_write_cpu_s``, ``raw_write_cpu_s``): what a write takes
   from training on a host whose cores all train, less sensitive to other load than wall times.
 * **M — one memcpy of the state** into existing buffers: the floor for any save that copies the state.
@@ -58,7 +63,7 @@ and the comparison is per rank, interleaved as above:
 ``blocking_ratio`` = the slowest rank's blocking ÷ the slowest rank's B; ``write_throughput_ratio`` = C's
 time (slowest rank) ÷ A's write time.
 
-    .venv/bin/python scripts/bench/checkpoint.py [--megabytes 600] [--repeats 3] [--device cpu|cuda] [--idle-writer]
+    .venv/bin/python scripts/bench/checkpoint.py [--megabytes 600] [--repeats 3] [--device cpu|cuda] [--idle-writer] [--page-cache]
     .venv/bin/python scripts/bench/checkpoint.py --dir s3://bench/ckpt --s3-test-server --megabytes 200
     .venv/bin/python scripts/bench/checkpoint.py --fsdp 3 --megabytes 300
 """
@@ -107,7 +112,11 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=16, help="tokens per sequence (at most 128)")
     parser.add_argument("--steps", type=int, default=5, help="steps per window without a save")
     parser.add_argument("--threads", type=int, default=0, help="training threads (default: one per core)")
-    parser.add_argument("--direct-io", action="store_true", help="the toolkit writes with O_DIRECT")
+    parser.add_argument(
+        "--page-cache",
+        action="store_true",
+        help="also measure the toolkit's save through the page cache (checkpoint.direct_io=false), interleaved",
+    )
     parser.add_argument(
         "--idle-writer",
         action="store_true",
@@ -159,16 +168,16 @@ def main_on(args: argparse.Namespace, options: dict[str, str]) -> None:
     remote = bool(options) or bool(args.dir and args.dir.startswith("s3://"))
     work = Path(tempfile.mkdtemp(prefix="bench-ckpt-", dir=None if remote else args.dir or os.getcwd()))
     url = f"{args.dir.rstrip('/')}/bench-{os.getpid()}" if remote else None
-    manager = CheckpointManager(
-        url or work / "ckpt", keep_last=1, storage_options=options, direct_io=args.direct_io
-    )
+    manager = CheckpointManager(url or work / "ckpt", keep_last=1, storage_options=options)
     checkpointer = AsyncCheckpointer(manager)
+    # The same save through the page cache (checkpoint.direct_io=false), its own staging.
+    paged = None
+    if args.page_cache:
+        paged = AsyncCheckpointer(CheckpointManager(url or work / "ckpt-paged", 1, options, direct_io=False))
     # The same save with the writer at idle priority (checkpoint.writer_priority=idle), its own staging.
     idle = None
     if args.idle_writer:
-        idle_manager = CheckpointManager(
-            url or work / "ckpt-idle", 1, options, direct_io=args.direct_io, writer_priority="idle"
-        )
+        idle_manager = CheckpointManager(url or work / "ckpt-idle", 1, options, writer_priority="idle")
         idle = AsyncCheckpointer(idle_manager)
     fs, base = filesystem(url, options) if url else (None, "")
     names = ["async_blocking_s", "async_write_s", "torch_save_s", "raw_write_s", "raw_write_streamed_s"]
@@ -188,18 +197,27 @@ def main_on(args: argparse.Namespace, options: dict[str, str]) -> None:
         "steps_until_idle_save_done",
         "snapshot_staged_s",
         "snapshot_fresh_s",
+        "page_cache_write_s",
+        "page_cache_write_cpu_s",
+        "lost_page_cache_s",
     ]
     samples: dict[str, list[float]] = {name: [] for name in names}
     try:
         run_async(checkpointer, model, optimizer, 0)  # warm-up: allocates the staging buffers once
         if idle is not None:
             run_async(idle, model, optimizer, 0)
+        if paged is not None:
+            run_async(paged, model, optimizer, 0)
         run_steps(model, optimizer, tokens, 2)
         for i in range(args.repeats):
             blocking, write, write_cpu = run_async(checkpointer, model, optimizer, 2 * i + 1)
             samples["async_write_cpu_s"].append(write_cpu)
             samples["async_blocking_s"].append(blocking)
             samples["async_write_s"].append(write)
+            if paged is not None:
+                _, write, write_cpu = run_async(paged, model, optimizer, 2 * i + 1)
+                samples["page_cache_write_s"].append(write)
+                samples["page_cache_write_cpu_s"].append(write_cpu)
             if fs is not None:
                 samples["torch_save_s"].append(
                     run_torch_save_upload(model, optimizer, fs, f"{base}-torch.pt")
@@ -222,6 +240,9 @@ def main_on(args: argparse.Namespace, options: dict[str, str]) -> None:
             samples["steps_with_save_s"].append(window)
             samples["steps_with_save"].append(steps)
             samples["lost_s"].append(window - steps * step_s)
+            if paged is not None:
+                window, steps = run_steps_with_save(paged, model, optimizer, tokens, 2 * i + 2)
+                samples["lost_page_cache_s"].append(window - steps * step_s)
             if device.type == "cuda":  # the same save with its copies in order, not overlapped
                 window, steps = run_steps_with_save(
                     checkpointer, model, optimizer, tokens, 2 * i + 3, overlap=False
@@ -241,8 +262,9 @@ def main_on(args: argparse.Namespace, options: dict[str, str]) -> None:
                 samples["steps_until_idle_save_done"].append(steps)
     finally:
         checkpointer.close()
-        if idle is not None:
-            idle.close()
+        for other in (idle, paged):
+            if other is not None:
+                other.close()
         shutil.rmtree(work, ignore_errors=True)
         if fs is not None:
             fs.rm(base, recursive=True)
@@ -265,7 +287,7 @@ def main_on(args: argparse.Namespace, options: dict[str, str]) -> None:
         "repeats": args.repeats,
         "batch": [args.batch, args.seq],
         "width": args.width,
-        "direct_io": args.direct_io,
+        "direct_io": manager.direct_io,
         "samples": samples,
         "median": med,
         "write_throughput_ratio": med["raw_write_s"] / med["async_write_s"],
@@ -299,6 +321,10 @@ def main_on(args: argparse.Namespace, options: dict[str, str]) -> None:
     if "raw_write_streamed_s" in med:
         result["raw_write_streamed_GBps"] = nbytes / med["raw_write_streamed_s"] / 1e9
         result["write_throughput_ratio_streamed"] = med["raw_write_streamed_s"] / med["async_write_s"]
+    if "page_cache_write_s" in med:  # the same save through the page cache (--page-cache)
+        result["write_vs_page_cache"] = med["async_write_s"] / med["page_cache_write_s"]
+        result["write_cpu_vs_page_cache"] = med["async_write_cpu_s"] / med["page_cache_write_cpu_s"]
+        result["lost_vs_page_cache"] = med["lost_s"] / med["lost_page_cache_s"]
     if bandwidth is not None:
         result["d2h_GBps"] = bandwidth / 1e9
     result["goals_met"] = {

@@ -13,16 +13,18 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 import xxhash
 
-from trainer.checkpoint import CheckpointManager, TrainingProgress, dcp_writer
+from trainer.checkpoint import CheckpointManager, TrainingProgress, dcp_writer, layout
 from trainer.checkpoint import manifest as manifest_module
 from trainer.checkpoint.async_writer import AsyncCheckpointer
 from trainer.checkpoint.manifest import Manifest, checksum_files
 from trainer.checkpoint.safe_dcp import SafeFileSystemReader
+from trainer.checkpoint.staging import StagingBuffers
 from trainer.checkpoint.state import capture
 from trainer.checkpoint.store import verify_dir
 from trainer.devices import get_adapter
@@ -98,6 +100,68 @@ def test_digests_taken_while_writing_are_those_of_the_files_on_disk(
     verify_dir(path)
 
 
+def _o_direct_or_skip(directory: Path) -> None:
+    probe = dcp_writer._open_direct(directory / "probe")
+    if probe is None:
+        pytest.skip(f"{directory} does not do O_DIRECT")
+    os.close(probe)
+    (directory / "probe").unlink()
+
+
+@pytest.mark.parametrize("where", ["staged", "unaligned"])
+def test_large_tensors_go_from_the_staging_buffers_to_the_file_uncopied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    _o_direct_or_skip(tmp_path)
+    torch.manual_seed(0)
+    state = {
+        "model.big": torch.randn(100_003),  # 400,012 bytes: whole blocks and a tail
+        "model.small": torch.randn(7),
+        "optimizer.state.big.exp_avg": torch.randn(300, 301),
+        "model.edge": torch.randn(16_384),  # 64 KiB exactly
+        "extra.count": torch.tensor(5),
+    }
+    big = ["model.big", "optimizer.state.big.exp_avg", "model.edge"]
+    if where == "staged":
+        tensors = StagingBuffers().copy(state)
+    else:  # each tensor its own storage, 8 bytes past a page: no in-place write
+        tensors = {}
+        for key, value in state.items():
+            memory = np.empty(value.nbytes + 4096 + 8, dtype=np.uint8)
+            start = -memory.ctypes.data % 4096 + 8
+            own = torch.from_numpy(memory[start : start + value.nbytes]).view(value.dtype).view(value.shape)
+            tensors[key] = own.copy_(value)
+    in_place: list[int] = []
+    real = dcp_writer._DirectSink._write_in_place
+
+    def spying(sink: Any, view: memoryview) -> None:
+        in_place.append(len(view))
+        real(sink, view)
+
+    monkeypatch.setattr(dcp_writer._DirectSink, "_write_in_place", spying)
+    monkeypatch.setattr(dcp_writer, "_PIECE", 64 << 10)  # several pieces per tensor, the bounce refilled
+    writer = dcp_writer.DigestingWriter(tmp_path / "c", direct=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(layout.nested(tensors), storage_writer=writer, no_dist=True)
+    monkeypatch.undo()
+
+    if where == "staged":
+        assert sorted(in_place) == sorted(state[k].nbytes for k in big)
+    else:
+        assert in_place == []
+    for name, entry in writer.digests.items():
+        assert entry["xxh3_128"] == _xxh3_of(tmp_path / "c" / name)
+        assert entry["bytes"] == (tmp_path / "c" / name).stat().st_size
+    loaded = layout.nested({k: torch.zeros_like(v) for k, v in state.items()})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(loaded, checkpoint_id=str(tmp_path / "c"), no_dist=True)
+    flat = {**{f"model.{k}": v for k, v in loaded["model"].items()}, "extra.count": loaded["extra"]["count"]}
+    flat["optimizer.state.big.exp_avg"] = loaded["optimizer"]["state"]["big"]["exp_avg"]
+    assert all(torch.equal(flat[k], v) for k, v in state.items())
+
+
 @pytest.mark.parametrize("which", [0, 1])
 def test_a_byte_flipped_in_either_data_file_is_found(tmp_path: Path, which: int) -> None:
     path = _save(CheckpointManager(tmp_path / "ckpt"))
@@ -149,11 +213,11 @@ def test_an_error_in_a_writer_thread_fails_the_save_and_commits_nothing(
     real = dcp_writer.save_record
     calls = [0]
 
-    def failing(tensor: torch.Tensor, stream: Any) -> None:
+    def failing(tensor: torch.Tensor, stream: Any, alignment: int | None = None) -> None:
         calls[0] += 1
         if calls[0] == 5:
             raise OSError(5, "Input/output error")
-        real(tensor, stream)
+        real(tensor, stream, alignment)
 
     monkeypatch.setattr(dcp_writer, "save_record", failing)
     with pytest.raises(CheckpointWriteError, match="Input/output error"):

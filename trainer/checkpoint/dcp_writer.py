@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import xxhash
 from torch.distributed.checkpoint import FileSystemWriter
@@ -37,23 +38,39 @@ from torch.futures import Future
 
 #: Bytes per write to the disk (a multiple of any device's block size, so O_DIRECT offsets stay aligned).
 _PIECE = 8 << 20
+#: The alignment of a tensor's bytes, in the file (its record's start and data, when written with O_DIRECT)
+#: and in the staging buffers, that lets O_DIRECT write them from where they lie: a page, and a multiple
+#: of any disk's logical block.
+BLOCK = 4096
+#: Tensors smaller than this go through the bounce buffer (a copy costs less than the extra writes).
+_IN_PLACE_MIN = 64 << 10
+#: Writes shorter than this are gathered and passed to the digest and the file together.
+_SMALL = 64 << 10
 #: Buffered fallback: bytes after which the pages written so far are handed to the disk.
 _KICK = 32 << 20
 
 
 class _DirectSink:
-    """Writes through ``O_DIRECT`` from a page-aligned bounce buffer: the bytes go from this buffer to the
-    disk, not through the page cache, which costs the writer a fraction of the CPU (measured here: 0.2
-    CPU-s against 0.5 to 1.0 for a buffered write of 618 MB) and leaves no dirty pages for the fsync. The tail
-    that does not fill a block goes through an ordinary descriptor at close."""
+    """Writes through ``O_DIRECT``: the bytes go from memory to the disk, not through the page cache, which
+    costs the writer a fraction of the CPU (measured here: 0.03 to 0.12 system CPU-s against 0.6 to 1.3 for a
+    buffered write of 590 MB) and leaves no dirty pages for the fsync.
+
+    A tensor's bytes that start on a block boundary, in the file and in memory (the staging buffers and
+    the records are laid out so: see :data:`BLOCK`), are written from where they lie; everything else (zip
+    headers, small tensors, the ends that do not fill a block) is gathered in a page-aligned bounce buffer
+    and written a piece at a time. The last bytes, which do not fill a block, go through an ordinary
+    descriptor at close."""
 
     def __init__(self, path: Path, fd: int) -> None:
         self._path, self._fd = path, fd
         self._bounce = mmap.mmap(-1, _PIECE)
         self._fill = 0
-        self._offset = 0
+        self._offset = 0  # where the bounce buffer's first byte goes in the file
 
     def write(self, view: memoryview) -> None:
+        if len(view) >= _IN_PLACE_MIN and self._fill % BLOCK == 0 and _address(view) % BLOCK == 0:
+            self._write_in_place(view)
+            return
         start = 0
         while start < len(view):
             n = min(len(view) - start, _PIECE - self._fill)
@@ -61,29 +78,47 @@ class _DirectSink:
             self._fill += n
             start += n
             if self._fill == _PIECE:
-                self._flush_block()
+                self._flush()
 
-    def _flush_block(self) -> None:
-        written = os.write(self._fd, self._bounce)
-        if written != _PIECE:
-            raise OSError(f"{self._path}: short direct write ({written} of {_PIECE} bytes)")
-        self._offset += _PIECE
-        self._fill = 0
+    def _write_in_place(self, view: memoryview) -> None:
+        self._flush()  # whole blocks (the fill is a multiple of one), so the file stays in order
+        body = len(view) - len(view) % BLOCK
+        for start in range(0, body, _PIECE):
+            with view[start : min(start + _PIECE, body)] as piece:
+                self._write_at_offset(piece)
+        tail = len(view) - body
+        self._bounce[:tail] = view[body:]
+        self._fill = tail
+
+    def _flush(self) -> None:
+        if self._fill:
+            with memoryview(self._bounce) as whole, whole[: self._fill] as filled:
+                self._write_at_offset(filled)
+            self._fill = 0
+
+    def _write_at_offset(self, view: memoryview) -> None:
+        written = os.pwrite(self._fd, view, self._offset)
+        if written != len(view):
+            raise OSError(f"{self._path}: short direct write ({written} of {len(view)} bytes)")
+        self._offset += written
 
     def close(self) -> None:
         try:
             if self._fill:
                 tail = os.open(self._path, os.O_WRONLY)
                 try:
-                    view = memoryview(self._bounce)[: self._fill]
-                    if os.pwrite(tail, view, self._offset) != self._fill:
-                        raise OSError(f"{self._path}: short write of the last {self._fill} bytes")
+                    with memoryview(self._bounce) as whole, whole[: self._fill] as view:
+                        if os.pwrite(tail, view, self._offset) != self._fill:
+                            raise OSError(f"{self._path}: short write of the last {self._fill} bytes")
                 finally:
-                    view.release()
                     os.close(tail)
         finally:
             os.close(self._fd)
             self._bounce.close()
+
+
+def _address(view: memoryview) -> int:
+    return int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
 
 
 class _BufferedSink:
@@ -121,13 +156,19 @@ def _open_direct(path: Path) -> int | None:
 
 
 class DigestingStream(io.RawIOBase):
-    """A new write-only file at ``path`` that digests (XXH3-128) and counts every byte written to it."""
+    """A new write-only file at ``path`` that digests (XXH3-128) and counts every byte written to it.
+
+    A ``torch.save`` record reaches its stream as ~40 writes, all but its data a few bytes long (zip
+    headers, names, padding): those are gathered here and passed on together, since a Python call per
+    piece on the way to the file (measured: ~0.3 CPU-s for the 29,000 pieces of a 740-tensor state) cost
+    the writer more than digesting its 590 MB."""
 
     def __init__(self, path: Path, direct: bool = False) -> None:
         fd = _open_direct(path) if direct else None
         self._sink: _DirectSink | _BufferedSink = _BufferedSink(path) if fd is None else _DirectSink(path, fd)
         self.direct = fd is not None
         self._digest = xxhash.xxh3_128()
+        self._small = bytearray()
         self.bytes = 0
 
     def writable(self) -> bool:
@@ -135,28 +176,52 @@ class DigestingStream(io.RawIOBase):
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
+        size = len(view)
+        self.bytes += size
+        if size < _SMALL:
+            self._small += view
+            if len(self._small) >= _SMALL:
+                self._pass_on_small()
+            return size
+        self._pass_on_small()
         self._digest.update(view)
         self._sink.write(view)
-        self.bytes += len(view)
-        return len(view)
+        return size
+
+    def _pass_on_small(self) -> None:
+        if self._small:
+            with memoryview(self._small) as view:
+                self._digest.update(view)
+                self._sink.write(view)
+            self._small.clear()
 
     def tell(self) -> int:
+        return self.bytes
+
+    def pad_to(self, alignment: int) -> int:
+        """Write zeros up to the next multiple of ``alignment``; returns the new position."""
+        self.write(bytes(-self.bytes % alignment))
         return self.bytes
 
     def close(self) -> None:
         if not self.closed:
             try:
+                self._pass_on_small()
                 self._sink.close()
             finally:
                 super().close()
 
     def hexdigest(self) -> str:
+        """The digest of every byte written; read it once the stream is closed."""
         return self._digest.hexdigest()
 
 
-def save_record(tensor: torch.Tensor, stream: Any) -> None:
-    """``torch.save(tensor, stream)`` without the CRC-32 pass over the data (same format otherwise)."""
-    writer = torch._C.PyTorchFileWriter(stream, False, torch.serialization._get_storage_alignment())
+def save_record(tensor: torch.Tensor, stream: Any, alignment: int | None = None) -> None:
+    """``torch.save(tensor, stream)`` without the CRC-32 pass over the data (same format otherwise); the
+    data starts at a multiple of ``alignment`` from the record's start (default: torch's, 64 bytes)."""
+    if alignment is None:
+        alignment = torch.serialization._get_storage_alignment()
+    writer = torch._C.PyTorchFileWriter(stream, False, alignment)
     try:
         torch.serialization._save(tensor, writer, pickle, torch.serialization.DEFAULT_PROTOCOL, False)
     except BaseException:
@@ -224,7 +289,10 @@ class DigestingWriter(FileSystemWriter):
                     assert isinstance(data, torch.Tensor) and data.device.type == "cpu", "CPU tensors only"
                     if data.untyped_storage().nbytes() != data.nbytes:
                         data = data.clone()  # a view would be saved with the whole storage behind it
-                    save_record(data, stream)
+                    in_place = stream.direct and data.nbytes >= _IN_PLACE_MIN
+                    if in_place:  # the record and its data on block boundaries: written from memory
+                        offset = stream.pad_to(BLOCK)
+                    save_record(data, stream, BLOCK if in_place else None)
                 length = stream.tell() - offset
                 results.append(WriteResult(item.index, length, _StorageInfo(name, offset, length)))
         with self._lock:

@@ -27,8 +27,12 @@ from typing import Any
 
 import torch
 
-#: Alignment of each dtype's region in the buffer.
+#: Alignment of each tensor in the buffer.
 _ALIGN = 64
+#: Tensors of at least this many bytes start on a page (the file writer's ``BLOCK``), so that a write
+#: with O_DIRECT takes their bytes from where they lie instead of copying them (``dcp_writer``).
+_PAGE_ALIGNED_MIN = 64 << 10
+_PAGE = 4096
 
 
 class StagingBuffers:
@@ -50,7 +54,7 @@ class StagingBuffers:
     @property
     def nbytes(self) -> int:
         """Host memory held for staging, in bytes."""
-        return 0 if self._flat is None else self._flat.numel()
+        return 0 if self._flat is None else self._flat.untyped_storage().nbytes()
 
     def copy(
         self, tensors: dict[str, torch.Tensor], overlap: torch.optim.Optimizer | None = None
@@ -121,25 +125,21 @@ class StagingBuffers:
 
     def _allocate(self, layout: list[tuple[str, torch.Size, torch.dtype]], pinned: bool) -> None:
         self._flat, self.tensors = None, {}  # the old buffer goes before the new one comes
-        by_dtype: dict[torch.dtype, list[tuple[str, torch.Size]]] = {}
-        for key, shape, dtype in layout:
-            by_dtype.setdefault(dtype, []).append((key, shape))
-        spans = []
+        offsets = []
         total = 0
-        for dtype, entries in by_dtype.items():
-            size = sum(shape.numel() for _, shape in entries) * _element_size(dtype)
-            spans.append((dtype, entries, total, size))
-            total += -(-size // _ALIGN) * _ALIGN
-        flat = torch.empty(total, dtype=torch.uint8, pin_memory=pinned)
+        for _key, shape, dtype in layout:
+            nbytes = shape.numel() * _element_size(dtype)
+            align = _PAGE if nbytes >= _PAGE_ALIGNED_MIN else _ALIGN
+            total = -(-total // align) * align
+            offsets.append((total, nbytes))
+            total += nbytes
+        raw = torch.empty(total + _PAGE, dtype=torch.uint8, pin_memory=pinned)
+        shift = -raw.data_ptr() % _PAGE  # the offsets count from a page boundary
+        flat = raw[shift : shift + total]
         memory = flat.numpy()
-        for dtype, entries, start, _size in spans:
-            offset = start
-            for key, shape in entries:
-                nbytes = shape.numel() * _element_size(dtype)
-                own = torch.from_numpy(memory[offset : offset + nbytes])
-                self.tensors[key] = own.view(dtype).view(shape)
-                offset += nbytes
-        self.tensors = {key: self.tensors[key] for key, _, _ in layout}
+        for (key, shape, dtype), (offset, nbytes) in zip(layout, offsets, strict=True):
+            own = torch.from_numpy(memory[offset : offset + nbytes])  # a storage of its own
+            self.tensors[key] = own.view(dtype).view(shape)
         self._flat, self._layout, self._pinned = flat, layout, pinned
 
 

@@ -245,7 +245,11 @@ class WorkerActor:
     def _manager(self, root: str, keep_last: int) -> CheckpointManager:
         options = self.config.checkpoint
         return CheckpointManager(
-            root, keep_last, options.storage_options, writer_priority=options.writer_priority
+            root,
+            keep_last,
+            options.storage_options,
+            writer_priority=options.writer_priority,
+            direct_io=options.direct_io,
         )
 
     @dies_in_call

@@ -129,6 +129,11 @@ class CheckpointConfig:
     #: CPU priority of the background writer (``normal``, or ``idle``: Linux ``SCHED_IDLE``, only the CPU
     #: time training leaves over; a save then costs training less and takes longer to commit).
     writer_priority: str = "normal"
+    #: Write the checkpoint files with O_DIRECT where the filesystem allows it (elsewhere, and with
+    #: ``false``, through the page cache): a tensor's bytes go from the staging buffers to the disk
+    #: uncopied, and the write takes about a third of the CPU of a buffered one (which a save takes from
+    #: training where training keeps every core busy).
+    direct_io: bool = True
     #: Sharded saves (every rank writes its shards, the driver commits): how long the driver waits for one in
     #: flight to commit before a recovery, a hand-over or the next save goes on without it. A save not
     #: committed by then (a rank still writing: a stalled filesystem) is abandoned, never committed later.
