@@ -12,7 +12,12 @@ them — but:
   every byte, and ``torch.load`` reads records without one;
 * ``thread_count`` files are written at once, by threads that return their errors (DCP's extra writer
   threads drop theirs), largest tensors spread first so the files end together;
-* no fsync per file: the commit syncs the checkpoint once (``store.commit``), before the rename.
+* no fsync per file: the commit syncs the checkpoint once (``store.commit``), before the rename;
+* with ``direct`` (``checkpoint.direct_io``, the default), O_DIRECT where the filesystem allows it: no copy
+  into the page cache, and a tensor of 64 KiB or more (its record padded to start on a block, its data
+  aligned to one inside it) goes from the staging buffers to the disk uncopied. The save's write then
+  takes about a third of the CPU of a write through the page cache (590 MB: 0.37 CPU-s against 0.9 to
+  1.0 measured here), at the same speed.
 """
 
 from __future__ import annotations
