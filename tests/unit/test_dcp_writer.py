@@ -5,7 +5,10 @@ Saves a small GPT's state through the real CheckpointManager, then reads the fil
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import io
+import logging
 import os
 import subprocess
 import sys
@@ -160,6 +163,36 @@ def test_large_tensors_go_from_the_staging_buffers_to_the_file_uncopied(
     flat = {**{f"model.{k}": v for k, v in loaded["model"].items()}, "extra.count": loaded["extra"]["count"]}
     flat["optimizer.state.big.exp_avg"] = loaded["optimizer"]["state"]["big"]["exp_avg"]
     assert all(torch.equal(flat[k], v) for k, v in state.items())
+
+
+def test_a_filesystem_that_opens_with_o_direct_but_refuses_its_writes_gets_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    _o_direct_or_skip(tmp_path)
+    real_pwrite = os.pwrite
+    refused: list[int] = []
+
+    def refusing(fd: int, data: Any, offset: int) -> int:  # as a filesystem with an alignment of its own
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", refusing)
+    monkeypatch.setattr(dcp_writer, "_PIECE", 4096)  # many writes per file after the first
+    with caplog.at_level(logging.WARNING, logger=dcp_writer.__name__):
+        path = _save(CheckpointManager(tmp_path / "ckpt", direct_io=True))
+    monkeypatch.undo()
+
+    assert len(refused) == 2  # the first write of each data file, once
+    assert sum("O_DIRECT writes refused" in r.getMessage() for r in caplog.records) == 2
+    verify_dir(path)
+    model, _ = _state()
+    loaded = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load({"model": loaded}, checkpoint_id=str(path), no_dist=True)
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("which", [0, 1])

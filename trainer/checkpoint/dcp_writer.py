@@ -23,7 +23,10 @@ them — but:
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import io
+import logging
 import mmap
 import os
 import pickle
@@ -40,6 +43,8 @@ from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, _StorageInfo
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
+
+log = logging.getLogger(__name__)
 
 #: Bytes per write to the disk (a multiple of any device's block size, so O_DIRECT offsets stay aligned).
 _PIECE = 8 << 20
@@ -102,7 +107,16 @@ class _DirectSink:
             self._fill = 0
 
     def _write_at_offset(self, view: memoryview) -> None:
-        written = os.pwrite(self._fd, view, self._offset)
+        try:
+            written = os.pwrite(self._fd, view, self._offset)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL or self._offset:
+                raise
+            # The filesystem took O_DIRECT at open but refuses its writes (an alignment of its own, a
+            # FUSE filesystem): nothing is written yet, so this file goes on through the page cache.
+            log.warning("%s: O_DIRECT writes refused (%s); writing through the page cache", self._path, exc)
+            fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+            written = os.pwrite(self._fd, view, self._offset)
         if written != len(view):
             raise OSError(f"{self._path}: short direct write ({written} of {len(view)} bytes)")
         self._offset += written
