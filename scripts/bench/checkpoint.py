@@ -3,8 +3,10 @@
 Compares, interleaved (A B C … A B C …) because disk speed drifts up to 3x between runs on shared machines:
 
 * **A — this toolkit's async save**, alone: the time the save call blocks (staging copy into reused CPU
-  buffers), then the background write (DCP files with their digests, one fsync pass, atomic rename,
-  ``latest``).
+  buffers; the parameters' and optimizer state's copies overlap with the next step until its optimizer
+  step, as a worker saves), then the background write (DCP files with their digests, one fsync pass,
+  atomic rename, ``latest``). ``async_blocking_in_order_s``: the same call with every copy made before it
+  returns.
 * **B — synchronous ``torch.save``** of the same state dict to one file, fsynced: the usual alternative.
 * **C — a raw sequential write** of the same number of bytes, fsynced at the end: what the disk can do for
   a plain writer. **C'** is the same write with the disk started every 32 MB (as the toolkit's writer does),
@@ -23,7 +25,8 @@ Compares, interleaved (A B C … A B C …) because disk speed drifts up to 3x b
 * **T / T+S — training steps** (forward, backward, AdamW step on a small batch) without a save, and with
   an async save started before the first of them, run until the save (write, commit, deletion of the old
   checkpoint) is finished. ``lost_s`` = the wall time of the window with the save minus the same number of
-  steps at the median step time without: what training loses to a save, blocking included.
+  steps at the median step time without: what training loses to a save, blocking included;
+  ``lost_in_order_s``: the same with every copy made before the save call returns.
 * **W — fixed windows** (``--idle-writer``): ``--window-steps`` steps with a save started at their first
   one, then the save's rest finished with training stopped (not timed), against the same steps without a
   save, in pairs; once with the writer at normal priority, once at idle priority
@@ -180,7 +183,14 @@ def main_on(args: argparse.Namespace, options: dict[str, str]) -> None:
         idle_manager = CheckpointManager(url or work / "ckpt-idle", 1, options, writer_priority="idle")
         idle = AsyncCheckpointer(idle_manager)
     fs, base = filesystem(url, options) if url else (None, "")
-    names = ["async_blocking_s", "async_write_s", "torch_save_s", "raw_write_s", "raw_write_streamed_s"]
+    names = [
+        "async_blocking_s",
+        "async_blocking_in_order_s",
+        "async_write_s",
+        "torch_save_s",
+        "raw_write_s",
+        "raw_write_streamed_s",
+    ]
     names += [
         "async_write_cpu_s",
         "raw_write_cpu_s",
@@ -214,6 +224,8 @@ def main_on(args: argparse.Namespace, options: dict[str, str]) -> None:
             samples["async_write_cpu_s"].append(write_cpu)
             samples["async_blocking_s"].append(blocking)
             samples["async_write_s"].append(write)
+            blocking, _, _ = run_async(checkpointer, model, optimizer, 2 * i + 1, overlap=False)
+            samples["async_blocking_in_order_s"].append(blocking)
             if paged is not None:
                 _, write, write_cpu = run_async(paged, model, optimizer, 2 * i + 1)
                 samples["page_cache_write_s"].append(write)
@@ -243,11 +255,11 @@ def main_on(args: argparse.Namespace, options: dict[str, str]) -> None:
             if paged is not None:
                 window, steps = run_steps_with_save(paged, model, optimizer, tokens, 2 * i + 2)
                 samples["lost_page_cache_s"].append(window - steps * step_s)
-            if device.type == "cuda":  # the same save with its copies in order, not overlapped
-                window, steps = run_steps_with_save(
-                    checkpointer, model, optimizer, tokens, 2 * i + 3, overlap=False
-                )
-                samples["lost_in_order_s"].append(window - steps * step_s)
+            # The same save with its copies in order, not overlapped with the next step.
+            window, steps = run_steps_with_save(
+                checkpointer, model, optimizer, tokens, 2 * i + 3, overlap=False
+            )
+            samples["lost_in_order_s"].append(window - steps * step_s)
             if idle is not None:
                 for name, saver in (("lost_window_s", checkpointer), ("lost_window_idle_s", idle)):
                     bare, _ = run_window(None, model, optimizer, tokens, 0, args.window_steps)
@@ -303,6 +315,7 @@ def main_on(args: argparse.Namespace, options: dict[str, str]) -> None:
         "lost_idle_vs_memcpy": med["lost_idle_s"] / floor if "lost_idle_s" in med else None,
         "blocking_vs_memcpy": med["async_blocking_s"] / floor,
         "blocking_ratio": med["async_blocking_s"] / med["torch_save_s"],
+        "blocking_in_order_vs_memcpy": med["async_blocking_in_order_s"] / floor,
         # On a GPU the copy overlaps with training: what is lost must stay under a quarter of the copy.
         "goals": {
             "write_throughput_ratio_min": 0.9,

@@ -47,8 +47,8 @@ def save_async(
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     progress = TrainingProgress(step=step, samples_seen=step, world_size=1, seed=0)
     state = capture(model, optimizer, scaler)
-    # As a worker saves: on CUDA the copies of the parameters and optimizer state overlap with the next
-    # steps until the optimizer's next step.
+    # As a worker saves: the copies of the parameters and optimizer state overlap with the next steps
+    # until the optimizer's next step (CUDA: a side stream; CPU: a copy thread).
     overlapped = optimizer if overlap else None
     return checkpointer.save(state, adapter.get_rng_state(device), adapter, progress, {}, overlap=overlapped)
 
@@ -79,11 +79,15 @@ def cpu_seconds() -> float:
 
 
 def run_async(
-    checkpointer: AsyncCheckpointer, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int
+    checkpointer: AsyncCheckpointer,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    overlap: bool = True,
 ) -> tuple[float, float, float]:
     """(blocking s, background write s until committed, CPU s of the write)."""
     started = time.perf_counter()
-    future = save_async(checkpointer, model, optimizer, step)
+    future = save_async(checkpointer, model, optimizer, step, overlap)
     blocking = time.perf_counter() - started
     cpu = cpu_seconds()
     future.result()

@@ -11,18 +11,25 @@ worker needs for staging is exactly one copy of its state (:attr:`StagingBuffers
 Each staged tensor is handed out with a storage of its own over its slice of that allocation, so that
 ``torch.save`` and DCP write its bytes and no more (a view of a larger storage would be saved whole).
 
-On a CUDA device the copies of the tensors that only the optimizer's step changes (its parameters and its
-state; ``overlap`` below) run on a stream of their own, through the copy engine, alongside the next step's
-forward and backward: the device's current stream waits for them (on the device: the host never does) just
-before the optimizer's next step, by a step pre-hook on that optimizer. Everything else (buffers, which a
-forward may change, the task's extra tensors) is copied on the current stream, in order with training. The
-host waits only where it reads the copies: :meth:`StagingBuffers.wait_copied`, called by the writer thread.
-Other accelerators copy on their current stream and are synchronised by the caller.
+The copies of the tensors that only the optimizer's step changes (its parameters and its state;
+``overlap`` below) run alongside the next step's forward and backward, and are fenced just before the
+optimizer's next step, by a step pre-hook on that optimizer:
+
+* on a CUDA device, on a stream of their own, through the copy engine; the device's current stream waits
+  for them (on the device: the host never does);
+* on the CPU, on a thread of their own (``memmove``, the GIL released); the optimizer's next step waits for
+  it. The save call then blocks only for the rest (a few milliseconds), not for a copy of the state.
+
+Everything else (buffers, which a forward may change, the task's extra tensors) is copied in order with
+training. The writer waits for the copies where it reads them: :meth:`StagingBuffers.wait_copied`. Other
+accelerators copy on their current stream and are synchronised by the caller.
 """
 
 from __future__ import annotations
 
 import ctypes
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -48,8 +55,15 @@ class StagingBuffers:
         self._stream: Any = None  # CUDA: the side stream of the overlapped copies (made on first use)
         #: CUDA: events after the copies on the current stream and on the side stream.
         self._copied: list[Any] = []
-        #: While overlapped copies may be in flight: the optimizer's step pre-hook and the side's event.
-        self._fence: tuple[Any, Any] | None = None
+        #: The step pre-hook that fences the overlapped copies, and (a weak reference to) its optimizer.
+        #: It stays registered: a hook that took itself down while the optimizer ran its hooks would
+        #: change the dict being iterated (an error when another hook follows).
+        self._hook: Any = None
+        self._hooked: weakref.ref[torch.optim.Optimizer] | None = None
+        #: The overlapped copies in flight: CUDA's side stream's event; the CPU copies' thread's future.
+        self._side_done: Any = None
+        self._host_done: Future[None] | None = None
+        self._host_thread: ThreadPoolExecutor | None = None  # made on first use
 
     @property
     def nbytes(self) -> int:
@@ -70,17 +84,21 @@ class StagingBuffers:
         if layout != self._layout or pinned != self._pinned:
             self._allocate(layout, pinned)
         side = self._side_stream(tensors, overlap)
-        stepped = _stepped_by(overlap) if side is not None else set()
+        stepped = _stepped_by(overlap) if overlap is not None else set()
         overlapped: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         in_order: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        behind: list[tuple[int, int, int]] = []  # CPU copies for the copy thread: (to, from, bytes)
         for key, tensor in tensors.items():
             source, target = tensor.detach(), self.tensors[key]
             if type(source) is torch.Tensor and source.device.type == "cpu" and source.is_contiguous():
-                ctypes.memmove(target.data_ptr(), source.data_ptr(), target.nbytes)
+                if source.data_ptr() in stepped:
+                    behind.append((target.data_ptr(), source.data_ptr(), target.nbytes))
+                else:
+                    ctypes.memmove(target.data_ptr(), source.data_ptr(), target.nbytes)
             elif type(source) is not torch.Tensor:  # tensor subclasses: as torch copies them
                 target.copy_(source, non_blocking=source.device.type != "cpu")
             else:
-                group = overlapped if source.data_ptr() in stepped else in_order
+                group = overlapped if side is not None and source.data_ptr() in stepped else in_order
                 group[0].append(target)
                 group[1].append(source)
         _copy_all(*in_order)
@@ -94,10 +112,23 @@ class StagingBuffers:
         if any(t.device.type == "cuda" for t in tensors.values()):
             self._copied.append(_recorded(torch.cuda.current_stream()))
         if side is not None:
-            assert overlap is not None
-            self._copied.append(_recorded(side))
-            self._fence = (overlap.register_step_pre_hook(lambda *_: self.fence()), self._copied[-1])
+            self._side_done = _recorded(side)
+            self._copied.append(self._side_done)
+        if behind:
+            if self._host_thread is None:
+                self._host_thread = ThreadPoolExecutor(1, thread_name_prefix="staging-copy")
+            self._host_done = self._host_thread.submit(_memmove_all, behind)
+        if overlap is not None and (side is not None or behind):
+            self._hook_onto(overlap)
         return dict(self.tensors)
+
+    def _hook_onto(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._hooked is not None and self._hooked() is optimizer:
+            return
+        if self._hook is not None:
+            self._hook.remove()  # an optimizer built since (a restore, a hand-over) steps the state now
+        self._hook = optimizer.register_step_pre_hook(lambda *_: self.fence())
+        self._hooked = weakref.ref(optimizer)
 
     def _side_stream(self, tensors: dict[str, torch.Tensor], overlap: Any) -> Any:
         device = next((t.device for t in tensors.values() if t.device.type == "cuda"), None)
@@ -109,19 +140,23 @@ class StagingBuffers:
         return self._stream
 
     def fence(self) -> None:
-        """Make the device's current stream wait (on the device) for the overlapped copies; called by the
+        """Hold the state back until the overlapped copies have read it: the device's current stream waits
+        for them (CUDA, on the device), the calling thread for the copy thread (CPU). Called by the
         optimizer's step pre-hook, and before anything else writes the state in place (a load)."""
-        if self._fence is None:
-            return
-        hook, side_done = self._fence
-        self._fence = None
-        hook.remove()
-        torch.cuda.current_stream().wait_event(side_done)
+        if self._side_done is not None:
+            torch.cuda.current_stream().wait_event(self._side_done)
+            self._side_done = None
+        if self._host_done is not None:
+            self._host_done.result()
+            self._host_done = None
 
     def wait_copied(self) -> None:
         """Block the calling thread until every copy of the last :meth:`copy` has landed in the buffers."""
         for event in self._copied:
             event.synchronize()
+        host_done = self._host_done
+        if host_done is not None:
+            host_done.result()
 
     def _allocate(self, layout: list[tuple[str, torch.Size, torch.dtype]], pinned: bool) -> None:
         self._flat, self.tensors = None, {}  # the old buffer goes before the new one comes
@@ -158,6 +193,11 @@ def _copy_all(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
     except (RuntimeError, TypeError):  # mixed shapes of views, an older torch: one by one
         for target, source in zip(targets, sources, strict=True):
             target.copy_(source, non_blocking=source.device.type != "cpu")
+
+
+def _memmove_all(copies: list[tuple[int, int, int]]) -> None:
+    for target, source, nbytes in copies:
+        ctypes.memmove(target, source, nbytes)
 
 
 def _recorded(stream: Any) -> Any:
