@@ -163,6 +163,14 @@ def test_large_tensors_go_from_the_staging_buffers_to_the_file_uncopied(
     flat = {**{f"model.{k}": v for k, v in loaded["model"].items()}, "extra.count": loaded["extra"]["count"]}
     flat["optimizer.state.big.exp_avg"] = loaded["optimizer"]["state"]["big"]["exp_avg"]
     assert all(torch.equal(flat[k], v) for k, v in state.items())
+    metadata = SafeFileSystemReader(tmp_path / "c").read_metadata()
+    for index, info in metadata.storage_data.items():  # each record says the alignment it was written with
+        with open(tmp_path / "c" / info.relative_path, "rb") as f:
+            f.seek(info.offset)
+            record = torch._C.PyTorchFileReader(io.BytesIO(f.read(info.length)))
+        aligned = index.fqn in big  # a block-aligned record whether or not its bytes were in place
+        assert record.get_record(".storage_alignment") == (b"4096" if aligned else b"64"), index.fqn
+        assert info.offset % 4096 == 0 or not aligned, index.fqn
 
 
 def test_a_filesystem_that_opens_with_o_direct_but_refuses_its_writes_gets_the_page_cache(

@@ -237,12 +237,15 @@ class DigestingStream(io.RawIOBase):
 
 def save_record(tensor: torch.Tensor, stream: Any, alignment: int | None = None) -> None:
     """``torch.save(tensor, stream)`` without the CRC-32 pass over the data (same format otherwise); the
-    data starts at a multiple of ``alignment`` from the record's start (default: torch's, 64 bytes)."""
+    data starts at a multiple of ``alignment`` from the record's start (default: torch's, 64 bytes), as its
+    ``.storage_alignment`` entry says."""
     if alignment is None:
         alignment = torch.serialization._get_storage_alignment()
     writer = torch._C.PyTorchFileWriter(stream, False, alignment)
     try:
-        torch.serialization._save(tensor, writer, pickle, torch.serialization.DEFAULT_PROTOCOL, False)
+        torch.serialization._save(
+            tensor, _Aligned(writer, alignment), pickle, torch.serialization.DEFAULT_PROTOCOL, False
+        )
     except BaseException:
         # Finish the record now (as torch.save does): an unfinished writer finishes itself when collected,
         # writing to a stream that fails, and an error there aborts the process.
@@ -250,6 +253,22 @@ def save_record(tensor: torch.Tensor, stream: Any, alignment: int | None = None)
             writer.write_end_of_file()
         raise
     writer.write_end_of_file()
+
+
+class _Aligned:
+    """The zip writer as ``torch.serialization._save`` sees it, with the ``.storage_alignment`` entry it
+    writes (torch's global setting) replaced by the alignment this writer uses."""
+
+    def __init__(self, writer: Any, alignment: int) -> None:
+        self._writer, self._alignment = writer, str(alignment)
+
+    def write_record(self, name: str, data: Any, size: int) -> None:
+        if name == ".storage_alignment":
+            data, size = self._alignment, len(self._alignment)
+        self._writer.write_record(name, data, size)
+
+    def write_record_metadata(self, name: str, size: int) -> None:
+        self._writer.write_record_metadata(name, size)
 
 
 def _size(item: WriteItem) -> int:
