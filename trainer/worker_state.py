@@ -151,11 +151,13 @@ class WorkerState:
     def save_part_async(
         self, checkpointer: AsyncCheckpointer, directory: Path | str, metrics: dict[str, float] | None = None
     ) -> tuple[Future[RankPart], dict[str, Any] | None]:
-        """Sharded state (FSDP): stage this rank's shards (blocks only for the copy, no collective) and write
+        """Sharded state (FSDP): stage this rank's shards (no collective; the copies of the shards the
+        optimizer steps overlap with training until its next step, as in :meth:`save_async`) and write
         them into ``directory``, a sharded checkpoint's private directory (on object storage, its URL), in the
         background. Returns the
         future of this rank's :class:`~trainer.checkpoint.sharded.RankPart` and, on rank 0, the manifest's
         header (else None); the party that commits needs every rank's part and the header."""
+        self.staging = checkpointer.staging
         state = self.capture(gather=False)
         header = None
         if self.rank == 0:
@@ -173,6 +175,7 @@ class WorkerState:
             split(state.tensors, self.rank),
             self.adapter.rng_key(),
             self.adapter.get_rng_state(self.device),
+            overlap=self.optimizer,
         )
         return part, header
 

@@ -51,9 +51,12 @@ def _rank(rank: int, port: int, directory: str, out: str) -> None:
     checkpointer = AsyncCheckpointer(CheckpointManager(Path(directory).parent))
     future, header = worker.save_part_async(checkpointer, Path(directory), {"eval_loss": 1.5})
     whole = {k: t.clone() for k, t in worker.capture().tensors.items()}  # collective: the reference
+    overlapped = list(checkpointer.staging.overlapped)
+    worker.train_step()  # the shards' copies may still be in flight: the step waits for them
+    stepped = {k: t.clone() for k, t in worker.capture().tensors.items()}
     part = future.result()
     with open(os.path.join(out, f"part{rank}.pkl"), "wb") as f:
-        pickle.dump({"part": part, "header": header, "blocking_s": checkpointer.last_blocking_s}, f)
+        pickle.dump({"part": part, "header": header, "overlapped": overlapped, "stepped": stepped}, f)
     checkpointer.close()
 
     # The same shards committed into a store of their own, then restored by the three ranks of a fresh
@@ -116,6 +119,10 @@ def test_each_rank_writes_only_its_own_shards_and_a_commit_makes_one_checkpoint(
         assert {n for n in part.files if n.endswith(".distcp")} and all(
             n.startswith(f"__{part.rank}_") or n == f"rng/rank_{part.rank:05d}.json" for n in part.files
         )
+    for rank in range(WORLD):  # every shard the optimizer steps was copied beside the next step
+        written = pickle.loads((root / f"part{rank}.pkl").read_bytes())
+        stepped = {k for k in parts[rank].metadata.state_dict_metadata if k.startswith("optimizer.state.")}
+        assert stepped and stepped <= set(written["overlapped"]), rank
     shard_bytes = [sum(v["bytes"] for n, v in p.files.items() if n.endswith(".distcp")) for p in parts]
     assert min(shard_bytes) > 0
     assert not (directory / ".metadata").exists()  # nothing committed, no index yet
@@ -138,6 +145,8 @@ def test_each_rank_writes_only_its_own_shards_and_a_commit_makes_one_checkpoint(
     assert state.keys() == whole.keys()
     for key, tensor in whole.items():
         assert torch.equal(state[key], tensor), key
+    stepped = pickle.loads((root / "part0.pkl").read_bytes())["stepped"]
+    assert not torch.equal(stepped["model.head.weight"], whole["model.head.weight"])  # a step came after
 
     # Stock DCP reads the model half, and the export command writes a plain state dict.
     model = {

@@ -122,15 +122,16 @@ class AsyncCheckpointer:
         state: SplitState,
         rng_key: str,
         rng_states: dict[str, torch.Tensor],
+        overlap: torch.optim.Optimizer | None = None,
     ) -> Future[RankPart]:
         """Stage this rank's share of a sharded checkpoint and write it into ``directory`` in the background
         (see :mod:`~trainer.checkpoint.sharded`): the checkpoint's private directory, or on object storage its
         URL (``store.reserve``; the files are written locally, then uploaded). The future yields the
         :class:`RankPart` for the committing party, or raises :class:`CheckpointWriteError`. Nothing is
-        committed here."""
+        committed here. ``overlap``: as for :meth:`save` (the local shards the optimizer steps)."""
         started = time.perf_counter()
         self._finish_previous()
-        staged = self._stage(state.tensors)
+        staged = self._stage(state.tensors, overlap)
         rng = {k: v.clone() for k, v in rng_states.items()}
         pending = self._pool.submit(
             self._write_part, directory, rank, SplitState(staged, dict(state.placements)), rng_key, rng

@@ -33,6 +33,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 #: Alignment of each tensor in the buffer.
 _ALIGN = 64
@@ -64,6 +65,8 @@ class StagingBuffers:
         self._side_done: Any = None
         self._host_done: Future[None] | None = None
         self._host_thread: ThreadPoolExecutor | None = None  # made on first use
+        #: Keys of the last copy made beside training (fenced before the optimizer's next step).
+        self.overlapped: list[str] = []
 
     @property
     def nbytes(self) -> int:
@@ -88,19 +91,24 @@ class StagingBuffers:
         overlapped: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         in_order: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         behind: list[tuple[int, int, int]] = []  # CPU copies for the copy thread: (to, from, bytes)
+        self.overlapped = []
         for key, tensor in tensors.items():
             source, target = tensor.detach(), self.tensors[key]
             if type(source) is torch.Tensor and source.device.type == "cpu" and source.is_contiguous():
                 if source.data_ptr() in stepped:
                     behind.append((target.data_ptr(), source.data_ptr(), target.nbytes))
+                    self.overlapped.append(key)
                 else:
                     ctypes.memmove(target.data_ptr(), source.data_ptr(), target.nbytes)
             elif type(source) is not torch.Tensor:  # tensor subclasses: as torch copies them
                 target.copy_(source, non_blocking=source.device.type != "cpu")
             else:
-                group = overlapped if side is not None and source.data_ptr() in stepped else in_order
+                beside = side is not None and source.data_ptr() in stepped
+                group = overlapped if beside else in_order
                 group[0].append(target)
                 group[1].append(source)
+                if beside:
+                    self.overlapped.append(key)
         _copy_all(*in_order)
         if overlapped[0]:
             assert side is not None
@@ -207,12 +215,17 @@ def _recorded(stream: Any) -> Any:
 
 
 def _stepped_by(optimizer: Any) -> set[int]:
-    """Addresses of the tensors ``optimizer.step()`` writes: its parameters and its state's tensors."""
+    """Addresses of the tensors ``optimizer.step()`` writes: its parameters and its state's tensors (of a
+    sharded one's, the local shards: what a rank's sharded save copies)."""
     addresses = set()
     for group in optimizer.param_groups:
         for param in group["params"]:
-            addresses.add(param.data_ptr())
+            addresses.add(_address(param))
             addresses.update(
-                v.data_ptr() for v in optimizer.state.get(param, {}).values() if torch.is_tensor(v)
+                _address(v) for v in optimizer.state.get(param, {}).values() if torch.is_tensor(v)
             )
     return addresses
+
+
+def _address(tensor: torch.Tensor) -> int:
+    return int((tensor.to_local() if isinstance(tensor, DTensor) else tensor).data_ptr())
