@@ -68,8 +68,8 @@ def _sharded_save(
     started = time.perf_counter()
     state = capture(model, optimizer, torch.amp.GradScaler("cpu", enabled=False))
     local = split(state.tensors, rank)
-    future = checkpointer.save_part(
-        directory, rank, local, adapter.rng_key(), adapter.get_rng_state(torch.device("cpu"))
+    future = checkpointer.save_part(  # as a worker saves: the stepped shards' copies beside the next step
+        directory, rank, local, adapter.rng_key(), adapter.get_rng_state(torch.device("cpu")), optimizer
     )
     blocking = time.perf_counter() - started
     part = future.result()
