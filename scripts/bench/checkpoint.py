@@ -62,6 +62,8 @@ and the comparison is per rank, interleaved as above:
   own file writer, fsynced), the usual FSDP alternative; **B2** — gathering the state whole on every rank and
   ``torch.save`` of it by rank 0, fsynced (what a user without DCP does).
 * **C — a raw write** by every rank at once of as many bytes as it holds, fsynced.
+* **A' — with ``--page-cache``**, A through the page cache (``checkpoint.direct_io=false``):
+  ``write_vs_page_cache`` = A's write time ÷ A''s.
 
 ``blocking_ratio`` = the slowest rank's blocking ÷ the slowest rank's B; ``write_throughput_ratio`` = C's
 time (slowest rank) ÷ A's write time.

@@ -148,19 +148,33 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, work: str)
     model, optimizer = build_sharded(args.megabytes)
     checkpointer = AsyncCheckpointer(CheckpointManager(directory / "ckpt"))
     store = CheckpointStore(directory / "ckpt", keep_last=1)
+    names = ("blocking_s", "write_s", "sync_dcp_save_s", "gathered_torch_save_s", "raw_write_s")
     samples: dict[str, list[float]] = {
-        k: [] for k in ("blocking_s", "write_s", "sync_dcp_save_s", "gathered_torch_save_s", "raw_write_s")
+        k: [] for k in names + (("page_cache_write_s",) if args.page_cache else ())
     }
     written = 0
     _sharded_save(checkpointer, store, model, optimizer, 0)  # warm-up: the staging buffers are allocated once
+    paged = None
+    if args.page_cache:  # the same sharded save through the page cache (checkpoint.direct_io=false)
+        paged = (
+            AsyncCheckpointer(CheckpointManager(directory / "ckpt-paged", direct_io=False)),
+            CheckpointStore(directory / "ckpt-paged", keep_last=1),
+        )
+        _sharded_save(paged[0], paged[1], model, optimizer, 0)
     for i in range(args.repeats):
         blocking, write, written = _sharded_save(checkpointer, store, model, optimizer, i + 1)
         samples["blocking_s"].append(blocking)
         samples["write_s"].append(write)
+        if paged is not None:
+            samples["page_cache_write_s"].append(
+                _sharded_save(paged[0], paged[1], model, optimizer, i + 1)[1]
+            )
         samples["sync_dcp_save_s"].append(_sync_dcp_save(model, optimizer, directory))
         samples["gathered_torch_save_s"].append(_gathered_torch_save(model, optimizer, directory))
         samples["raw_write_s"].append(_raw_write(written, directory))
     checkpointer.close()
+    if paged is not None:
+        paged[0].close()
     out = {"rank": rank, "samples": samples, "bytes": written, "staging_bytes": checkpointer.staging.nbytes}
     (directory / f"rank{rank}.pkl").write_bytes(pickle.dumps(out))
     dist.destroy_process_group()
@@ -194,6 +208,9 @@ def main_fsdp(args: argparse.Namespace) -> None:
         "blocking_vs_gathered_torch_save": med["blocking_s"] / med["gathered_torch_save_s"],
         "write_throughput_ratio": med["raw_write_s"] / med["write_s"],
         "write_GBps": total / med["write_s"] / 1e9,
+        "write_vs_page_cache": med["write_s"] / med["page_cache_write_s"]
+        if "page_cache_write_s" in med
+        else None,
         "raw_write_GBps": total / med["raw_write_s"] / 1e9,
         "machine": {
             "cpus": os.cpu_count(),
