@@ -42,7 +42,7 @@ class StandInRank:
         return {"node": None, "step": self.step}
 
     def train(self, until: int) -> dict[str, Any]:
-        losses = []
+        losses, began = [], time.monotonic()
         while self.step < until and (self.stop_step is None or self.step < self.stop_step):
             self.phase, self.since = "compute", time.time()
             if self.step + 1 == self.hang_at:
@@ -56,7 +56,13 @@ class StandInRank:
             self.step += 1
             losses.append(1.0 / self.step)
         self.phase, self.since = "idle", time.time()
-        return {"ok": True, "step": self.step, "losses": losses, "step_times": [STEP_S] * len(losses)}
+        return {
+            "ok": True,
+            "step": self.step,
+            "losses": losses,
+            "step_times": [STEP_S] * len(losses),
+            "elapsed_s": time.monotonic() - began,
+        }
 
     def progress(self) -> dict[str, Any]:
         return {"step": self.step, "phase": self.phase, "since": self.since}
@@ -110,3 +116,34 @@ def test_a_stop_brings_every_rank_to_one_step() -> None:
         range(SIZE), outcome.stop_step
     )
     assert {r.step for r in ranks} == {outcome.stop_step}
+    # a rank asked to go on to the stop step after its first reply answers once, for the whole chunk
+    assert all(len(reply["losses"]) == outcome.stop_step for reply in outcome.results.values())
+
+
+class LateToHear(StandInRank):
+    """A rank the first stop request reaches only after it has started the next step (its peers stopped
+    before it)."""
+
+    def stop_after(self, step: int) -> int:
+        deadline = time.monotonic() + 10
+        while self.stop_step is None and not (self.step >= step and self.phase == "compute"):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"rank {self.rank} never started step {step + 1}")
+            time.sleep(0.001)
+        self.stop_step = max(step, self.step + 1)
+        return self.step
+
+
+def test_a_rank_already_in_the_next_step_moves_the_stop_and_the_others_catch_up_in_one_reply() -> None:
+    group = Group(SIZE)
+    ranks = [StandInRank(group, r) for r in range(SIZE - 1)] + [LateToHear(group, SIZE - 1)]
+    members = [calls.InProcess(r, name=f"rank{r.rank}") for r in ranks]
+    asked = time.monotonic() + 0.2
+    outcome = run_chunk(
+        members, 1000, hang_after_s=5.0, deadline_s=60.0, release_s=5.0, stop=lambda: time.monotonic() > asked
+    )
+    assert not outcome.failed() and outcome.stop_step is not None
+    assert {r.step for r in ranks} == {outcome.stop_step}
+    for reply in outcome.results.values():  # the early ranks' two train() replies joined into one
+        assert reply["step"] == outcome.stop_step and len(reply["losses"]) == outcome.stop_step
+        assert reply["losses"] == [1.0 / s for s in range(1, outcome.stop_step + 1)]
