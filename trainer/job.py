@@ -171,7 +171,11 @@ def _run_on_ray(
     started_here = not ray.is_initialized()
     if started_here:
         if config.cluster.address is None:  # out of this process group: a SIGTERM to it reaches the driver
-            start_local_ray(config.cluster.local_num_cpus or None, dict(config.cluster.local_resources))
+            start_local_ray(
+                config.cluster.local_num_cpus or None,
+                dict(config.cluster.local_resources),
+                config.cluster.local_worker_niceness,
+            )
         else:
             _check_reachable(config.cluster.address, config.cluster.connect_timeout_s)
             ray.init(address=config.cluster.address, log_to_driver=False)

@@ -67,7 +67,7 @@ from plain_task_loop import (
 )
 from plain_task_loop import plain_step_s as plain_task_step_s
 
-from trainer.config import Config
+from trainer.config import ClusterConfig, Config
 from trainer.data import GlobalBatchSampler, SyntheticCorpus
 from trainer.job import run
 from trainer.journal import Journal
@@ -240,6 +240,12 @@ def main() -> None:
         help="with --device: AdamW's fused kernel in every loop (the toolkit's step then skips on the device)",
     )
     parser.add_argument(
+        "--worker-niceness",
+        type=int,
+        default=ClusterConfig().local_worker_niceness,
+        help="nice value of the local Ray's workers (cluster.local_worker_niceness; 15: Ray's own default)",
+    )
+    parser.add_argument(
         "--profile",
         type=Path,
         default=None,
@@ -297,7 +303,7 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     samples: dict[str, list[float]] = {"toolkit_step_s": [], "plain_ddp_step_s": []}
     outside: list[float] = []
     shares: dict[str, list[dict[str, Any]]] = {"toolkit": [], "plain": []}
-    with local_ray():
+    with local_ray(worker_niceness=args.worker_niceness):
         for _ in range(args.repeats):
             step_s, outside_s, cpu = toolkit_step_s(config)
             samples["toolkit_step_s"].append(step_s)
@@ -322,6 +328,7 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         "steps": args.steps,
         "warmup_steps": WARMUP_STEPS,
         "chunk_steps": args.chunk,
+        "worker_niceness": args.worker_niceness,
         "repeats": args.repeats,
         "samples": samples,
         "median": med,

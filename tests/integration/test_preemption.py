@@ -139,8 +139,10 @@ def test_sigterm_to_a_ray_driver_stops_every_rank_at_the_step_in_flight_and_save
         *THREE_WORKERS,
         "probes.preflight=false",
     )
-    driver = _driver(run_dir, *ray_run, "cluster.chunk_steps=100000")
-    [started] = [line for line in _wait_for(driver, "worker group up") if "worker actors up" in line]
+    # Its Ray's workers at nice 2 (cluster.local_worker_niceness); the tests' Ray starts them at 0, as runs do.
+    driver = _driver(run_dir, *ray_run, "cluster.chunk_steps=100000", "cluster.local_worker_niceness=2")
+    up = _wait_for(driver, "worker group up")
+    [started] = [line for line in up if "worker actors up" in line]
     time.sleep(3.0)  # a few dozen steps into the first chunk
     os.killpg(driver.pid, signal.SIGTERM)
     if workers_too:
@@ -156,11 +158,14 @@ def test_sigterm_to_a_ray_driver_stops_every_rank_at_the_step_in_flight_and_save
     if not workers_too:
         assert not events(run_dir, "worker_preempted"), "the workers were not signalled"
     assert f"outcome: preempted at step {saved} (saved)" in out
+    assert {m["nice"] for m in events(run_dir, "group_started")[0]["members"]} == {2}
+    assert any("worker processes run at nice 2" in line for line in up)
 
     # The same run resumed on the tests' Ray, in this process: what is checked is what the signal left.
     again = make_config(*TINY, *ray_run, "cluster.chunk_steps=5", f"train.steps={saved + 2}")
     assert run(again, run_dir=run_dir) == ExitCode.FINISHED
     assert [e["step"] for e in events(run_dir, "resumed")] == [saved]
+    assert {m["nice"] for m in events(run_dir, "group_started")[-1]["members"]} == {0}
 
 
 @pytest.mark.usefixtures("local_ray")

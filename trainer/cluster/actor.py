@@ -133,6 +133,7 @@ class WorkerActor:
             "node": _node_id(),  # where its relay runs (trainer.cluster.relay)
             "family": self.worker.adapter.name,
             "step": step,
+            "nice": os.nice(0),  # its process's scheduling priority (Ray's default for workers: 15)
         }
 
     # --- group membership ----------------------------------------------------------------------------

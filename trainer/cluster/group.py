@@ -141,7 +141,15 @@ class WorkerGroup:
             ) from exc
         log.info("worker actors up: %s", infos)
         self.members, self.spares = actors[: self.size], actors[self.size :]
-        self.started_on = [{"pid": i["pid"], "host": i["host"]} for i in infos]
+        self.started_on = [{"pid": i["pid"], "host": i["host"], "nice": i["nice"]} for i in infos]
+        niced = sorted({i["nice"] for i in infos if i["nice"] > 0})
+        if niced:
+            log.warning(
+                "worker processes run at nice %s: on a host whose cores the ranks fill, Ray's daemons and the "
+                "driver take a core from a rank in the middle of its step (a local Ray: "
+                "cluster.local_worker_niceness; a cluster: start it with RAY_worker_niceness=0)",
+                "/".join(map(str, niced)),
+            )
 
     def _spawn(self, bundle_index: int) -> Any:
         """Start an actor in bundle ``bundle_index``. Actors are numbered in the order they are started (the

@@ -45,8 +45,9 @@ def _own_process_groups() -> Iterator[None]:
         services.ConsolePopen = plain  # type: ignore[misc]
 
 
-def start_local_ray(num_cpus: int | None, resources: dict[str, float]) -> None:
-    """``ray.init()`` a Ray of this run on this host, its processes out of this process's group.
+def start_local_ray(num_cpus: int | None, resources: dict[str, float], worker_niceness: int = 0) -> None:
+    """``ray.init()`` a Ray of this run on this host, its processes out of this process's group, its workers
+    (the ranks, spares and probes) at nice ``worker_niceness`` (``cluster.local_worker_niceness``).
 
     Warns, naming them, if any of Ray's processes still shares the driver's process group (a Ray whose
     start-up changed): the run works, but a SIGTERM to the group would stop them before it is saved.
@@ -54,7 +55,13 @@ def start_local_ray(num_cpus: int | None, resources: dict[str, float]) -> None:
     import ray
 
     with _own_process_groups():
-        ray.init(num_cpus=num_cpus, resources=resources, include_dashboard=False, log_to_driver=False)
+        ray.init(
+            num_cpus=num_cpus,
+            resources=resources,
+            include_dashboard=False,
+            log_to_driver=False,
+            _system_config={"worker_niceness": worker_niceness},
+        )
     shared = in_my_process_group()
     if shared:
         log.warning(

@@ -51,7 +51,7 @@ class OneProcess:
         # Installed from outside, as a Ray group's join does: the worker's seams call them.
         member.worker.faults = WorkerFaults(self.config, self.adapter.name, 0, 0, armed=self.arm_faults)
         self.members = [calls.InProcess(member, name="worker")]
-        self.started_on = [{"pid": os.getpid(), "host": socket.gethostname()}]
+        self.started_on = [{"pid": os.getpid(), "host": socket.gethostname(), "nice": os.nice(0)}]
 
     def form(self, timeout_s: float) -> list[int]:
         """A new incarnation: at world size one there is no process group to join; returns the member's step."""

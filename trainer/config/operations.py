@@ -59,6 +59,11 @@ class ClusterConfig:
     local_resources: dict[str, float] = field(default_factory=lambda: {"sim_npu": 4.0, "sim_cuda": 4.0})
     #: CPUs a local Ray advertises (0: this host's count).
     local_num_cpus: int = 0
+    #: The nice value of a local Ray's worker processes (0-19). Ray's own default, 15, lets every other
+    #: process of the host (Ray's daemons, the driver) take a core from a rank in the middle of its step;
+    #: training is the job, so the toolkit starts its ranks at 0, as torchrun's would be. A cluster the run
+    #: joins (``address``) keeps its own setting (``RAY_worker_niceness`` where it is started).
+    local_worker_niceness: int = 0
     #: Steps per command sent to the workers; each reply is a heartbeat.
     chunk_steps: int = 5
     #: Recoveries allowed in one run before it is aborted.
@@ -100,6 +105,12 @@ class ClusterConfig:
         _require("cluster.release_floor_s", self.release_floor_s, self.release_floor_s > 0, "a float > 0")
         _require("cluster.start_timeout_s", self.start_timeout_s, self.start_timeout_s > 0, "a float > 0")
         _require("cluster.local_num_cpus", self.local_num_cpus, self.local_num_cpus >= 0, "an integer >= 0")
+        _require(
+            "cluster.local_worker_niceness",
+            self.local_worker_niceness,
+            0 <= self.local_worker_niceness <= 19,
+            "an integer in 0..19 (lower values need privileges Ray's processes do not have)",
+        )
 
     @property
     def least_workers(self) -> int:

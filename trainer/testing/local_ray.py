@@ -12,8 +12,9 @@ SIMULATED_SLOTS = {"sim_npu": 4.0, "sim_cuda": 4.0}
 
 
 @contextmanager
-def local_ray(num_cpus: int = 2) -> Iterator[None]:
-    """Start Ray on this host for the duration of the block, then shut it down and remove its files.
+def local_ray(num_cpus: int = 2, worker_niceness: int = 0) -> Iterator[None]:
+    """Start Ray on this host for the duration of the block, then shut it down and remove its files. Its
+    workers run at nice ``worker_niceness``, as a run's local Ray starts them (``cluster.local_worker_niceness``).
 
     Its temp dir lives directly under /tmp (Ray's socket paths must stay short) and belongs to the caller.
     """
@@ -26,6 +27,7 @@ def local_ray(num_cpus: int = 2) -> Iterator[None]:
         include_dashboard=False,
         log_to_driver=False,
         _temp_dir=temp_dir,
+        _system_config={"worker_niceness": worker_niceness},
     )
     try:
         yield
