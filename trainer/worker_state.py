@@ -22,6 +22,7 @@ from trainer.checkpoint.locations import redact
 from trainer.checkpoint.rng import derive_seed
 from trainer.checkpoint.sharded import RankPart, manifest_header, split
 from trainer.checkpoint.staging import StagingBuffers
+from trainer.compiling import compile_module
 from trainer.config import Config, to_container
 from trainer.devices import DeviceAdapter
 from trainer.errors import ConfigError
@@ -56,6 +57,11 @@ class WorkerState:
     collectives: StepCollectives
     #: FSDP: a shard copy loaded before the group formed, applied once the model is sharded in it.
     pending_copy: dict[str, Any] | None
+    #: What this rank is doing, for hang detection: step, phase, since when (see ``Worker.mark``).
+    progress: dict[str, Any]
+
+    def mark(self, phase: str) -> None:
+        raise NotImplementedError
 
     # --- checkpoints ---------------------------------------------------------------------------------
     def _progress(self, metrics: dict[str, float] | None) -> TrainingProgress:
@@ -91,6 +97,8 @@ class WorkerState:
         self.module = self.task.build_model(self.device)
         if self.config.train.init_weights:
             load_initial_weights(self.module, self.config.train.init_weights)
+        if self.config.train.compile:
+            compile_module(self.module, self)  # in place: the state dict's keys stay the plain model's
         #: What the train step calls: ``module`` itself, or a DDP wrapper of it after ``attach``.
         self.model = self.module
         self.buffers = list(self.module.buffers())

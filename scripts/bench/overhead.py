@@ -253,7 +253,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.device is not None:
-        measured = single_worker.measure(args.device, args.steps, args.repeats, args.chunk, args.fused)
+        measured = single_worker.measure(
+            args.device, args.steps, args.repeats, args.chunk, args.fused, args.worker_niceness
+        )
         print(json.dumps(measured, indent=2))
         if args.profile is not None:
             single_worker.profile(args.device, min(args.steps, 60), args.chunk, args.fused, args.profile)

@@ -157,7 +157,9 @@ def profile(device: str, steps: int, chunk: int, fused: bool, out: Path) -> None
     out.write_text("\n".join(tables))
 
 
-def measure(device: str, steps: int, repeats: int, chunk: int, fused: bool = False) -> dict[str, Any]:
+def measure(
+    device: str, steps: int, repeats: int, chunk: int, fused: bool = False, worker_niceness: int = 0
+) -> dict[str, Any]:
     try:
         import ray  # noqa: F401  (the Ray mode needs it; the rest does not)
 
@@ -176,7 +178,7 @@ def measure(device: str, steps: int, repeats: int, chunk: int, fused: bool = Fal
     if with_ray:
         from trainer.testing.local_ray import local_ray
 
-        context = local_ray()  # type: ignore[assignment]
+        context = local_ray(worker_niceness=worker_niceness)  # type: ignore[assignment]
     ray_error = None
     with context:
         for _ in range(repeats):
@@ -212,6 +214,7 @@ def measure(device: str, steps: int, repeats: int, chunk: int, fused: bool = Fal
         "steps": steps,
         "warmup_steps": WARMUP_STEPS,
         "repeats": repeats,
+        "worker_niceness": worker_niceness if with_ray else None,
         "ray": "measured"
         if with_ray
         else (f"failed: {ray_error}" if ray_error else "not installed: skipped"),

@@ -121,6 +121,11 @@ class ReservedState(_Base):
         return {"trainer/skipped_steps": []}
 
 
+class CompiledModel(_Base):
+    def build_model(self, device: torch.device) -> torch.nn.Module:
+        return torch.compile(super().build_model(device))  # type: ignore[return-value]
+
+
 class RaisingLoss(_Base):
     def loss(self, model: Any, batch: Any) -> torch.Tensor:
         raise KeyError("label")
@@ -135,6 +140,7 @@ class RaisingLoss(_Base):
         ("test_task_api.EmptyData", (), "train_dataset returned a dataset of length 0"),
         ("test_task_api.SetState", (), "extra state 'seen' is a set"),
         ("test_task_api.RaisingLoss", (), "loss raised KeyError: 'label'"),
+        ("test_task_api.CompiledModel", (), "build_model returned a torch.compile'd module"),
         ("test_task_api.TextMetrics", (), "metrics returned {'accuracy': 'high'}"),
         ("test_task_api.ReservedState", (), "uses the key 'trainer/skipped_steps'"),
         ("trainer.testing.tasks.ClusterTask", ("train.grad_accum_steps=2",), "train_step is overridden"),

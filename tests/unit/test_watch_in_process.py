@@ -147,3 +147,49 @@ def test_a_rank_already_in_the_next_step_moves_the_stop_and_the_others_catch_up_
     for reply in outcome.results.values():  # the early ranks' two train() replies joined into one
         assert reply["step"] == outcome.stop_step and len(reply["losses"]) == outcome.stop_step
         assert reply["losses"] == [1.0 / s for s in range(1, outcome.stop_step + 1)]
+
+
+class Compiling(StandInRank):
+    """A rank that compiles (progress phase ``compile``, as ``trainer.compiling`` marks a worker) for
+    ``compile_for`` seconds at the start of step ``at``; its peers wait for it in the collective."""
+
+    def __init__(self, group: Group, rank: int, at: int, compile_for: float) -> None:
+        super().__init__(group, rank)
+        self.at, self.compile_for = at, compile_for
+
+    def train(self, until: int) -> dict[str, Any]:
+        if self.step < self.at:
+            first = super().train(self.at - 1)
+            if not first["ok"]:
+                return first
+            self.phase, self.since = "compile", time.time()
+            time.sleep(self.compile_for)
+            rest = super().train(until)
+            rest["losses"] = first["losses"] + rest["losses"]
+            return rest
+        return super().train(until)
+
+
+def _with_compiling(compile_for: float) -> tuple[list[calls.InProcess], list[StandInRank]]:
+    group = Group(SIZE)
+    ranks = [StandInRank(group, r) for r in range(SIZE - 1)] + [Compiling(group, SIZE - 1, 3, compile_for)]
+    return [calls.InProcess(r, name=f"rank{r.rank}") for r in ranks], ranks
+
+
+def test_a_rank_compiling_longer_than_the_hang_limit_and_the_chunk_deadline_is_not_hung() -> None:
+    members, ranks = _with_compiling(1.5)
+    outcome = run_chunk(members, 6, hang_after_s=0.3, deadline_s=1.0, release_s=5.0, compile_s=10.0)
+    assert not outcome.failed(), outcome
+    assert [r.step for r in ranks] == [6] * SIZE
+
+
+def test_without_a_compile_limit_the_same_rank_is_hung() -> None:
+    members, _ = _with_compiling(1.5)
+    outcome = run_chunk(members, 6, hang_after_s=0.3, deadline_s=1.0, release_s=5.0)
+    assert outcome.hung == [SIZE - 1] and outcome.unreleased == []
+
+
+def test_a_compilation_past_its_own_limit_is_a_hang() -> None:
+    members, _ = _with_compiling(3.0)
+    outcome = run_chunk(members, 6, hang_after_s=0.3, deadline_s=30.0, release_s=5.0, compile_s=1.0)
+    assert outcome.hung == [SIZE - 1] and outcome.hang_detected_after_s >= 1.0

@@ -93,7 +93,7 @@ class Controller(RunRecovery):
         #: This driver's hold on the run (one driver per run); its fence goes with every save.
         self.lease = lease
         self.saves.fence = lease.fence if lease is not None else None
-        self.deadlines = Deadlines(config.cluster, config.fault_tolerance)
+        self.deadlines = Deadlines(config.cluster, config.fault_tolerance, compiles=config.train.compile)
         self.events: list[FailureEvent] = []
         self.given_up: set[str] = set()
         self.families_used: list[str] = []
@@ -280,7 +280,16 @@ class Controller(RunRecovery):
         """Every rank trains until ``until``, watched under the run's deadlines (:func:`run_chunk`)."""
         limits = self.deadlines
         hang, chunk, release = limits.hang_after_s(), limits.chunk_s(until - self.step), limits.release_s()
-        return run_chunk(self.members, until, hang, chunk, release, relays=self.relays, **options)
+        return run_chunk(
+            self.members,
+            until,
+            hang,
+            chunk,
+            release,
+            relays=self.relays,
+            compile_s=limits.compile_s(),
+            **options,
+        )
 
     def _halted(self, then: Callable[[], State]) -> State:
         """``then()`` with every rank idle at ``self.step`` (:meth:`_halt`); a failure found meanwhile first."""

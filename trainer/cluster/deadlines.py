@@ -15,9 +15,14 @@ _RECENT = 50
 
 
 class Deadlines:
-    def __init__(self, cluster: ClusterConfig, fault_tolerance: FaultToleranceConfig) -> None:
+    def __init__(
+        self, cluster: ClusterConfig, fault_tolerance: FaultToleranceConfig, compiles: bool = False
+    ) -> None:
         self.cluster = cluster
         self.fault_tolerance = fault_tolerance
+        #: Whether the ranks compile their model (``train.compile``): then a rank may spend minutes in one
+        #: compilation, a replacement's first steps included, while its peers wait in a collective.
+        self.compiles = compiles
         self.step_times: list[float] = []
 
     def record(self, step_times: list[float]) -> None:
@@ -36,6 +41,10 @@ class Deadlines:
         ft = self.fault_tolerance
         return self._scaled(ft.hang_factor, ft.hang_floor_s)
 
+    def compile_s(self) -> float:
+        """A rank inside one compilation for this long is hung (0: the ranks do not compile)."""
+        return self.fault_tolerance.compile_timeout_s if self.compiles else 0.0
+
     def chunk_s(self, steps: int) -> float:
         """A chunk of ``steps`` steps still running after this long is late (every pending rank is hung)."""
         return self._scaled(self.cluster.deadline_factor * steps, self.cluster.deadline_floor_s)
@@ -45,5 +54,8 @@ class Deadlines:
         return self._scaled(self.cluster.release_factor, self.cluster.release_floor_s)
 
     def collective_timeout(self) -> float:
-        """Collective timeout for the next incarnation: a multiple of the measured step time."""
-        return self._scaled(self.cluster.deadline_factor * 10, self.cluster.deadline_floor_s)
+        """Collective timeout for the next incarnation: a multiple of the measured step time, and no shorter
+        than a compilation may take (a replacement compiles while its peers wait in the first all-reduce)."""
+        return max(
+            self._scaled(self.cluster.deadline_factor * 10, self.cluster.deadline_floor_s), self.compile_s()
+        )

@@ -103,6 +103,7 @@ def run_chunk(
     relays: Relays | None = None,
     ahead: int | None = None,
     every: int = 0,
+    compile_s: float = 0.0,
 ) -> ChunkOutcome:
     """Every member trains until step ``until``; returns when all replied, or once a rank is lost or hung
     and the others are released (or, after ``release_s``, killed). Once ``stop()`` is true, every rank is
@@ -111,7 +112,10 @@ def run_chunk(
     through its relay (:mod:`trainer.cluster.relay`): one call per node instead of one per member.
 
     With ``ahead``, each rank goes on training towards it once it replied, chunk ends every ``every`` steps
-    (:mod:`trainer.cluster.stretch`); a stop may then fall after ``until``, up to ``ahead``."""
+    (:mod:`trainer.cluster.stretch`); a stop may then fall after ``until``, up to ``ahead``.
+
+    A rank inside a compilation (``train.compile``: progress phase ``compile``) is hung only after
+    ``compile_s``, and while one compiles the chunk's deadline is ``deadline_s`` from the moment it is seen."""
     routes = relays.routes(members) if relays is not None else Routes(direct=list(range(len(members))))
     args = train_args(until, ahead, every)
     # Each call awaited: the relay it went through (None: a member called directly) and the ranks it covers.
@@ -162,7 +166,9 @@ def run_chunk(
         # for longer than the chunk has run: no need to ask before then (asking costs the workers time).
         if now - started < hang_after_s and now < give_up_at:
             continue
-        hung, silent_for = _find_hung(members, pending, hang_after_s, routes)
+        hung, silent_for, compiling = _find_hung(members, pending, hang_after_s, compile_s, routes)
+        if compiling:
+            give_up_at = max(give_up_at, now + deadline_s)
         if not hung and time.monotonic() > give_up_at:
             hung, silent_for = pending, deadline_s
         if hung:
@@ -295,15 +301,20 @@ def _joined(earlier: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
 
 
 def _find_hung(
-    members: list[Any], ranks: list[int], hang_after_s: float, routes: Routes
-) -> tuple[list[int], float]:
-    """Ranks making no progress outside a collective for longer than ``hang_after_s`` (asked through the
-    relays: one call per node)."""
+    members: list[Any], ranks: list[int], hang_after_s: float, compile_s: float, routes: Routes
+) -> tuple[list[int], float, bool]:
+    """Ranks making no progress outside a collective for longer than ``hang_after_s`` — inside a
+    compilation, ``compile_s`` — (asked through the relays: one call per node); and whether a rank is
+    compiling within its limit."""
     now = time.time()
-    hung, worst = [], 0.0
+    hung, worst, compiling = [], 0.0, False
     for rank, progress in progress_of(members, ranks, routes).items():
         silent = now - float(progress["since"])
-        if progress["phase"] != "collective" and silent > hang_after_s:
+        phase = progress["phase"]
+        limit = compile_s if phase == "compile" and compile_s > 0 else hang_after_s
+        if phase != "collective" and silent > limit:
             hung.append(rank)
             worst = max(worst, silent)
-    return sorted(hung), worst
+        elif phase == "compile":
+            compiling = True
+    return sorted(hung), worst, compiling

@@ -273,6 +273,10 @@ class FaultToleranceConfig:
     #: A rank is hung after no progress for max(hang_factor x median step time, hang_floor_s).
     hang_factor: float = 3.0
     hang_floor_s: float = 10.0
+    #: With ``train.compile``, a rank inside one compilation (dynamo tracing, inductor's code generation) is
+    #: hung only after this long, and a chunk's deadline restarts once a rank compiles; the collective
+    #: timeout is at least this long too (its peers wait in the step's all-reduce meanwhile).
+    compile_timeout_s: float = 600.0
     #: A rank whose compute time exceeds straggler_factor x the median, and the median by at least
     #: ``straggler_floor_s`` per step, is a straggler; after ``straggler_strikes`` flagged chunks it is
     #: excluded (replaced). The floor keeps a shared host's scheduling jitter on steps of a few milliseconds
@@ -305,6 +309,12 @@ class FaultToleranceConfig:
         )
         _require("fault_tolerance.hang_factor", self.hang_factor, self.hang_factor >= 1, "a float >= 1")
         _require("fault_tolerance.hang_floor_s", self.hang_floor_s, self.hang_floor_s > 0, "a float > 0")
+        _require(
+            "fault_tolerance.compile_timeout_s",
+            self.compile_timeout_s,
+            self.compile_timeout_s > 0,
+            "a float > 0",
+        )
         _require(
             "fault_tolerance.straggler_floor_s",
             self.straggler_floor_s,

@@ -195,6 +195,10 @@ class TrainConfig:
     #: every core given to the rank: a collate thread beside it only takes turns with it, and holds the
     #: interpreter the step needs between operators).
     prefetch: bool | None = None
+    #: Compile the model's forward with ``torch.compile`` (in place, ``nn.Module.compile``: the state dict's
+    #: keys, hence checkpoints, peer snapshots and exports, stay the plain model's). Every process compiles on
+    #: its first steps, a replacement or a hand-over's new family too; that step is slower.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         _require("train.steps", self.steps, self.steps >= 1, "an integer >= 1")

@@ -73,6 +73,12 @@ def check_task(config: Config) -> None:
     model = call("build_model", task.build_model, torch.device("cpu"))
     if not isinstance(model, nn.Module):
         raise refuse("build_model", f"returned a {type(model).__name__}; allowed: a torch.nn.Module")
+    if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's wrapper
+        raise refuse(
+            "build_model",
+            "returned a torch.compile'd module (its state dict's keys carry '_orig_mod.': its checkpoints would "
+            "not load into the plain model); allowed: the bare module, with train.compile=true to compile it",
+        )
     if config.train.init_weights:
         load_initial_weights(model, config.train.init_weights)
     optimizer = call("build_optimizer", task.build_optimizer, model)

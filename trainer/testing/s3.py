@@ -107,6 +107,18 @@ def client(endpoint: str) -> Any:
     )
 
 
+def bucket_objects(endpoint: str, bucket: str) -> dict[str, bytes]:
+    """Every object of ``bucket``: ``{key: body}``, read behind the toolkit's back."""
+    s3 = client(endpoint)
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
+    return {k: s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
+
+
+def options_overrides(url: str, options: dict[str, str]) -> tuple[str, ...]:
+    """The overrides that point ``checkpoint.dir`` at ``url`` with these ``checkpoint.storage_options``."""
+    return (f"checkpoint.dir={url}", *(f"+checkpoint.storage_options.{k}={v}" for k, v in options.items()))
+
+
 def storage_options(endpoint: str) -> dict[str, Any]:
     """``checkpoint.storage_options`` for the server."""
     return {"endpoint_url": endpoint, "key": ACCESS_KEY, "secret": SECRET_KEY}

@@ -13,6 +13,16 @@ from trainer.config import Config
 from trainer.worker import Worker
 
 
+def trained_worker(config: Config, steps: int = 0) -> Worker:
+    """A set-up worker of ``config``, alone in its group (rank 0 of 1), after ``steps`` training steps."""
+    worker = Worker(config)
+    worker.setup()
+    worker.attach(0, 1)
+    for _ in range(steps):
+        worker.train_step()
+    return worker
+
+
 def live_state(worker: Worker) -> dict[str, torch.Tensor]:
     """Copies of the worker's model parameters and buffers, its optimizer state, its LR scheduler's state and
     its task's extra state, by name (JSON values as the bytes of their JSON text)."""
