@@ -31,6 +31,7 @@ from trainer.lifecycle import print_summary, record_started
 from trainer.metrics import MetricsSink
 from trainer.preemption import Preemption
 from trainer.tasks import check_task
+from trainer.threads import on_passing_thread
 
 log = logging.getLogger("trainer")
 
@@ -59,7 +60,9 @@ def run(cfg: DictConfig | Config, run_dir: str | Path | None = None) -> ExitCode
     config = validate(cfg)
     if config.train.init_weights:
         config.train.init_weights = initial.resolve(config.train.init_weights)
-    check_task(config)  # the user's code is tried before anything starts or is written
+    # The user's code is tried before anything starts or is written — on a thread that ends, so that the
+    # torch work of the try leaves no OpenMP team behind in this process (trainer.threads).
+    on_passing_thread(check_task, config)
     home = resolve_run_dir(run_dir)
     home.mkdir(parents=True, exist_ok=True)
     journal = Journal(home / "journal.jsonl")

@@ -14,6 +14,10 @@ same model, optimizer, clipping and data on the same device, in the same process
   heartbeats after the warm-up (one per chunk of ``--chunk`` steps). Skipped, and said so, where Ray is not
   installed.
 
+Each measurement runs on a thread of its own that ends with it, so that no side leaves an OpenMP team
+behind for the next (in one process, a second team throttles the first: :mod:`trainer.threads`); a plain
+loop on such a thread runs as fast as on the main thread of a process of its own.
+
 ``--profile FILE`` (after the timed runs): one more run of the plain loop and of the toolkit in-process,
 each under ``torch.profiler`` (host and device), and the operators that took most time on each side written
 to FILE as two tables — where a ratio above the goal comes from.
@@ -44,6 +48,7 @@ from trainer.job import run
 from trainer.journal import Journal
 from trainer.tasks import build_task
 from trainer.testing.configs import make_config
+from trainer.threads import on_passing_thread
 
 #: Per device: the model preset and global batch, sized so that one step takes ≥ 10 ms.
 WORKLOADS = {"cpu": ("gpt_tiny", 32), "cuda": ("gpt_small", 32)}
@@ -186,7 +191,7 @@ def measure(
                 if name == "toolkit_ray_step_s" and ray_error is not None:
                     continue
                 try:
-                    samples[name].append(measure_once())
+                    samples[name].append(on_passing_thread(measure_once))
                 except Exception as exc:  # the Ray mode alone may fail on a host Ray does not run on
                     if name != "toolkit_ray_step_s":
                         raise

@@ -35,6 +35,7 @@ from trainer.devices.sim import SIM_VISIBLE_DEVICES_ENV
 from trainer.errors import CheckpointWriteError, UserCodeError
 from trainer.faults import WorkerFaults, dies_in_call
 from trainer.sharding import is_sharded
+from trainer.threads import on_passing_thread, passing_thread
 from trainer.worker import Worker
 
 
@@ -103,7 +104,7 @@ class WorkerActor:
             gc.collect()
             gc.freeze()
         self.worker = Worker(self.config, local_world_size=workers_per_node)
-        self.worker.setup()
+        on_passing_thread(self.worker.setup)  # not on a thread that outlives it (trainer.threads)
         if own_process and not self.config.train.sharded:
             gc.collect()
             gc.freeze()
@@ -137,6 +138,7 @@ class WorkerActor:
         }
 
     # --- group membership ----------------------------------------------------------------------------
+    @passing_thread
     def join(
         self, rank: int, world_size: int, host: str, port: int, timeout_s: float, arm_faults: bool
     ) -> int:
@@ -203,17 +205,20 @@ class WorkerActor:
         return dict(self.worker.progress)
 
     @dies_in_call
+    @passing_thread
     def evaluate(self) -> float:
         return self.worker.evaluate()
 
     # --- state ---------------------------------------------------------------------------------------
     @dies_in_call
+    @passing_thread
     def snapshot(self) -> dict[str, Any]:
         """:meth:`~trainer.worker_state.WorkerState.snapshot`, through the staging buffers only where Ray copies
         the reply (a member in the driver's process hands it over uncopied)."""
         return self.worker.snapshot(self.checkpointer if self.own_process else None)
 
     @dies_in_call
+    @passing_thread
     def shard_copy(self) -> tuple[dict[str, Any], dict[str, int]]:
         """This rank's :meth:`~trainer.worker_state.WorkerState.shard_copy` and a small receipt (rank, step, bytes)
         the driver reads without fetching the copy; called with ``num_returns=2`` (both owned by the caller)."""
@@ -222,6 +227,7 @@ class WorkerActor:
         return copy, {"rank": self.worker.rank, "step": self.worker.step, "bytes": size}
 
     @dies_in_call
+    @passing_thread
     def load_snapshot(self, snap: dict[str, Any], rank: int) -> int:
         with self.loading:
             self.worker.rank = rank
@@ -230,6 +236,7 @@ class WorkerActor:
             return self.worker.step
 
     @dies_in_call
+    @passing_thread
     def restore(self, root: str, keep_last: int) -> dict[str, Any] | None:
         # Leftovers of interrupted saves are the driver's to remove when every rank writes (one of the group's
         # saves may be in flight); else as before, by each member.
@@ -254,6 +261,7 @@ class WorkerActor:
         )
 
     @dies_in_call
+    @passing_thread
     def save(
         self, root: str, keep_last: int, metrics: dict[str, float] | None = None, fence: Fence | None = None
     ) -> dict[str, Any]:
@@ -286,6 +294,7 @@ class WorkerActor:
         return self.checkpointer
 
     @dies_in_call
+    @passing_thread
     def save_shards(
         self, root: str, keep_last: int, directory: str, metrics: dict[str, float] | None = None
     ) -> dict[str, Any]:
@@ -338,12 +347,14 @@ class WorkerActor:
             "failed": None,
         }
 
+    @passing_thread
     def parameters(self) -> dict[str, torch.Tensor]:
         """CPU copies of the model's parameters and buffers (for tests and parity checks)."""
         return {k: v.detach().to("cpu", copy=True) for k, v in self.worker.module.state_dict().items()}
 
     # --- health ----------------------------------------------------------------------------------------
     @dies_in_call
+    @passing_thread
     def probe(
         self, sizes_bytes: list[int], iters: int, timeout_s: float, pairwise: bool = True
     ) -> dict[str, Any]:
