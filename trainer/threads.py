@@ -6,9 +6,9 @@ holds more such threads than it has CPUs, libgomp cuts the time its workers spin
 parallel loop from ~300,000 iterations to ~100: they sleep between loops and are woken for each one, and a
 small model's many short loops pay that every time. A rank that uses all of its host's cores
 (``device.num_threads``: the cores ÷ the ranks of the host) already has a full team on its training thread,
-so one more team — the driver's main thread that built the model to check the task, a Ray actor's main
-thread that ran its set-up, a Ray pool thread that restored a checkpoint — is enough to throttle it for the
-rest of the process's life. Measured on the 2-core host, one worker of the ``gpt_tiny`` workload: 40-43 ms
+so one more team — the driver's main thread that tried the task's code before a group of one started, a
+Ray actor's main thread that loaded initial weights in its set-up, a Ray pool thread that evaluated the
+model — is enough to throttle it for the rest of the process's life. Measured on the 2-core host, one worker of the ``gpt_tiny`` workload: 40-43 ms
 per step when only the training thread had a team, 48-49 ms once another thread had one; a bare
 ``torch.softmax`` of 512 x 512 took 60 µs against 120 µs.
 
