@@ -30,6 +30,7 @@ of it (other work also fits where the cores idle).
 
     .venv/bin/python scripts/bench/overhead.py [--steps 120] [--repeats 3]
     .venv/bin/python scripts/bench/overhead.py --example digits|lm_tokens|snippets [--steps 120] [--repeats 3]
+        [--chunk 10 | --chunk-s 1]
     .venv/bin/python scripts/bench/overhead.py --device cpu|cuda [--steps 120] [--repeats 3] [--fused]
         [--profile FILE]
 """
@@ -112,9 +113,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def toolkit_config(steps: int, chunk: int, workload: list[str]) -> Config:
+def toolkit_config(steps: int, chunk: int, workload: list[str], chunk_s: float = 0.0) -> Config:
     """The toolkit's run: 2 workers on a local Ray, the Prometheus exporter on, checkpoints, probes and
-    the final evaluation off; ``workload`` selects the model or task and the global batch."""
+    the final evaluation off; ``workload`` selects the model or task and the global batch; chunks of
+    ``chunk`` steps, or of ``chunk_s`` seconds (``cluster.chunk_s``)."""
     return make_config(
         "cluster=ray_local",
         "device=sim_npu",
@@ -122,6 +124,7 @@ def toolkit_config(steps: int, chunk: int, workload: list[str]) -> Config:
         "checkpoint.interval_steps=0",
         "probes.preflight=false",
         f"cluster.chunk_steps={chunk}",
+        f"cluster.chunk_s={chunk_s}",
         "monitoring.port=0",
         *workload,
     )
@@ -138,6 +141,11 @@ def toolkit_step_s(config: Config) -> tuple[float, float, dict[str, Any]]:
             run(config, run_dir=work)
         beats = [e for e in Journal(work / "journal.jsonl").read() if e["event"] == "heartbeat"]
         steady = [b for b in beats if b["first_step"] > WARMUP_STEPS]
+        if len(steady) < 3:  # long chunks (--chunk-s) over too few steps: no steady window to time
+            raise SystemExit(
+                f"--steps={config.train.steps}: {len(steady)} heartbeats after the {WARMUP_STEPS} warm-up steps "
+                f"(chunks of {config.cluster.chunk_s} s); give more steps"
+            )
         first, last = steady[0], steady[-1]
         steps = last["step"] - first["step"]
         step_s = (last["time"] - first["time"]) / steps
@@ -223,6 +231,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chunk", type=int, default=10, help="cluster.chunk_steps of the toolkit run")
     parser.add_argument(
+        "--chunk-s",
+        type=float,
+        default=0.0,
+        help="cluster.chunk_s of the toolkit's two-worker run: chunks of this many seconds (0: --chunk steps)",
+    )
+    parser.add_argument(
         "--example",
         choices=sorted(EXAMPLES),
         default=None,
@@ -275,7 +289,7 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     """Interleaved toolkit and plain runs of the chosen workload; the JSON result."""
     described: dict[str, Any] = {"example": args.example}
     if args.example is None:
-        config = toolkit_config(args.steps, args.chunk, gpt_workload())
+        config = toolkit_config(args.steps, args.chunk, gpt_workload(), args.chunk_s)
         batch, sizes = BATCH, dict(MODEL)
 
         def plain() -> tuple[float, tuple[float, float]]:
@@ -286,7 +300,7 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         if args.example == "lm_tokens":
             described["data"] = prepare_tokens(scratch / "tokens")
             task_args["data_dir"] = str(scratch / "tokens")
-        config = toolkit_config(args.steps, args.chunk, example_workload(example, task_args))
+        config = toolkit_config(args.steps, args.chunk, example_workload(example, task_args), args.chunk_s)
         described["task"] = example.target
         batch, sizes = example.global_batch, dict(example.task_args)
         plain_run = PlainRun(
@@ -330,6 +344,7 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         "steps": args.steps,
         "warmup_steps": WARMUP_STEPS,
         "chunk_steps": args.chunk,
+        "chunk_s": args.chunk_s,
         "worker_niceness": args.worker_niceness,
         "repeats": args.repeats,
         "samples": samples,

@@ -53,6 +53,7 @@ def test_every_option_composes_validates_and_instantiates(group: str, option: st
         ("optim.lr=-0.1", "optim.lr=-0.1", "a float > 0"),
         ("data.noise=2", "data.noise=2.0", "[0, 1]"),
         ("cluster.local_worker_niceness=-5", "cluster.local_worker_niceness=-5", "an integer in 0..19"),
+        ("cluster.chunk_s=-1", "cluster.chunk_s=-1.0", "a float >= 0"),
     ],
 )
 def test_bad_value_names_key_value_and_allowed(override: str, key: str, allowed: str) -> None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from trainer.checkpoint.lease import Lease
 from trainer.cluster import calls
-from trainer.cluster.deadlines import Deadlines
+from trainer.cluster.deadlines import Deadlines, steps_per_chunk
 from trainer.cluster.handover import HandOver
 from trainer.cluster.health_watch import HealthWatch
 from trainer.cluster.leaving import LeaveWatch, leaving
@@ -387,10 +387,11 @@ class Controller(RunRecovery):
 
     def chunk_steps(self) -> int:
         """Steps per chunk: ``cluster.chunk_steps`` for a Ray group (each chunk costs its members a round
-        trip); for a group of one, a log line's (``train.log_interval``): its heartbeats fall where it logs."""
+        trip), or as many as fill ``cluster.chunk_s`` at the median step time; for a group of one, a log
+        line's (``train.log_interval``): its heartbeats fall where it logs."""
         if self.config.cluster.mode == "process":
             return self.config.train.log_interval
-        return self.config.cluster.chunk_steps
+        return steps_per_chunk(self.config.cluster, self.deadlines.median_step_s())
 
     def collective_timeout(self) -> float:
         """The collective timeout the next incarnation joins with (from the measured step time); the backend

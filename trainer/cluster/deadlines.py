@@ -59,3 +59,11 @@ class Deadlines:
         return max(
             self._scaled(self.cluster.deadline_factor * 10, self.cluster.deadline_floor_s), self.compile_s()
         )
+
+
+def steps_per_chunk(cluster: ClusterConfig, median_step_s: float | None) -> int:
+    """A Ray group's chunk: ``cluster.chunk_steps`` steps, or with ``cluster.chunk_s`` as many as fill it at
+    the median step time (``median_step_s``; None before the first heartbeat), never fewer."""
+    if cluster.chunk_s <= 0 or not median_step_s:
+        return cluster.chunk_steps
+    return max(cluster.chunk_steps, int(cluster.chunk_s / median_step_s))
