@@ -8,9 +8,9 @@ small model's many short loops pay that every time. A rank that uses all of its 
 (``device.num_threads``: the cores ÷ the ranks of the host) already has a full team on its training thread,
 so one more team — the driver's main thread that tried the task's code before a group of one started, a
 Ray actor's main thread that loaded initial weights in its set-up, a Ray pool thread that evaluated the
-model — is enough to throttle it for the rest of the process's life. Measured on the 2-core host, one worker of the ``gpt_tiny`` workload: 40-43 ms
-per step when only the training thread had a team, 48-49 ms once another thread had one; a bare
-``torch.softmax`` of 512 x 512 took 60 µs against 120 µs.
+model — is enough to throttle it for the rest of the process's life. Measured on the 2-core host, one
+worker of the ``gpt_tiny`` workload: 40-43 ms per step when only the training thread had a team, 48-49 ms
+once another thread had one; a bare ``torch.softmax`` of 512 x 512 took 60 µs against 120 µs.
 
 :func:`on_passing_thread` runs such work on a new thread and waits for it: the thread ends, and with it its
 team, so the training thread keeps the only team the process has. Work that runs once per call and not per

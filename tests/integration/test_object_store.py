@@ -187,13 +187,10 @@ KILLED_MID_UPLOAD = """
 import os, signal, sys
 from trainer.checkpoint import CheckpointManager
 from trainer.testing.configs import TINY_CPU, make_config
-from trainer.worker import Worker
+from trainer.testing.state import trained_worker
 url, endpoint, key, secret = sys.argv[1:5]
 manager = CheckpointManager(url, storage_options={"endpoint_url": endpoint, "key": key, "secret": secret})
-worker = Worker(make_config(*sys.argv[5:]))
-worker.setup()
-worker.attach(0, 1)
-worker.train_step()
+worker = trained_worker(make_config(*sys.argv[5:]), steps=1)
 worker.save(manager)
 worker.train_step()
 fs = manager.store.fs

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.cluster.deadlines import steps_per_chunk
-from trainer.config import ClusterConfig
+from trainer.cluster.deadlines import Deadlines
+from trainer.config import ClusterConfig, FaultToleranceConfig
 
 
 @pytest.mark.parametrize(
@@ -22,5 +22,7 @@ from trainer.config import ClusterConfig
 def test_steps_per_chunk(
     chunk_steps: int, chunk_s: float, median_step_s: float | None, expected: int
 ) -> None:
-    cluster = ClusterConfig(chunk_steps=chunk_steps, chunk_s=chunk_s)
-    assert steps_per_chunk(cluster, median_step_s) == expected
+    deadlines = Deadlines(ClusterConfig(chunk_steps=chunk_steps, chunk_s=chunk_s), FaultToleranceConfig())
+    if median_step_s is not None:
+        deadlines.record([median_step_s])
+    assert deadlines.chunk_steps() == expected

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from trainer.checkpoint.lease import Lease
 from trainer.cluster import calls
-from trainer.cluster.deadlines import Deadlines, steps_per_chunk
+from trainer.cluster.deadlines import Deadlines
 from trainer.cluster.handover import HandOver
 from trainer.cluster.health_watch import HealthWatch
 from trainer.cluster.leaving import LeaveWatch, leaving
@@ -280,16 +280,8 @@ class Controller(RunRecovery):
         """Every rank trains until ``until``, watched under the run's deadlines (:func:`run_chunk`)."""
         limits = self.deadlines
         hang, chunk, release = limits.hang_after_s(), limits.chunk_s(until - self.step), limits.release_s()
-        return run_chunk(
-            self.members,
-            until,
-            hang,
-            chunk,
-            release,
-            relays=self.relays,
-            compile_s=limits.compile_s(),
-            **options,
-        )
+        watched = {"relays": self.relays, "compile_s": limits.compile_s(), **options}
+        return run_chunk(self.members, until, hang, chunk, release, **watched)
 
     def _halted(self, then: Callable[[], State]) -> State:
         """``then()`` with every rank idle at ``self.step`` (:meth:`_halt`); a failure found meanwhile first."""
@@ -391,7 +383,7 @@ class Controller(RunRecovery):
         line's (``train.log_interval``): its heartbeats fall where it logs."""
         if self.config.cluster.mode == "process":
             return self.config.train.log_interval
-        return steps_per_chunk(self.config.cluster, self.deadlines.median_step_s())
+        return self.deadlines.chunk_steps()
 
     def collective_timeout(self) -> float:
         """The collective timeout the next incarnation joins with (from the measured step time); the backend

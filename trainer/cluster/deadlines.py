@@ -45,6 +45,14 @@ class Deadlines:
         """A rank inside one compilation for this long is hung (0: the ranks do not compile)."""
         return self.fault_tolerance.compile_timeout_s if self.compiles else 0.0
 
+    def chunk_steps(self) -> int:
+        """A Ray group's chunk: ``cluster.chunk_steps`` steps, or with ``cluster.chunk_s`` as many as fill it at
+        the median step time (before the first heartbeat: ``chunk_steps``), never fewer."""
+        median = self.median_step_s()
+        if self.cluster.chunk_s <= 0 or not median:
+            return self.cluster.chunk_steps
+        return max(self.cluster.chunk_steps, int(self.cluster.chunk_s / median))
+
     def chunk_s(self, steps: int) -> float:
         """A chunk of ``steps`` steps still running after this long is late (every pending rank is hung)."""
         return self._scaled(self.cluster.deadline_factor * steps, self.cluster.deadline_floor_s)
@@ -59,11 +67,3 @@ class Deadlines:
         return max(
             self._scaled(self.cluster.deadline_factor * 10, self.cluster.deadline_floor_s), self.compile_s()
         )
-
-
-def steps_per_chunk(cluster: ClusterConfig, median_step_s: float | None) -> int:
-    """A Ray group's chunk: ``cluster.chunk_steps`` steps, or with ``cluster.chunk_s`` as many as fill it at
-    the median step time (``median_step_s``; None before the first heartbeat), never fewer."""
-    if cluster.chunk_s <= 0 or not median_step_s:
-        return cluster.chunk_steps
-    return max(cluster.chunk_steps, int(cluster.chunk_s / median_step_s))
