@@ -77,8 +77,9 @@ class WorkerFaults:
     """The faults one worker injects, installed on it from outside the training code (the worker group sets
     :attr:`Worker.faults` when a worker joins; a worker alone has :data:`NO_FAULTS`). The worker calls two
     seams: :meth:`before_step` once its step has begun (a kill, a hang, a slow device) and
-    :meth:`in_collective` on entering each collective of its step (a hang there, a slow or flaky link): each
-    gradient bucket's all-reduce under DDP, each all-gather and reduce-scatter under FSDP. The worker actor
+    :meth:`in_collective` on entering each collective of its step (a hang there, a slow or flaky link): under
+    DDP once a step, where its backward starts to wait for the gradient all-reduce; each all-gather and
+    reduce-scatter under FSDP. The worker actor
     calls two more around its saves (:meth:`before_save`, :meth:`after_part_written`: a kill mid-checkpoint).
 
     ``armed``: the kill, hang and straggler faults may fire — the run's first incarnation only, so that a

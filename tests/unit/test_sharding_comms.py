@@ -10,8 +10,6 @@ a step with the straggler, an evaluation, and a step whose collectives fail.
 from __future__ import annotations
 
 import json
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ import torch.multiprocessing as mp
 from trainer.errors import UserCodeError
 from trainer.faults import InjectedCollectiveError, WorkerFaults
 from trainer.testing.configs import make_config
+from trainer.testing.observed import observed_step
 from trainer.testing.s3 import free_port
 from trainer.worker import Worker
 
@@ -40,32 +39,6 @@ OVERRIDES = (
 )
 
 
-def _observed_step(worker: Worker) -> dict[str, Any]:
-    """One train step, with the phases the hang check would have read of this rank while it ran."""
-    phases: list[str] = []
-    stepping = threading.Event()
-
-    def sample() -> None:
-        while stepping.is_set():
-            phases.append(worker.progress["phase"])
-            time.sleep(0.005)
-
-    stepping.set()
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
-        result = worker.train_step()
-    finally:
-        stepping.clear()
-        sampler.join()
-    return {
-        "phases": sorted(set(phases)),
-        "after": worker.progress["phase"],
-        "step_s": result.step_time_s,
-        "compute_s": result.compute_s,
-    }
-
-
 def _rank(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     config = make_config(*OVERRIDES)
@@ -75,7 +48,7 @@ def _rank(rank: int, port: int, out: str) -> None:
     worker.train_step()
     worker.faults = WorkerFaults(config, "cpu", rank, worker.step, armed=True)
     dist.barrier()
-    record: dict[str, Any] = {"straggled": _observed_step(worker)}
+    record: dict[str, Any] = {"straggled": observed_step(worker)}
     record["evaluated"] = worker.evaluate()
     record["phase_after_evaluation"] = worker.progress["phase"]
     try:

@@ -212,7 +212,9 @@ class Controller(RunRecovery):
         total = self.config.train.steps
         if self.step >= total:
             return self._finish()
-        asked = leaving(self.members)  # replaced once every rank is idle at self.step
+        # Replaced once every rank is idle at self.step. Looked up at most every LeaveWatch.every_s: a look is a
+        # call to Ray's key-value store, half of the driver's sampled time per chunk when made at every chunk.
+        asked = self.leave_watch.ranks if self.leave_watch(self.members) else []
         if asked:
             detail = "SIGTERM to the worker between chunks: every rank idle at the same step"
             return self._halted(lambda: self.on_event(FailureKind.WORKER_PREEMPTED, tuple(asked), detail))

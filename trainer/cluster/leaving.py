@@ -111,8 +111,8 @@ def forget(members: list[Any]) -> None:
 
 
 class LeaveWatch:
-    """The controller's view: are any of the current members leaving? Asked at most once per ``every_s``
-    (one read of Ray's key-value store), from the chunk's wait loop."""
+    """The controller's view: are any of the current members leaving? Asked between chunks and from a chunk's
+    wait loop, it reads Ray's key-value store at most once per ``every_s`` (or when the members changed)."""
 
     def __init__(self, every_s: float = 0.5) -> None:
         self.every_s = every_s
