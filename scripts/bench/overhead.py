@@ -17,6 +17,10 @@ temp dir, as its README does. Ray runs from the repository root, so that its wor
 The JSON then also names the ``example`` and its ``task`` class, gives the task's sizes under ``model``
 (and the token counts under ``data`` for ``lm_tokens``); ``example`` is null for the built-in GPT.
 
+With ``--in-process`` the toolkit side is its ranks' own steps without Ray and the driver (``worker_loop.py``:
+each rank's ``Worker`` in a spawned gloo process, losses read once per ``--chunk`` steps): the difference
+between that figure and the Ray run's is what Ray, the driver and the chunks cost.
+
 With ``--device cpu|cuda`` it measures one worker on one device instead: the toolkit in-process and on Ray
 against a plain loop of the same model without a per-step host read (``single_worker.py``, whose docstring
 says what a GPU machine needs installed).
@@ -30,7 +34,7 @@ of it (other work also fits where the cores idle).
 
     .venv/bin/python scripts/bench/overhead.py [--steps 120] [--repeats 3]
     .venv/bin/python scripts/bench/overhead.py --example digits|lm_tokens|snippets [--steps 120] [--repeats 3]
-        [--chunk 10 | --chunk-s 1]
+        [--chunk 10 | --chunk-s 1] [--in-process]
     .venv/bin/python scripts/bench/overhead.py --device cpu|cuda [--steps 120] [--repeats 3] [--fused]
         [--profile FILE]
 """
@@ -67,6 +71,7 @@ from plain_task_loop import (
     steady_start,
 )
 from plain_task_loop import plain_step_s as plain_task_step_s
+from worker_loop import WorkerRun, worker_rank  # this script's directory: on the path when the script runs
 
 from trainer.config import ClusterConfig, Config
 from trainer.data import GlobalBatchSampler, SyntheticCorpus
@@ -243,6 +248,11 @@ def main() -> None:
         help="a task of examples/ (default: the built-in GPT)",
     )
     parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="the toolkit's ranks without Ray and the driver: its Worker's steps in spawned gloo processes",
+    )
+    parser.add_argument(
         "--device",
         choices=["cpu", "cuda"],
         default=None,
@@ -316,12 +326,19 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         def plain() -> tuple[float, tuple[float, float]]:
             return plain_task_step_s(plain_run, _free_port())
 
+    def in_process() -> tuple[float, tuple[float, float]]:
+        return spawned_step_s(worker_rank, WorkerRun(config, WARMUP_STEPS, args.chunk), _free_port(), 2)
+
     samples: dict[str, list[float]] = {"toolkit_step_s": [], "plain_ddp_step_s": []}
     outside: list[float] = []
     shares: dict[str, list[dict[str, Any]]] = {"toolkit": [], "plain": []}
     with local_ray(worker_niceness=args.worker_niceness):
         for _ in range(args.repeats):
-            step_s, outside_s, cpu = toolkit_step_s(config)
+            if args.in_process:  # the Worker's own step: no heartbeats, so nothing is spent outside it
+                step_s, cpu = sampled(in_process)
+                outside_s = 0.0
+            else:
+                step_s, outside_s, cpu = toolkit_step_s(config)
             samples["toolkit_step_s"].append(step_s)
             outside.append(outside_s)
             shares["toolkit"].append(cpu)
@@ -338,6 +355,8 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         "benchmark": "overhead",
         **described,
         "workers": 2,
+        # The toolkit side: its Ray run, or (--in-process) its Worker's steps alone (worker_loop.py).
+        "toolkit": "in-process" if args.in_process else "ray",
         "global_batch": batch,
         "model": sizes,
         "grad_clip": config.train.grad_clip,
