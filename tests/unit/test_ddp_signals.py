@@ -21,10 +21,9 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from trainer.errors import UserCodeError
-from trainer.faults import InjectedCollectiveError, WorkerFaults
+from trainer.faults import WorkerFaults
 from trainer.testing.configs import make_config
-from trainer.testing.observed import observed_step
+from trainer.testing.observed import failed_step, observed_step
 from trainer.testing.s3 import free_port
 from trainer.worker import Worker
 
@@ -59,12 +58,7 @@ def _signals(rank: int, port: int, out: str) -> None:
     worker.faults = WorkerFaults(worker.config, "cpu", rank, worker.step, armed=True)
     dist.barrier()
     record: dict[str, Any] = {"straggled": observed_step(worker)}
-    try:
-        worker.train_step()
-        record["raised"] = None
-    except (InjectedCollectiveError, UserCodeError) as exc:
-        record["raised"] = type(exc).__name__
-    record["collective_failed"], record["step"] = worker.collective_failed, worker.step
+    record.update(failed_step(worker))
     Path(out, f"{rank}.json").write_text(json.dumps(record))
     os._exit(0)  # the failed step's all-reduce may still be in flight on gloo's threads: no teardown
 
@@ -74,13 +68,7 @@ def _peer_lost(rank: int, port: int, out: str) -> None:
     worker.train_step()
     if rank == 1:
         os._exit(0)  # gone after its first step: its connections close
-    record: dict[str, Any] = {"rebuilt_before": bool(worker.model._has_rebuilt_buckets)}  # type: ignore[union-attr]
-    try:
-        worker.train_step()
-        record["raised"] = None
-    except Exception as exc:
-        record["raised"] = type(exc).__name__
-    record["collective_failed"], record["step"] = worker.collective_failed, worker.step
+    record = {"rebuilt_before": bool(worker.model._has_rebuilt_buckets), **failed_step(worker)}  # type: ignore[union-attr]
     Path(out, f"{rank}.json").write_text(json.dumps(record))
     os._exit(0)  # its group's peer is gone: no orderly teardown to wait for
 

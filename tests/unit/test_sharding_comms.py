@@ -17,10 +17,9 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from trainer.errors import UserCodeError
-from trainer.faults import InjectedCollectiveError, WorkerFaults
+from trainer.faults import WorkerFaults
 from trainer.testing.configs import make_config
-from trainer.testing.observed import observed_step
+from trainer.testing.observed import failed_step, observed_step
 from trainer.testing.s3 import free_port
 from trainer.worker import Worker
 
@@ -51,12 +50,7 @@ def _rank(rank: int, port: int, out: str) -> None:
     record: dict[str, Any] = {"straggled": observed_step(worker)}
     record["evaluated"] = worker.evaluate()
     record["phase_after_evaluation"] = worker.progress["phase"]
-    try:
-        worker.train_step()
-        record["raised"] = None
-    except (InjectedCollectiveError, UserCodeError) as exc:
-        record["raised"] = type(exc).__name__
-    record["collective_failed"], record["step"] = worker.collective_failed, worker.step
+    record.update(failed_step(worker))
     Path(out, f"{rank}.json").write_text(json.dumps(record))
     dist.destroy_process_group()  # every rank failed before the same collective: none is left waiting
 
