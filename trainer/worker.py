@@ -202,19 +202,13 @@ class Worker(WorkerState):
         """DDP lays its buckets out anew once, at the start of the forward after its first backward (or, with
         the layout fixed in :meth:`attach`, of the first forward), with a broadcast from rank 0: a collective
         inside the user's forward, where a lost peer would read as the user's error. It is made here, before
-        the forward, as the framework's collective."""
+        the forward, as the framework's collective (the family's link faults act on it as on any other)."""
         ddp: Any = self.model
         if getattr(ddp, "_has_rebuilt_buckets", True) or not torch.is_grad_enabled():
             return
-        self.mark("collective")
-        try:
+        with self.collectives.blocked():
             if ddp.reducer._rebuild_buckets():
                 ddp._has_rebuilt_buckets = True
-        except Exception:
-            self.collective_failed = True
-            raise
-        finally:
-            self.mark("compute")
 
     def _micro_indices(self, step: int) -> list[list[int]]:
         """This rank's global sample indices of ``step``, one list per micro-batch (one for a manual step)."""

@@ -65,7 +65,7 @@ def test_digests_taken_while_writing_are_those_of_the_files_on_disk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool
 ) -> None:
     # Small blocks: many direct writes per file and a tail that fills no block; buffered: many kicks.
-    monkeypatch.setattr(dcp_writer, "_PIECE", 4096)
+    monkeypatch.setattr(dcp_writer, "PIECE", 4096)
     monkeypatch.setattr(dcp_writer, "_KICK", 4096)
     opened: list[int | None] = []
     real_open = dcp_writer._open_direct
@@ -142,7 +142,7 @@ def test_large_tensors_go_from_the_staging_buffers_to_the_file_uncopied(
         real(sink, view)
 
     monkeypatch.setattr(dcp_writer._DirectSink, "_write_in_place", spying)
-    monkeypatch.setattr(dcp_writer, "_PIECE", 64 << 10)  # several pieces per tensor, the bounce refilled
+    monkeypatch.setattr(dcp_writer, "PIECE", 64 << 10)  # several pieces per tensor, the bounce refilled
     writer = dcp_writer.DigestingWriter(tmp_path / "c", direct=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -187,7 +187,7 @@ def test_a_filesystem_that_opens_with_o_direct_but_refuses_its_writes_gets_the_p
         return real_pwrite(fd, data, offset)
 
     monkeypatch.setattr(os, "pwrite", refusing)
-    monkeypatch.setattr(dcp_writer, "_PIECE", 4096)  # many writes per file after the first
+    monkeypatch.setattr(dcp_writer, "PIECE", 4096)  # many writes per file after the first
     with caplog.at_level(logging.WARNING, logger=dcp_writer.__name__):
         path = _save(CheckpointManager(tmp_path / "ckpt", direct_io=True))
     monkeypatch.undo()

@@ -48,7 +48,7 @@ from torch.futures import Future
 log = logging.getLogger(__name__)
 
 #: Bytes per write to the disk (a multiple of any device's block size, so O_DIRECT offsets stay aligned).
-_PIECE = 8 << 20
+PIECE = 8 << 20
 #: The alignment of a tensor's bytes, in the file (its record's start and data, when written with O_DIRECT)
 #: and in the staging buffers, that lets O_DIRECT write them from where they lie: a page, and a multiple
 #: of any disk's logical block.
@@ -74,7 +74,7 @@ class _DirectSink:
 
     def __init__(self, path: Path, fd: int) -> None:
         self._path, self._fd = path, fd
-        self._bounce = mmap.mmap(-1, _PIECE)
+        self._bounce = mmap.mmap(-1, PIECE)
         self._fill = 0
         self._offset = 0  # where the bounce buffer's first byte goes in the file
 
@@ -84,18 +84,18 @@ class _DirectSink:
             return
         start = 0
         while start < len(view):
-            n = min(len(view) - start, _PIECE - self._fill)
+            n = min(len(view) - start, PIECE - self._fill)
             self._bounce[self._fill : self._fill + n] = view[start : start + n]
             self._fill += n
             start += n
-            if self._fill == _PIECE:
+            if self._fill == PIECE:
                 self._flush()
 
     def _write_in_place(self, view: memoryview) -> None:
         self._flush()  # whole blocks (the fill is a multiple of one), so the file stays in order
         body = len(view) - len(view) % BLOCK
-        for start in range(0, body, _PIECE):
-            with view[start : min(start + _PIECE, body)] as piece:
+        for start in range(0, body, PIECE):
+            with view[start : min(start + PIECE, body)] as piece:
                 self._write_at_offset(piece)
         tail = len(view) - body
         self._bounce[:tail] = view[body:]
