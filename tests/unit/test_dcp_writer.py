@@ -251,16 +251,16 @@ def test_an_error_in_a_writer_thread_fails_the_save_and_commits_nothing(
 ) -> None:
     manager = CheckpointManager(tmp_path / "ckpt")
     first = _save(manager, 1)
-    real = dcp_writer.save_record
+    real = dcp_writer.RecordTemplates.write
     calls = [0]
 
-    def failing(tensor: torch.Tensor, stream: Any, alignment: int | None = None) -> None:
+    def failing(self: Any, tensor: torch.Tensor, stream: Any, alignment: int | None = None) -> None:
         calls[0] += 1
         if calls[0] == 5:
             raise OSError(5, "Input/output error")
-        real(tensor, stream, alignment)
+        real(self, tensor, stream, alignment)
 
-    monkeypatch.setattr(dcp_writer, "save_record", failing)
+    monkeypatch.setattr(dcp_writer.RecordTemplates, "write", failing)
     with pytest.raises(CheckpointWriteError, match="Input/output error"):
         _save(manager, 2)
     assert manager.store.committed() == [first]
@@ -298,6 +298,66 @@ def test_a_view_is_written_as_its_own_bytes_only(tmp_path: Path) -> None:
         warnings.simplefilter("ignore")
         dcp.load(loaded, checkpoint_id=str(tmp_path / "c"), no_dist=True)
     assert torch.equal(loaded["extra"]["v"], big[10:20])
+
+
+def _kinds() -> list[tuple[str, torch.Tensor, int | None]]:
+    square = torch.randn(64, 64)
+    return [
+        ("fp32 on a block", torch.randn(64, 64), dcp_writer.BLOCK),
+        ("bf16", torch.randn(300).to(torch.bfloat16), None),
+        ("0-dim int64", torch.tensor(7), None),
+        ("empty", torch.zeros(0, 3), None),
+        ("transposed", square.t(), None),
+        ("requires grad", torch.randn(5, requires_grad=True), dcp_writer.BLOCK),
+    ]
+
+
+@pytest.mark.parametrize("name", [k[0] for k in _kinds()])
+def test_a_record_written_from_its_template_is_the_serialisers_bytes(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, first, alignment = next(k for k in _kinds() if k[0] == name)
+    real, serialised = dcp_writer.save_record, [0]
+
+    def counted(tensor: torch.Tensor, stream: Any, alignment: int | None = None) -> None:
+        serialised[0] += 1
+        real(tensor, stream, alignment)
+
+    templates = dcp_writer.RecordTemplates()
+    # Same kind, other data: the second and third reuse the first one's bytes around their own data.
+    others = [(first.detach() * 3 + 1).to(first.dtype), (first.detach() - 2).to(first.dtype)]
+    others = [o.t().contiguous().t() if not first.is_contiguous() else o for o in others]
+    for tensor in [first, *[o.requires_grad_(first.requires_grad) for o in others]]:
+        expected, written = io.BytesIO(), io.BytesIO()
+        real(tensor, expected, alignment)
+        monkeypatch.setattr(dcp_writer, "save_record", counted)
+        templates.write(tensor, written, alignment)
+        monkeypatch.setattr(dcp_writer, "save_record", real)
+        assert written.getvalue() == expected.getvalue()
+        loaded = torch.load(io.BytesIO(written.getvalue()), weights_only=True)
+        assert torch.equal(loaded, tensor.detach()) and loaded.stride() == tensor.stride()
+    assert serialised[0] == 1  # torch's serialiser ran for the first of the kind only
+
+
+def test_tensors_whose_record_may_say_more_are_serialised_each_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    real, serialised = dcp_writer.save_record, [0]
+
+    def counted(tensor: torch.Tensor, stream: Any, alignment: int | None = None) -> None:
+        serialised[0] += 1
+        real(tensor, stream, alignment)
+
+    monkeypatch.setattr(dcp_writer, "save_record", counted)
+    big = torch.arange(100.0)
+    tagged = torch.randn(4)
+    tagged.note = "an attribute the pickle carries"  # type: ignore[attr-defined]
+    templates = dcp_writer.RecordTemplates()
+    for tensor in (big[10:20], big[30:40], torch.nn.Parameter(torch.randn(3)), tagged, tagged):
+        stream = io.BytesIO()
+        templates.write(tensor, stream)
+        loaded = torch.load(io.BytesIO(stream.getvalue()), weights_only=False)
+        assert torch.equal(loaded, tensor.detach())
+    assert serialised[0] == 5
+    assert loaded.note == "an attribute the pickle carries"
 
 
 def test_a_stream_that_fails_mid_record_raises_and_does_not_abort() -> None:

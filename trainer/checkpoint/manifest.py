@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +90,7 @@ class Manifest:
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
-        body = asdict(self)
+        body = {f.name: getattr(self, f.name) for f in fields(self)}  # not asdict: no deep copy to dump
         body["manifest_sha256"] = _self_digest(body)
         return json.dumps(body, indent=2, sort_keys=True)
 
