@@ -264,20 +264,21 @@ def main_on(args: argparse.Namespace, options: dict[str, str]) -> None:
             samples["snapshot_staged_s"].append(staged)
             samples["snapshot_fresh_s"].append(fresh)
             plain = run_steps(model, optimizer, tokens, args.steps)
-            window, steps = run_steps_with_save(checkpointer, model, optimizer, tokens, 2 * i + 2)
             step_s = statistics.median(plain)
             samples["step_s"].append(step_s)
-            samples["steps_with_save_s"].append(window)
-            samples["steps_with_save"].append(steps)
-            samples["lost_s"].append(window - steps * step_s)
+            # The save as a worker makes it, and with its copies in order (not beside the next step); which
+            # goes first alternates (the first after the writes above was measured slower).
+            for overlap in (True, False) if i % 2 == 0 else (False, True):
+                window, steps = run_steps_with_save(
+                    checkpointer, model, optimizer, tokens, 2 * i + 2 + (not overlap), overlap=overlap
+                )
+                samples["lost_s" if overlap else "lost_in_order_s"].append(window - steps * step_s)
+                if overlap:
+                    samples["steps_with_save_s"].append(window)
+                    samples["steps_with_save"].append(steps)
             if paged is not None:
                 window, steps = run_steps_with_save(paged, model, optimizer, tokens, 2 * i + 2)
                 samples["lost_page_cache_s"].append(window - steps * step_s)
-            # The same save with its copies in order, not overlapped with the next step.
-            window, steps = run_steps_with_save(
-                checkpointer, model, optimizer, tokens, 2 * i + 3, overlap=False
-            )
-            samples["lost_in_order_s"].append(window - steps * step_s)
             if idle is not None:
                 for name, saver in (("lost_window_s", checkpointer), ("lost_window_idle_s", idle)):
                     bare, _ = run_window(None, model, optimizer, tokens, 0, args.window_steps)
