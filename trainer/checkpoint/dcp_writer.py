@@ -18,7 +18,11 @@ them — but:
   aligned to one inside it) goes from the staging buffers to the disk uncopied. The save's write then
   takes a third to two fifths of the CPU of a write through the page cache (618 MB: 0.37 to 0.50 CPU-s
   against 0.94 to 1.36 measured here, four runs of ``scripts/bench/checkpoint.py --page-cache``), at
-  about the same speed.
+  about the same speed;
+* torch's serialiser runs once per kind of tensor (dtype, shape, strides), not once per tensor: the
+  records of the others are its bytes around their own data (:class:`RecordTemplates`), byte for byte
+  what it would write. A 618 MB, 740-tensor state's write then takes 0.70 × the CPU (0.143 against
+  0.195 CPU-s, copy thread included; 10 interleaved pairs).
 """
 
 from __future__ import annotations
