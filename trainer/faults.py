@@ -79,8 +79,9 @@ class WorkerFaults:
     seams: :meth:`before_step` once its step has begun (a kill, a hang, a slow device) and
     :meth:`in_collective` on entering each collective of its step (a hang there, a slow or flaky link): under
     DDP once a step, where its backward starts to wait for the gradient all-reduce (and at the one re-layout
-    of DDP's buckets per incarnation, before a forward); each all-gather and reduce-scatter under FSDP. The worker actor
-    calls two more around its saves (:meth:`before_save`, :meth:`after_part_written`: a kill mid-checkpoint).
+    of DDP's buckets per incarnation, before a forward); each all-gather and reduce-scatter under FSDP. The
+    worker actor calls two more around its saves (:meth:`before_save`, :meth:`after_part_written`: a kill
+    mid-checkpoint).
 
     ``armed``: the kill, hang and straggler faults may fire — the run's first incarnation only, so that a
     replacement is healthy. A family's interconnect faults act on every incarnation alike.

@@ -21,7 +21,7 @@ them — but:
   about the same speed;
 * torch's serialiser runs once per kind of tensor (dtype, shape, strides), not once per tensor: the
   records of the others are its bytes around their own data (:class:`RecordTemplates`), byte for byte
-  what it would write. A 618 MB, 740-tensor state's write then takes 0.70 × the CPU (0.143 against
+  what it would write. A 618 MB, 740-tensor state's write then takes 70 % of the CPU (0.143 against
   0.195 CPU-s, copy thread included; 10 interleaved pairs).
 """
 
