@@ -22,7 +22,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 import xxhash
 
-from trainer.checkpoint import CheckpointManager, TrainingProgress, dcp_writer, layout
+from trainer.checkpoint import CheckpointManager, TrainingProgress, dcp_writer, layout, records
 from trainer.checkpoint import manifest as manifest_module
 from trainer.checkpoint.async_writer import AsyncCheckpointer
 from trainer.checkpoint.manifest import Manifest, checksum_files
@@ -251,7 +251,7 @@ def test_an_error_in_a_writer_thread_fails_the_save_and_commits_nothing(
 ) -> None:
     manager = CheckpointManager(tmp_path / "ckpt")
     first = _save(manager, 1)
-    real = dcp_writer.RecordTemplates.write
+    real = records.RecordTemplates.write
     calls = [0]
 
     def failing(self: Any, tensor: torch.Tensor, stream: Any, alignment: int | None = None) -> None:
@@ -260,7 +260,7 @@ def test_an_error_in_a_writer_thread_fails_the_save_and_commits_nothing(
             raise OSError(5, "Input/output error")
         real(self, tensor, stream, alignment)
 
-    monkeypatch.setattr(dcp_writer.RecordTemplates, "write", failing)
+    monkeypatch.setattr(records.RecordTemplates, "write", failing)
     with pytest.raises(CheckpointWriteError, match="Input/output error"):
         _save(manager, 2)
     assert manager.store.committed() == [first]
@@ -317,22 +317,22 @@ def test_a_record_written_from_its_template_is_the_serialisers_bytes(
     name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _, first, alignment = next(k for k in _kinds() if k[0] == name)
-    real, serialised = dcp_writer.save_record, [0]
+    real, serialised = records.save_record, [0]
 
     def counted(tensor: torch.Tensor, stream: Any, alignment: int | None = None) -> None:
         serialised[0] += 1
         real(tensor, stream, alignment)
 
-    templates = dcp_writer.RecordTemplates()
+    templates = records.RecordTemplates()
     # Same kind, other data: the second and third reuse the first one's bytes around their own data.
     others = [(first.detach() * 3 + 1).to(first.dtype), (first.detach() - 2).to(first.dtype)]
     others = [o.t().contiguous().t() if not first.is_contiguous() else o for o in others]
     for tensor in [first, *[o.requires_grad_(first.requires_grad) for o in others]]:
         expected, written = io.BytesIO(), io.BytesIO()
         real(tensor, expected, alignment)
-        monkeypatch.setattr(dcp_writer, "save_record", counted)
+        monkeypatch.setattr(records, "save_record", counted)
         templates.write(tensor, written, alignment)
-        monkeypatch.setattr(dcp_writer, "save_record", real)
+        monkeypatch.setattr(records, "save_record", real)
         assert written.getvalue() == expected.getvalue()
         loaded = torch.load(io.BytesIO(written.getvalue()), weights_only=True)
         assert torch.equal(loaded, tensor.detach()) and loaded.stride() == tensor.stride()
@@ -340,17 +340,17 @@ def test_a_record_written_from_its_template_is_the_serialisers_bytes(
 
 
 def test_tensors_whose_record_may_say_more_are_serialised_each_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    real, serialised = dcp_writer.save_record, [0]
+    real, serialised = records.save_record, [0]
 
     def counted(tensor: torch.Tensor, stream: Any, alignment: int | None = None) -> None:
         serialised[0] += 1
         real(tensor, stream, alignment)
 
-    monkeypatch.setattr(dcp_writer, "save_record", counted)
+    monkeypatch.setattr(records, "save_record", counted)
     big = torch.arange(100.0)
     tagged = torch.randn(4)
     tagged.note = "an attribute the pickle carries"  # type: ignore[attr-defined]
-    templates = dcp_writer.RecordTemplates()
+    templates = records.RecordTemplates()
     for tensor in (big[10:20], big[30:40], torch.nn.Parameter(torch.randn(3)), tagged, tagged):
         stream = io.BytesIO()
         templates.write(tensor, stream)
@@ -365,7 +365,7 @@ def test_a_stream_that_fails_mid_record_raises_and_does_not_abort() -> None:
     # must not take the process down (run apart, since an abort would end the test session).
     code = """
 import gc, io, torch
-from trainer.checkpoint.dcp_writer import save_record
+from trainer.checkpoint.records import save_record
 
 class Full(io.RawIOBase):
     def __init__(self): self.n = 0
