@@ -25,6 +25,10 @@ Compares, interleaved (A B C … A B C …) because disk speed drifts up to 3x b
   serialisation. Where training keeps every core busy, a save takes at least this much from it:
   ``save_cpu_floor_vs_memcpy``, and with the staging copy ``copy_and_save_cpu_floor_vs_memcpy``, set the
   least ``lost_vs_memcpy`` a save with digests can reach here.
+* **B — CPU work beside training, no save**: training steps beside a thread that copies memory until it
+  has used as many CPU-seconds as that repeat's write (``burn_cpu_s``, ``lost_to_burn_s``):
+  ``lost_per_cpu_s`` = training seconds lost per CPU-second taken from it here, by any thread; times F with
+  the copy (``lost_floor_vs_memcpy``), the least ``lost_vs_memcpy`` a save with digests could show here.
 * **P — a peer snapshot's copy** of the state (``snapshot_staged_s``: through the staging buffers, as a
   worker takes one; ``snapshot_fresh_s``: into a fresh allocation, as it did before — the first of the run,
   ``snapshot_fresh_first_s``, touches new memory, as a recovery's one snapshot usually does).
@@ -105,6 +109,7 @@ from checkpoint_timings import (  # this script's directory: on the path when th
     run_save_floor,
     run_snapshot,
     run_steps,
+    run_steps_with_burn,
     run_steps_with_save,
     run_torch_save,
     run_torch_save_upload,
@@ -208,6 +213,8 @@ def main_on(args: argparse.Namespace, options: dict[str, str]) -> None:
         "memcpy_s",
         "digest_cpu_s",
         "direct_write_cpu_s",
+        "burn_cpu_s",
+        "lost_to_burn_s",
         "step_s",
         "steps_with_save_s",
         "steps_with_save",
@@ -273,6 +280,12 @@ def main_on(args: argparse.Namespace, options: dict[str, str]) -> None:
                     checkpointer, model, optimizer, tokens, 2 * i + 2 + (not overlap), overlap=overlap
                 )
                 samples["lost_s" if overlap else "lost_in_order_s"].append(window - steps * step_s)
+                if aligned is not None and not overlap:  # B: as much CPU as the save's write took, no save
+                    window, steps, burnt = run_steps_with_burn(
+                        model, optimizer, tokens, samples["async_write_cpu_s"][-1]
+                    )
+                    samples["burn_cpu_s"].append(burnt)
+                    samples["lost_to_burn_s"].append(window - steps * step_s)
                 if overlap:
                     samples["steps_with_save_s"].append(window)
                     samples["steps_with_save"].append(steps)
@@ -364,6 +377,15 @@ def main_on(args: argparse.Namespace, options: dict[str, str]) -> None:
         result["save_cpu_floor_s"] = min(samples["digest_cpu_s"]) + min(samples["direct_write_cpu_s"])
         result["save_cpu_floor_vs_memcpy"] = result["save_cpu_floor_s"] / floor
         result["copy_and_save_cpu_floor_vs_memcpy"] = 1 + result["save_cpu_floor_vs_memcpy"]
+    if samples["burn_cpu_s"]:
+        per_cpu_s = [
+            lost / cpu for lost, cpu in zip(samples["lost_to_burn_s"], samples["burn_cpu_s"], strict=True)
+        ]
+        result["lost_per_cpu_s"] = statistics.median(per_cpu_s)
+        if "copy_and_save_cpu_floor_vs_memcpy" in result:
+            result["lost_floor_vs_memcpy"] = (
+                result["lost_per_cpu_s"] * result["copy_and_save_cpu_floor_vs_memcpy"]
+            )
     result["goals_met"] = {
         "write_throughput_ratio": result["write_throughput_ratio"] >= 0.9,
         "lost_vs_memcpy": result["lost_vs_memcpy"] <= result["goals"]["lost_vs_memcpy_max"],

@@ -4,10 +4,12 @@ async save, training steps with and without a save, and the alternatives it is c
 
 from __future__ import annotations
 
+import ctypes
 import io
 import mmap
 import os
 import resource
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -147,6 +149,39 @@ def run_steps_with_save(
     elapsed = time.perf_counter() - started
     checkpointer.wait()
     return elapsed, steps
+
+
+def run_steps_with_burn(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens: torch.Tensor, cpu_s: float
+) -> tuple[float, int, float]:
+    """Training steps beside a thread that copies memory (8 MB at a time, the GIL released, as the save's
+    copy and digest read memory) until it has used ``cpu_s`` CPU-seconds: (wall seconds from its start to
+    the end of the last step, steps, CPU-seconds it used). What any CPU work beside training costs it here,
+    whatever does it."""
+    source, target = bytearray(8 << 20), bytearray(8 << 20)
+    size = len(source)
+    source_at = ctypes.addressof((ctypes.c_char * size).from_buffer(source))
+    target_at = ctypes.addressof((ctypes.c_char * size).from_buffer(target))
+    used = [0.0]
+    done = threading.Event()
+
+    def burn() -> None:
+        started = time.thread_time()
+        while time.thread_time() - started < cpu_s:
+            ctypes.memmove(target_at, source_at, size)
+        used[0] = time.thread_time() - started
+        done.set()
+
+    started = time.perf_counter()
+    thread = threading.Thread(target=burn, name="cpu-burn")
+    thread.start()
+    steps = 0
+    while steps == 0 or not done.is_set():
+        train_step(model, optimizer, tokens)
+        steps += 1
+    elapsed = time.perf_counter() - started
+    thread.join()
+    return elapsed, steps, used[0]
 
 
 def run_window(
