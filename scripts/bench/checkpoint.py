@@ -30,6 +30,9 @@ Compares, interleaved (A B C … A B C …) because disk speed drifts up to 3x b
   has used as many CPU-seconds as that repeat's write (``burn_cpu_s``, ``lost_to_burn_s``):
   ``lost_per_cpu_s`` = training seconds lost per CPU-second taken from it here, by any thread; times F with
   the copy (``lost_floor_vs_memcpy``), the least ``lost_vs_memcpy`` a save with digests could show here.
+* **D — the bare write beside training, no save**: training steps while the state's bytes are written
+  with O_DIRECT from page-aligned memory (no copy, digest or serialisation): ``lost_to_direct_write_s``,
+  ``lost_to_direct_write_vs_memcpy`` — what the disk write alone costs training here.
 * **P — a peer snapshot's copy** of the state (``snapshot_staged_s``: through the staging buffers, as a
   worker takes one; ``snapshot_fresh_s``: into a fresh allocation, as it did before — the first of the run,
   ``snapshot_fresh_first_s``, touches new memory, as a recovery's one snapshot usually does).
@@ -103,6 +106,8 @@ from checkpoint_timings import (  # this script's directory: on the path when th
     build_state,
     cpu_seconds,
     d2h_bandwidth,
+    direct_write,
+    host_floors,
     run_async,
     run_memcpy,
     run_raw_upload,
@@ -110,6 +115,7 @@ from checkpoint_timings import (  # this script's directory: on the path when th
     run_save_floor,
     run_snapshot,
     run_steps,
+    run_steps_beside,
     run_steps_with_burn,
     run_steps_with_save,
     run_torch_save,
@@ -216,6 +222,7 @@ def main_on(args: argparse.Namespace, options: dict[str, str]) -> None:
         "direct_write_cpu_s",
         "burn_cpu_s",
         "lost_to_burn_s",
+        "lost_to_direct_write_s",
         "step_s",
         "steps_with_save_s",
         "steps_with_save",
@@ -287,6 +294,13 @@ def main_on(args: argparse.Namespace, options: dict[str, str]) -> None:
                     )
                     samples["burn_cpu_s"].append(burnt)
                     samples["lost_to_burn_s"].append(window - steps * step_s)
+                    # D: the state's bytes written with O_DIRECT beside training, nothing else (3 times:
+                    # it lasts a step or two, as long as the step times' own spread).
+                    for _ in range(3):
+                        window, steps = run_steps_beside(
+                            model, optimizer, tokens, lambda: direct_write(aligned, work)
+                        )
+                        samples["lost_to_direct_write_s"].append(window - steps * step_s)
                 if overlap:
                     samples["steps_with_save_s"].append(window)
                     samples["steps_with_save"].append(steps)
@@ -373,20 +387,7 @@ def main_on(args: argparse.Namespace, options: dict[str, str]) -> None:
         result["lost_vs_page_cache"] = med["lost_s"] / med["lost_page_cache_s"]
     if bandwidth is not None:
         result["d2h_GBps"] = bandwidth / 1e9
-    if "direct_write_cpu_s" in med:  # F: the CPU any save with digests takes, copy and serialisation aside
-        # The least measured: other load only adds to either.
-        result["save_cpu_floor_s"] = min(samples["digest_cpu_s"]) + min(samples["direct_write_cpu_s"])
-        result["save_cpu_floor_vs_memcpy"] = result["save_cpu_floor_s"] / floor
-        result["copy_and_save_cpu_floor_vs_memcpy"] = 1 + result["save_cpu_floor_vs_memcpy"]
-    if samples["burn_cpu_s"]:
-        per_cpu_s = [
-            lost / cpu for lost, cpu in zip(samples["lost_to_burn_s"], samples["burn_cpu_s"], strict=True)
-        ]
-        result["lost_per_cpu_s"] = statistics.median(per_cpu_s)
-        if "copy_and_save_cpu_floor_vs_memcpy" in result:
-            result["lost_floor_vs_memcpy"] = (
-                result["lost_per_cpu_s"] * result["copy_and_save_cpu_floor_vs_memcpy"]
-            )
+    result.update(host_floors(samples, floor))
     result["goals_met"] = {
         "write_throughput_ratio": result["write_throughput_ratio"] >= 0.9,
         "lost_vs_memcpy": result["lost_vs_memcpy"] <= result["goals"]["lost_vs_memcpy_max"],

@@ -9,6 +9,7 @@ import io
 import mmap
 import os
 import resource
+import statistics
 import threading
 import time
 from pathlib import Path
@@ -163,24 +164,14 @@ def run_steps_with_burn(
     source_at = ctypes.addressof((ctypes.c_char * size).from_buffer(source))
     target_at = ctypes.addressof((ctypes.c_char * size).from_buffer(target))
     used = [0.0]
-    done = threading.Event()
 
     def burn() -> None:
         started = time.thread_time()
         while time.thread_time() - started < cpu_s:
             ctypes.memmove(target_at, source_at, size)
         used[0] = time.thread_time() - started
-        done.set()
 
-    started = time.perf_counter()
-    thread = threading.Thread(target=burn, name="cpu-burn")
-    thread.start()
-    steps = 0
-    while steps == 0 or not done.is_set():
-        train_step(model, optimizer, tokens)
-        steps += 1
-    elapsed = time.perf_counter() - started
-    thread.join()
+    elapsed, steps = run_steps_beside(model, optimizer, tokens, burn)
     return elapsed, steps, used[0]
 
 
@@ -265,22 +256,45 @@ def run_save_floor(buffer: mmap.mmap, directory: Path) -> tuple[float, float | N
         started = time.thread_time()
         xxhash.xxh3_128(view).digest()
         digest = time.thread_time() - started
-        path = directory / "direct.bin"
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
-        except (AttributeError, OSError):
-            return digest, None
-        try:
-            started = time.thread_time()
+    return digest, direct_write(buffer, directory)
+
+
+def direct_write(buffer: mmap.mmap, directory: Path) -> float | None:
+    """Write ``buffer`` (page-aligned) to a new file with O_DIRECT in the writer's pieces, fsynced, and
+    delete it: the CPU seconds of this thread, or None where the filesystem refuses O_DIRECT."""
+    path = directory / "direct.bin"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+    except (AttributeError, OSError):
+        return None
+    try:
+        started = time.thread_time()
+        with memoryview(buffer) as view:
             for offset in range(0, len(view), PIECE):
                 with view[offset : offset + PIECE] as piece:
                     os.pwrite(fd, piece, offset)
-            os.fsync(fd)
-            write = time.thread_time() - started
-        finally:
-            os.close(fd)
-            path.unlink()
-    return digest, write
+        os.fsync(fd)
+        return time.thread_time() - started
+    finally:
+        os.close(fd)
+        path.unlink()
+
+
+def run_steps_beside(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens: torch.Tensor, work: Any
+) -> tuple[float, int]:
+    """Training steps while ``work()`` runs on a thread of its own, until it returns: (wall seconds from
+    its start to the end of the last step, steps)."""
+    thread = threading.Thread(target=work, name="beside-training")
+    started = time.perf_counter()
+    thread.start()
+    steps = 0
+    while steps == 0 or thread.is_alive():
+        train_step(model, optimizer, tokens)
+        steps += 1
+    elapsed = time.perf_counter() - started
+    thread.join()
+    return elapsed, steps
 
 
 def run_torch_save_upload(
@@ -315,3 +329,22 @@ def d2h_bandwidth(nbytes: int) -> float | None:
     dst.copy_(src, non_blocking=True)
     torch.cuda.synchronize()
     return nbytes / (time.perf_counter() - started)
+
+
+def host_floors(samples: dict[str, list[float]], memcpy_s: float) -> dict[str, float]:
+    """The figures of F, B and D (see ``checkpoint.py``) that were measured, against ``memcpy_s``."""
+    out: dict[str, float] = {}
+    if samples["direct_write_cpu_s"]:  # F: the least measured of each (other load only adds)
+        out["save_cpu_floor_s"] = min(samples["digest_cpu_s"]) + min(samples["direct_write_cpu_s"])
+        out["save_cpu_floor_vs_memcpy"] = out["save_cpu_floor_s"] / memcpy_s
+        out["copy_and_save_cpu_floor_vs_memcpy"] = 1 + out["save_cpu_floor_vs_memcpy"]
+    if samples["lost_to_direct_write_s"]:  # D
+        out["lost_to_direct_write_vs_memcpy"] = (
+            statistics.median(samples["lost_to_direct_write_s"]) / memcpy_s
+        )
+    if samples["burn_cpu_s"]:  # B
+        pairs = zip(samples["lost_to_burn_s"], samples["burn_cpu_s"], strict=True)
+        out["lost_per_cpu_s"] = statistics.median(lost / cpu for lost, cpu in pairs)
+        if "copy_and_save_cpu_floor_vs_memcpy" in out:
+            out["lost_floor_vs_memcpy"] = out["lost_per_cpu_s"] * out["copy_and_save_cpu_floor_vs_memcpy"]
+    return out
