@@ -351,13 +351,16 @@ def test_tensors_whose_record_may_say_more_are_serialised_each_time(monkeypatch:
     tagged = torch.randn(4)
     tagged.note = "an attribute the pickle carries"  # type: ignore[attr-defined]
     templates = records.RecordTemplates()
-    for tensor in (big[10:20], big[30:40], torch.nn.Parameter(torch.randn(3)), tagged, tagged):
+    conjugate = torch.randn(3, dtype=torch.complex64)
+    tensors = [big[10:20], big[30:40], torch.nn.Parameter(torch.randn(3)), tagged, tagged]
+    loaded = []
+    for tensor in [*tensors, conjugate.conj(), conjugate.conj()]:
         stream = io.BytesIO()
         templates.write(tensor, stream)
-        loaded = torch.load(io.BytesIO(stream.getvalue()), weights_only=False)
-        assert torch.equal(loaded, tensor.detach())
-    assert serialised[0] == 5
-    assert loaded.note == "an attribute the pickle carries"
+        loaded.append(torch.load(io.BytesIO(stream.getvalue()), weights_only=False))
+        assert torch.equal(loaded[-1], tensor.detach())
+    assert serialised[0] == 7
+    assert loaded[4].note == "an attribute the pickle carries"
 
 
 def test_a_stream_that_fails_mid_record_raises_and_does_not_abort() -> None:

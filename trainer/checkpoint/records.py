@@ -100,6 +100,9 @@ def _kind(tensor: torch.Tensor, alignment: int | None) -> tuple[Any, ...] | None
         or tensor.device.type != "cpu"
         or tensor.layout != torch.strided
         or tensor.is_quantized
+        or tensor.grad_fn is not None
+        or tensor.is_conj()
+        or tensor.is_neg()
         or tensor.storage_offset()
         or tensor.untyped_storage().nbytes() != tensor.nbytes
         or torch._utils._get_obj_state(tensor)
