@@ -288,22 +288,22 @@ def main_on(args: argparse.Namespace, options: dict[str, str]) -> None:
                     checkpointer, model, optimizer, tokens, 2 * i + 2 + (not overlap), overlap=overlap
                 )
                 samples["lost_s" if overlap else "lost_in_order_s"].append(window - steps * step_s)
-                if aligned is not None and not overlap:  # B: as much CPU as the save's write took, no save
-                    window, steps, burnt = run_steps_with_burn(
-                        model, optimizer, tokens, samples["async_write_cpu_s"][-1]
-                    )
-                    samples["burn_cpu_s"].append(burnt)
-                    samples["lost_to_burn_s"].append(window - steps * step_s)
-                    # D: the state's bytes written with O_DIRECT beside training, nothing else (3 times:
-                    # it lasts a step or two, as long as the step times' own spread).
-                    for _ in range(3):
-                        window, steps = run_steps_beside(
-                            model, optimizer, tokens, lambda: direct_write(aligned, work)
-                        )
-                        samples["lost_to_direct_write_s"].append(window - steps * step_s)
                 if overlap:
                     samples["steps_with_save_s"].append(window)
                     samples["steps_with_save"].append(steps)
+            if aligned is not None:  # B: as much CPU as the save's write took, no save
+                window, steps, burnt = run_steps_with_burn(
+                    model, optimizer, tokens, samples["async_write_cpu_s"][-1]
+                )
+                samples["burn_cpu_s"].append(burnt)
+                samples["lost_to_burn_s"].append(window - steps * step_s)
+                # D: the state's bytes written with O_DIRECT beside training, nothing else (3 times: it
+                # lasts a step or two, as long as the step times' own spread).
+                for _ in range(3):
+                    window, steps = run_steps_beside(
+                        model, optimizer, tokens, lambda: direct_write(aligned, work)
+                    )
+                    samples["lost_to_direct_write_s"].append(window - steps * step_s)
             if paged is not None:
                 window, steps = run_steps_with_save(paged, model, optimizer, tokens, 2 * i + 2)
                 samples["lost_page_cache_s"].append(window - steps * step_s)

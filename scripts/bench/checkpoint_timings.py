@@ -12,6 +12,7 @@ import resource
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -143,13 +144,21 @@ def run_steps_with_save(
     copies in order with training (a GPU's next step waits for them)."""
     started = time.perf_counter()
     save_async(checkpointer, model, optimizer, step, overlap)
-    steps = 0
-    while steps == 0 or checkpointer.busy:
-        train_step(model, optimizer, tokens)
-        steps += 1
+    steps = train_while(model, optimizer, tokens, lambda: checkpointer.busy)
     elapsed = time.perf_counter() - started
     checkpointer.wait()
     return elapsed, steps
+
+
+def train_while(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens: torch.Tensor, busy: Callable[[], bool]
+) -> int:
+    """Training steps, at least one, until ``busy()`` is false after one; returns how many."""
+    steps = 0
+    while steps == 0 or busy():
+        train_step(model, optimizer, tokens)
+        steps += 1
+    return steps
 
 
 def run_steps_with_burn(
@@ -288,10 +297,7 @@ def run_steps_beside(
     thread = threading.Thread(target=work, name="beside-training")
     started = time.perf_counter()
     thread.start()
-    steps = 0
-    while steps == 0 or thread.is_alive():
-        train_step(model, optimizer, tokens)
-        steps += 1
+    steps = train_while(model, optimizer, tokens, thread.is_alive)
     elapsed = time.perf_counter() - started
     thread.join()
     return elapsed, steps
