@@ -26,8 +26,7 @@ Compares, interleaved (A B C … A B C …) because disk speed drifts up to 3x b
   ``save_cpu_floor_vs_memcpy``, and with the staging copy ``copy_and_save_cpu_floor_vs_memcpy``, set the
   least ``lost_vs_memcpy`` a save with digests can reach here.
 * **B — CPU work beside training, no save**: training steps beside a thread that copies memory (64 MB
-  buffers) until it
-  has used as many CPU-seconds as that repeat's write (``burn_cpu_s``, ``lost_to_burn_s``):
+  buffers) until it has used as many CPU-seconds as that repeat's write (``burn_cpu_s``, ``lost_to_burn_s``):
   ``lost_per_cpu_s`` = training seconds lost per CPU-second taken from it here, by any thread; times F with
   the copy (``lost_floor_vs_memcpy``), the least ``lost_vs_memcpy`` a save with digests could show here.
 * **D — the bare write beside training, no save**: training steps while the state's bytes are written

@@ -20,9 +20,9 @@ them — but:
   against 0.94 to 1.36 measured here, four runs of ``scripts/bench/checkpoint.py --page-cache``), at
   about the same speed;
 * torch's serialiser runs once per kind of tensor (dtype, shape, strides), not once per tensor: the
-  records of the others are its bytes around their own data (:class:`~trainer.checkpoint.records.RecordTemplates`), byte for byte
-  what it would write. A 618 MB, 740-tensor state's write then takes 70 % of the CPU (0.143 against
-  0.195 CPU-s, copy thread included; 10 interleaved pairs).
+  records of the others are its bytes around their own data, byte for byte what it would write
+  (:class:`~trainer.checkpoint.records.RecordTemplates`). A 618 MB, 740-tensor state's write then takes
+  70 % of the CPU (0.143 against 0.195 CPU-s, copy thread included; 10 interleaved pairs).
 """
 
 from __future__ import annotations

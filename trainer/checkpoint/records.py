@@ -69,7 +69,8 @@ class RecordTemplates:
     and the rest. A 740-tensor GPT state has 10 kinds: torch's serialiser runs 10 times instead of 740,
     and a record reaches the stream in 3 writes instead of ~40 (29,000 Python calls per save). Tensors
     whose pickle could carry more (a subclass, Python attributes, a view into a larger storage, a
-    quantized or sparse tensor) go through :func:`save_record` every time."""
+    quantized or sparse tensor, a non-leaf, a conjugate or negative bit: :func:`_kind`) go through
+    :func:`save_record` every time."""
 
     def __init__(self) -> None:
         #: kind -> (bytes before the data, bytes after it), or None when the data could not be told apart.
