@@ -4,8 +4,8 @@ injected link faults, taken from FSDP's own collectives.
 Under DDP they come from a callback the step's backward queues (``Worker._entering_collective``): it runs
 where DDP's backward starts to wait for its gradient all-reduce, and that ends the rank's compute. Under
 FSDP the first collective of a step is the forward's all-gather, so "time to the first collective" says
-nothing; a step is instead a sequence of gathers (forward, and backward
-for the units resharded after forward) and reduce-scatters (backward), with compute in between. Here:
+nothing; a step is instead a sequence of gathers (forward, and backward for the units resharded after
+forward) and reduce-scatters (backward), with compute in between. Here:
 
 - **phase**: "collective" while the rank is blocked in one of FSDP's collective calls (including its wait),
   "compute" otherwise, each change a fresh progress mark. A rank waiting in an all-gather for a peer that is
