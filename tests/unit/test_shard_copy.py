@@ -19,19 +19,15 @@ from trainer.cluster.shard_copies import KeptShardCopies, ShardCopies, _CopySet,
 from trainer.errors import CheckpointIncompatibleError, ConfigError
 from trainer.journal import Journal
 from trainer.shard_copy import rebuild, take
-from trainer.testing.configs import make_config
+from trainer.testing.configs import TWO_BLOCKS_CPU, make_config
 from trainer.testing.s3 import free_port
 from trainer.worker import Worker
 
 OVERRIDES = (
-    "device=cpu",
+    *TWO_BLOCKS_CPU,
     "device.num_threads=1",
-    "model.n_layer=2",
-    "model.n_embd=16",
-    "model.seq_len=8",
     "train.global_batch_size=6",
     "train.parallelism=fsdp",
-    "monitoring=off",
 )
 
 

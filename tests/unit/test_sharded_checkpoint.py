@@ -24,19 +24,15 @@ from trainer.checkpoint.objects import ObjectStore
 from trainer.checkpoint.sharded import RankPart, commit_parts, commit_uploaded
 from trainer.checkpoint.store import CheckpointStore
 from trainer.errors import CheckpointCorruptError, CheckpointWriteError
-from trainer.testing.configs import make_config
+from trainer.testing.configs import TWO_BLOCKS_CPU, make_config
 from trainer.testing.s3 import free_port
 from trainer.worker import Worker
 
 WORLD = 3
 OVERRIDES = (
-    "device=cpu",
-    "model.n_layer=2",
-    "model.n_embd=16",
-    "model.seq_len=8",
+    *TWO_BLOCKS_CPU,
     "train.global_batch_size=6",
     "train.parallelism=fsdp",
-    "monitoring=off",
 )
 
 

@@ -11,18 +11,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from trainer.testing.configs import make_config
+from trainer.testing.configs import TWO_BLOCKS_CPU, make_config
 from trainer.testing.s3 import free_port
 from trainer.worker import Worker
 
 OVERRIDES = (
-    "device=cpu",
-    "model.n_layer=2",
-    "model.n_embd=16",
-    "model.seq_len=8",
+    *TWO_BLOCKS_CPU,
     "train.global_batch_size=4",
     "train.parallelism=fsdp",
-    "monitoring=off",
 )
 
 

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from trainer.faults import WorkerFaults
-from trainer.testing.configs import make_config
+from trainer.testing.configs import TWO_BLOCKS_CPU, make_config
 from trainer.testing.observed import failed_step, observed_step
 from trainer.testing.s3 import free_port
 from trainer.worker import Worker
@@ -27,13 +27,9 @@ from trainer.worker import Worker
 #: How long the straggler's device takes longer per step.
 DELAY_S = 1.0
 OVERRIDES = (
-    "device=cpu",
-    "model.n_layer=2",
-    "model.n_embd=16",
-    "model.seq_len=8",
+    *TWO_BLOCKS_CPU,
     "train.global_batch_size=4",
     "train.parallelism=fsdp",
-    "monitoring=off",
     f"+faults.families={{cpu: {{straggler_rank: 1, straggler_delay_s: {DELAY_S}, "
     "collective_error_rate: 1.0, degrade_from_step: 3}}",
 )

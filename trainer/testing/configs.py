@@ -20,6 +20,10 @@ TINY_CPU = (
     "monitoring=off",
 )
 
+#: :data:`TINY_CPU` with two blocks: the smallest model whose blocks spawned gloo ranks shard (FSDP) or bucket
+#: (DDP) apart. A later override of the same key wins, so tests add their batch size and parallelism after it.
+TWO_BLOCKS_CPU = (*TINY_CPU, "model.n_layer=2")
+
 #: Three simulated-NPU workers on the test session's local Ray, a quarter of a CPU each (the 2-core host runs
 #: them beside the driver): enough peers that a mechanism involving them is tested beyond a pair.
 THREE_WORKERS = ("cluster=ray_local", "device=sim_npu", "cluster.workers=3", "cluster.cpus_per_worker=0.25")
